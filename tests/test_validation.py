@@ -1,0 +1,103 @@
+"""SPEC "Bad input": every misuse raises the stated exception, naming the argument, what was
+expected and what it got."""
+
+import pytest
+import torch
+
+from lad_triton import LocallyAdaptiveLoss, locally_adaptive_loss
+
+LOGITS = torch.randn(2, 5, 4, 6)
+TARGET = torch.randint(0, 5, (2, 4, 6))
+
+BAD_OPTIONS = [
+    ("kernel_size", 4, r"kernel_size must be an odd integer >= 1.*got kernel_size=4"),
+    ("kernel_size", 0, r"got kernel_size=0"),
+    ("kernel_size", -3, r"got kernel_size=-3"),
+    ("kernel_size", 5.0, r"got kernel_size=5\.0"),
+    ("kernel_size", True, r"got kernel_size=True"),
+    ("power", 0.5, r"power must be a finite number >= 1.*got power=0\.5"),
+    ("power", float("inf"), r"got power=inf"),
+    ("power", float("nan"), r"got power=nan"),
+    ("stride", 0, r"stride must be an integer >= 1.*got stride=0"),
+    ("stride", 1.5, r"got stride=1\.5"),
+    ("ignore_index", 2.5, r"ignore_index must be an integer, got ignore_index=2\.5"),
+    ("eps", 0.0, r"eps must be a finite number > 0, got eps=0\.0"),
+    ("eps", -1e-5, r"got eps=-1e-05"),
+    ("eps", float("nan"), r"got eps=nan"),
+    ("weight_base", 0.0, r"weight_base must be a finite number > 0.*got weight_base=0\.0"),
+    ("weight_base", -2.0, r"got weight_base=-2\.0"),
+    ("reduction", "sum", r"reduction must be one of \('mean', 'none'\), got reduction='sum'"),
+    ("normalizer", "area", r"normalizer must be one of \('count', 'weight'\).*'area'"),
+    ("backend", "cuda", r"backend must be one of \('auto', 'torch', 'triton'\).*'cuda'"),
+    ("zscore", 1, r"zscore must be True or False, got zscore=1"),
+    ("check_target", "yes", r"check_target must be True or False"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BAD_OPTIONS)
+def test_bad_option_raises_value_error(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        locally_adaptive_loss(LOGITS, TARGET, **{name: value})
+    with pytest.raises(ValueError, match=message):
+        LocallyAdaptiveLoss(**{name: value})
+
+
+@pytest.mark.parametrize("logits,target,message", [
+    (torch.randn(5, 4, 6), TARGET, r"logits must be 4-D \(B, C, H, W\), got logits.shape=\(5, 4, 6\)"),
+    (torch.randn(2, 1, 4, 6), TARGET, r"C >= 2 classes.*got logits.shape=\(2, 1, 4, 6\)"),
+    (LOGITS, TARGET[:, :3], r"target must have shape \(B, H, W\) = \(2, 4, 6\).*"
+                            r"got target.shape=\(2, 3, 6\)"),
+    (LOGITS, TARGET[0], r"got target.shape=\(4, 6\)"),
+    (LOGITS, TARGET.to("meta"), r"target must be on the logits' device cpu.*meta"),
+])
+def test_bad_shapes_and_devices_raise_value_error(logits, target, message):
+    with pytest.raises(ValueError, match=message):
+        locally_adaptive_loss(logits, target)
+
+
+@pytest.mark.parametrize("logits,target,message", [
+    (LOGITS.long(), TARGET, r"logits must be a floating tensor.*got logits.dtype=torch.int64"),
+    (LOGITS.to(torch.complex64), TARGET, r"got logits.dtype=torch.complex64"),
+    (LOGITS, TARGET.float(), r"target must be an integer tensor.*got target.dtype=torch.float32"),
+    (LOGITS, TARGET.bool(), r"got target.dtype=torch.bool"),
+    (LOGITS.tolist(), TARGET, r"logits must be a torch.Tensor, got logits='list'"),
+    (LOGITS, TARGET.tolist(), r"target must be a torch.Tensor, got target='list'"),
+])
+def test_bad_types_raise_type_error(logits, target, message):
+    with pytest.raises(TypeError, match=message):
+        locally_adaptive_loss(logits, target)
+
+
+@pytest.mark.parametrize("dtype,bad,ignore_index", [
+    (torch.int64, 5, 255),      # == C
+    (torch.int64, -1, 255),     # negative
+    (torch.int32, 255, -100),   # 255 is not the ignore_index here
+    (torch.uint8, 200, 255),
+    (torch.uint8, 156, -100),   # torch would compare uint8 156 == -100 as True: must not pass
+    (torch.int16, 300, 255),
+])
+def test_out_of_range_label_raises(dtype, bad, ignore_index):
+    target = TARGET.to(dtype).clone()
+    target[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, 5\) or "
+                                         rf"ignore_index={ignore_index}, got target\[1, 2, 3\]"
+                                         rf"={bad} \(check_target=False skips this check\)"):
+        locally_adaptive_loss(LOGITS, target, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_ignore_index_and_class_labels_pass_the_check(dtype):
+    target = TARGET.to(dtype).clone()
+    target[0, 0, :2] = torch.tensor([255, 4], dtype=dtype)
+    assert torch.isfinite(locally_adaptive_loss(LOGITS, target))
+
+
+def test_uint8_labels_with_an_unrepresentable_ignore_index():
+    # ignore_index=-100 cannot occur in a uint8 mask: all labels are classes and must be in range.
+    target = TARGET.to(torch.uint8)
+    assert torch.isfinite(locally_adaptive_loss(LOGITS, target, ignore_index=-100))
+
+
+def test_triton_backend_says_it_is_not_there_yet():
+    with pytest.raises(NotImplementedError, match="backend='triton'"):
+        locally_adaptive_loss(LOGITS, TARGET, backend="triton")
