@@ -1,5 +1,6 @@
 """``locally_adaptive_loss``: validate once, pick a backend, run it."""
 
+from .backends import select_backend
 from .unfused import UnfusedLAD
 from .validation import check_options, check_tensors
 
@@ -62,10 +63,11 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
                    reduction=reduction)
     check_options(backend=backend, check_target=check_target, **options)
     check_tensors(logits, target, ignore_index=ignore_index, check_target=check_target)
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton': the fused Triton kernels are not implemented yet; use "
-            "backend='torch' or backend='auto'")
+    chosen = select_backend(backend, logits)
     if logits.numel() == 0:  # empty batch: exactly 0 (a map of zeros), zero gradient
         return (logits.sum() if reduction == "mean" else logits.sum(dim=1)) * 0
+    if chosen == "triton":
+        from .fused import FusedLAD
+
+        return FusedLAD.apply(logits, target, *options.values(), None)
     return UnfusedLAD.apply(logits, target, *options.values())

@@ -1,0 +1,142 @@
+"""What the forward and backward kernels share: the launch heuristic, scalar passing, and the
+device functions that place a program on its tile.
+
+Work layout (both directions): a program owns a TILE_H x TILE_W tile of pixels of one image,
+laid across threads with W fastest (contiguous, coalesced for NCHW logits), and a BLOCK_C-wide
+chunk of classes held in registers: every register tile is [BLOCK_C, TILE_H * TILE_W]. Per
+window offset, the neighbour's label, weight and statistics are loaded once and reused by every
+class of the chunk. The window radius, stride, C, H, W and B are runtime arguments: one binary
+serves every kernel_size and image size.
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# A [BLOCK_C, BLOCK_P] register tile of 2048 float32 elements over 2 warps: for C <= 32 each
+# thread owns one pixel and all its classes, so loads are coalesced across the 32 pixels of a
+# warp and the class reductions (max, sum, the Jacobian's means) never leave the thread. Chosen
+# with bench/kernel_report.py, which compiles with Triton's own ptxas flags: this layout spills
+# nothing on sm_80/sm_90 in any kernel, whereas 1024 elements over 4 warps (8 per thread) and
+# 2048 over 4 drew 8-byte spills from the --regAllocOptLevel=2 that Triton passes to ptxas, and
+# 4096 over 4 needed 195-255 registers. Performance is unmeasured until a GPU run: retune there.
+TILE_ELEMENTS = 2048
+NUM_WARPS = 2
+# The forward loops over class chunks with an online logsumexp, so its chunk only bounds padding
+# and registers: 32 keeps one pixel per thread (C=150: 5 chunks = 160 lanes; 64-class chunks
+# padded to 192 and took 249-254 registers). The backward's z-score Jacobian needs every class
+# of G at once: chunks up to 256 keep it single-pass for VOC (21), Cityscapes (19), ADE20K (150)
+# and COCO-Stuff (171/182); wider C recomputes G in a second pass.
+MAX_BLOCK_C = {"forward": 32, "backward": 256}
+MIN_BLOCK_P, MAX_BLOCK_P = 16, 256
+TILE_W = 32  # up to 32 consecutive pixels of a class row: 128 B of float32 per load
+
+
+class LaunchConfig:
+    """Block sizes of one kernel family for one (C, dtype)."""
+
+    def __init__(self, block_c, tile_h, tile_w, num_warps, single_chunk):
+        self.block_c, self.tile_h, self.tile_w = block_c, tile_h, tile_w
+        self.num_warps, self.single_chunk = num_warps, single_chunk
+
+    @property
+    def block_p(self):
+        return self.tile_h * self.tile_w
+
+    def __repr__(self):
+        return (f"BLOCK_C={self.block_c} TILE={self.tile_h}x{self.tile_w} "
+                f"num_warps={self.num_warps}")
+
+
+def launch_config(family, classes, acc_dtype, block_c=None):
+    """The one launch heuristic: BLOCK_C = C rounded up to a power of two, capped per family;
+    pixels per program = TILE_ELEMENTS / BLOCK_C (halved for float64, whose registers are twice
+    as wide) within [MIN_BLOCK_P, MAX_BLOCK_P]; a tile larger than TILE_ELEMENTS (a 256-class
+    chunk) gets more warps rather than more elements per thread. Depends on C and dtype only,
+    never on B, H or W. ``block_c`` overrides the class chunk (tests use it to exercise the
+    multi-chunk paths at small C)."""
+    if block_c is None:
+        block_c = min(triton.next_power_of_2(classes), MAX_BLOCK_C[family])
+    elements = TILE_ELEMENTS // (2 if acc_dtype == torch.float64 else 1)
+    block_p = max(MIN_BLOCK_P, min(MAX_BLOCK_P, elements // block_c))
+    tile_w = min(TILE_W, block_p)
+    num_warps = NUM_WARPS * max(1, block_c * block_p // elements)
+    return LaunchConfig(block_c, block_p // tile_w, tile_w, num_warps, classes <= block_c)
+
+
+def split_scalar(value):
+    """A float as a (hi, lo) pair of float32 values with hi + lo == value to ~2^-48: Triton's
+    interpreter passes Python floats to kernels as float32 whatever the annotation, and float64
+    kernels need eps, power and weight_base to float64 precision. Kernels rebuild the value with
+    :func:`scalar`."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    lo = struct.unpack("f", struct.pack("f", value - hi))[0]
+    return hi, lo
+
+
+@triton.jit
+def scalar(hi, lo, ACC: tl.constexpr):
+    """The float passed as ``split_scalar(value)``, in ACC precision."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+def needs_wide_index(*spans):
+    """Whether offsets *inside one image* can reach 2^30 (half of int32's range, leaving room
+    for window offsets past the edge, which are masked but still computed). Each span is the
+    largest such offset of one tensor, e.g. sum((size - 1) * |stride|) over its C, H, W axes.
+    Image base offsets are int64 regardless (B * C * H * W may exceed 2^31 elements)."""
+    return max(spans) >= 2**30
+
+
+def span(shape, strides):
+    return sum((n - 1) * abs(s) for n, s in zip(shape, strides) if n > 0)
+
+
+@triton.jit
+def tile_pixels(tiles_h, tiles_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                WIDE: tl.constexpr):
+    """This program's image (an int64 scalar: image base offsets may exceed 2^31) and the
+    (row, column) grid coordinates of its TILE_H x TILE_W pixels, int32 unless WIDE, so that
+    every offset inside an image computed from them stays in range."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_col = pid % tiles_w
+    rest = pid // tiles_w
+    tile_row = (rest % tiles_h).to(tl.int32)
+    image = rest // tiles_h
+    lane = tl.arange(0, TILE_H * TILE_W)
+    rows = tile_row * TILE_H + lane // TILE_W
+    cols = tile_col.to(tl.int32) * TILE_W + lane % TILE_W
+    if WIDE:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    return image, rows, cols
+
+
+@triton.jit
+def class_lanes(c0, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """Class indices [c0, c0 + BLOCK_C), int64 when WIDE (their offsets may pass 2^31)."""
+    cls = c0 + tl.arange(0, BLOCK_C)
+    if WIDE:
+        cls = cls.to(tl.int64)
+    return cls
+
+
+@triton.jit
+def window_weight(du, dv, weight_base, inv_base):
+    """omega = weight_base ** (1 - d), d = max(|du|, |dv|), as weight_base * inv_base ** d:
+    exact for power-of-two bases (2 at the centre, 1, 1/2, ...), within a few ulp otherwise, and
+    no table to copy to the device."""
+    d = tl.maximum(tl.abs(du), tl.abs(dv))
+    w = weight_base
+    for _ in range(d):
+        w = w * inv_base
+    return w
+
+
+@triton.jit
+def power_of(r, e):
+    """r ** e for r >= 0 (or NaN, which propagates), with 0 ** 0 == 1."""
+    p = tl.exp(e * tl.log(tl.where(r == 0, 1.0, r)))
+    return tl.where(r == 0, tl.where(e == 0, 1.0, 0.0), p)

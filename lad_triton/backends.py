@@ -1,0 +1,46 @@
+"""Which implementation computes the loss. One capability check for the fused kernels serves
+``backend="auto"`` (which falls back to PyTorch, logging why) and ``backend="triton"`` (which
+raises that same reason)."""
+
+import logging
+
+import torch
+
+log = logging.getLogger("lad_triton")
+
+
+def fused_unavailable(logits):
+    """Why the fused Triton kernels cannot run on these logits, or None when they can."""
+    try:
+        from . import kernels
+    except ImportError as err:
+        return f"Triton is not importable ({err})"
+    if logits.device.type == "cpu":
+        if kernels.INTERPRETED:
+            return None
+        return ("the logits are on the CPU and Triton's interpreter is off (set "
+                "TRITON_INTERPRET=1 before lad_triton's kernels are first used)")
+    if logits.device.type != "cuda":
+        return f"the fused kernels need a CUDA device, got logits on {logits.device}"
+    return None
+
+
+def select_backend(backend, logits):
+    """'torch' or 'triton' for an already validated ``backend`` argument."""
+    if backend == "torch":
+        return "torch"
+    reason = fused_unavailable(logits)
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}. "
+                               "Use backend='torch' or backend='auto'.")
+        return "triton"
+    if logits.device.type != "cuda":
+        return "torch"
+    if reason is not None:
+        log.debug("backend='auto' uses PyTorch: %s", reason)
+        return "torch"
+    if logits.dtype == torch.float64:
+        log.debug("backend='auto' uses PyTorch for float64 logits")
+        return "torch"
+    return "triton"
