@@ -1,6 +1,11 @@
-"""Random inputs and the tolerance table shared by the tests."""
+"""Random inputs, the tolerance table and the oracle comparison shared by the tests."""
 
 import torch
+from hypothesis import strategies as st
+
+# The fused kernels run compiled on a GPU when there is one, else under Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ("torch", "triton")
 
 # SPEC "Output dtype and accuracy": (loss, gradient) relative error against float64.
 TOLERANCE = {
@@ -63,3 +68,72 @@ def grad_out_for(loss, seed=0):
     """A random upstream gradient of the loss's shape (never all ones)."""
     gen = torch.Generator().manual_seed(seed + 2)
     return (0.5 + torch.rand(loss.shape, generator=gen, dtype=torch.float64)).to(loss.dtype)
+
+
+def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64,
+                         layout="contiguous", target_dtype=torch.int64, ignore_frac=0.2,
+                         n_labels=None, seed=0, apply=None):
+    """Loss and gradient of one backend against the float64 oracle, on fresh random inputs.
+
+    float64 is held to SPEC's 1e-10 plus float64's rounding of terms that cancel (see oracle.py);
+    other dtypes to SPEC's table. ``apply(logits, target)`` replaces the public function (tests
+    of internal paths)."""
+    from lad_triton import locally_adaptive_loss
+    from oracle import lad_reference, within
+
+    batch, classes, height, width = shape
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = make_logits(shape, dtype=dtype, layout=layout, seed=seed, device=device)
+    target = make_target(batch, height, width, classes, dtype=target_dtype,
+                         ignore_index=options.get("ignore_index", 255), ignore_frac=ignore_frac,
+                         n_labels=n_labels, sliced=layout == "sliced", seed=seed, device=device)
+    logits.requires_grad_(True)
+    if apply is None:
+        loss = locally_adaptive_loss(logits, target, backend=backend, **options)
+    else:
+        loss = apply(logits, target)
+    grad_out = grad_out_for(loss, seed).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    ref = lad_reference(logits.cpu(), target.cpu(), grad_out.cpu().double(), **options)
+
+    assert loss.dtype == dtype and loss.shape == ref.loss.shape
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    if dtype == torch.float64:
+        # Relative error, plus float64's rounding of terms that cancel (see oracle.py): a
+        # saturated cost or C = 2 under the z-score leaves a result far smaller than its terms,
+        # which no float64 evaluation resolves to 1e-10 of itself. A wrong formula misses by
+        # O(||grad||).
+        assert within(loss, ref.loss, ref.loss_floor, 1e-10), (loss, ref.loss)
+        assert within(grad, ref.grad, ref.grad_floor, 1e-10)
+    else:
+        loss_tol, grad_tol = TOLERANCE[dtype]
+        assert rel_err(loss, ref.loss) <= loss_tol, (loss, ref.loss)
+        assert rel_err(grad, ref.grad) <= grad_tol
+    return loss.detach(), grad
+
+
+@st.composite
+def lad_problems(draw, max_side=11, max_classes=8, kernel_sizes=(1, 3, 5, 7, 9)):
+    """(shape, options, data) of one random problem: every SPEC parameter, layouts, target
+    dtypes and ignore patterns."""
+    shape = (draw(st.integers(1, 2)), draw(st.integers(2, max_classes)),
+             draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    options = dict(
+        kernel_size=draw(st.sampled_from(kernel_sizes)),
+        power=draw(st.sampled_from([1.0, 1.5, 2.0, 2.3, 3.0, 4.25])),
+        stride=draw(st.integers(1, 3)),
+        ignore_index=draw(st.sampled_from([255, -100, 1])),
+        eps=draw(st.sampled_from([1e-5, 1e-2])),
+        weight_base=draw(st.sampled_from([2.0, 1.3, 0.5])),
+        normalizer=draw(st.sampled_from(["count", "weight"])),
+        zscore=draw(st.booleans()),
+        reduction=draw(st.sampled_from(["mean", "none"])),
+    )
+    data = dict(
+        layout=draw(st.sampled_from(LAYOUTS)),
+        target_dtype=draw(st.sampled_from(TARGET_DTYPES)),
+        ignore_frac=draw(st.sampled_from([0.0, 0.25, 0.9])),
+        n_labels=draw(st.integers(1, shape[1])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    return shape, options, data

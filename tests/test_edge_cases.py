@@ -4,70 +4,80 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cases import TOLERANCE, make_logits, make_target, rel_err
+from cases import BACKENDS, DEVICE, TOLERANCE, make_logits, make_target, rel_err
 from lad_triton import LocallyAdaptiveLoss, locally_adaptive_loss
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
-def loss_and_grad(logits, target, grad_out=None, **options):
-    logits = logits.detach().requires_grad_(True)
-    loss = locally_adaptive_loss(logits, target, backend="torch", **options)
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def loss_and_grad(logits, target, grad_out=None, *, backend="torch", **options):
+    """Loss and gradient on the backend's device (the fused kernels on the GPU when there is
+    one), returned on the CPU."""
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = logits.detach().to(device).requires_grad_(True)
+    grad_out = None if grad_out is None else grad_out.to(device)
+    loss = locally_adaptive_loss(logits, target.to(device), backend=backend, **options)
     (grad,) = torch.autograd.grad(loss, logits, grad_out)
-    return loss, grad
+    return loss.cpu(), grad.cpu()
 
 
 @pytest.mark.parametrize("zscore", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_all_ignored_gives_exact_zero(zscore, dtype):
+def test_all_ignored_gives_exact_zero(zscore, dtype, backend):
     logits = make_logits((2, 4, 5, 6), dtype=dtype)
     target = torch.full((2, 5, 6), 255, dtype=torch.uint8)
-    loss, grad = loss_and_grad(logits, target, zscore=zscore)
+    loss, grad = loss_and_grad(logits, target, backend=backend, zscore=zscore)
     assert loss.dtype == dtype and loss.shape == ()
     assert torch.equal(loss, torch.zeros((), dtype=dtype))
     assert torch.equal(grad, torch.zeros_like(logits))
 
 
-def test_valid_pixels_only_off_the_stride_grid_give_exact_zero():
+def test_valid_pixels_only_off_the_stride_grid_give_exact_zero(backend):
     logits = make_logits((1, 3, 5, 5))
     target = torch.full((1, 5, 5), 255)
     target[0, 1, 1] = target[0, 3, 2] = 2  # valid labels, but never on the stride-2 grid
-    loss, grad = loss_and_grad(logits, target, stride=2)
+    loss, grad = loss_and_grad(logits, target, backend=backend, stride=2)
     assert torch.equal(loss, torch.zeros(())) and torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_empty_batch(shape, reduction):
+def test_empty_batch(shape, reduction, backend):
     logits = torch.randn(shape)
     target = torch.zeros((shape[0],) + shape[2:], dtype=torch.int64)
     loss, grad = loss_and_grad(logits, target, torch.ones(()) if reduction == "mean" else
-                               torch.ones((shape[0],) + shape[2:]), reduction=reduction)
+                               torch.ones((shape[0],) + shape[2:]), backend=backend,
+                               reduction=reduction)
     assert loss.shape == (() if reduction == "mean" else (shape[0],) + shape[2:])
     assert torch.equal(loss, torch.zeros_like(loss))
     assert grad.shape == shape
 
 
 @pytest.mark.parametrize("power", [1.0, 3.0])
-def test_saturated_costs_give_zero_loss_and_zero_gradient(power):
+def test_saturated_costs_give_zero_loss_and_zero_gradient(power, backend):
     # zscore=False with a huge margin: every L_p rounds to exactly 0, so S == 0, where a naive
     # (S / M) ** (1 / k) backward gives 0 * inf = NaN.
     target = make_target(2, 6, 6, 5, ignore_frac=0.2)
     logits = 1e4 * F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2).float()
-    loss, grad = loss_and_grad(logits, target, zscore=False, power=power)
+    loss, grad = loss_and_grad(logits, target, backend=backend, zscore=False, power=power)
     assert torch.equal(loss, torch.zeros(()))
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("margin", [10.0, -1e4])
-def test_power_of_costs_neither_underflows_nor_overflows(margin):
+def test_power_of_costs_neither_underflows_nor_overflows(margin, backend):
     # zscore=False, two classes, every pixel's cost L = log(1 + exp(-margin)): 4.5e-5 (L**12
     # underflows float32 to 0) or 1e4 (L**12 overflows float32 to inf). The loss is L.
     target = torch.zeros(1, 3, 3, dtype=torch.int64)
     logits = torch.zeros(1, 2, 3, 3)
     logits[:, 0] = margin
-    loss, grad = loss_and_grad(logits, target, kernel_size=1, normalizer="weight", zscore=False,
-                               power=12.0)
+    loss, grad = loss_and_grad(logits, target, backend=backend, kernel_size=1,
+                               normalizer="weight", zscore=False, power=12.0)
     expected = torch.nn.functional.softplus(torch.tensor(-margin, dtype=torch.float64))
     assert rel_err(loss, expected) < 1e-2
     # Every pixel has the same cost, so d loss / d L_p = 1 / M and the gradient is that of CE.
@@ -76,14 +86,15 @@ def test_power_of_costs_neither_underflows_nor_overflows(margin):
     assert rel_err(grad, ce_grad) < 1e-2
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_non_finite_logits_propagate(bad, reduction):
+def test_non_finite_logits_propagate(bad, reduction, backend):
     logits = make_logits((1, 4, 5, 5))
     target = torch.ones(1, 5, 5, dtype=torch.int64)
     logits[0, 2, 2, 3] = bad
     loss, grad = loss_and_grad(logits, target, torch.ones(()) if reduction == "mean" else
-                               torch.ones(1, 5, 5), reduction=reduction)
+                               torch.ones(1, 5, 5), backend=backend, reduction=reduction)
     if reduction == "mean":
         assert not torch.isfinite(loss)
     else:
@@ -93,14 +104,14 @@ def test_non_finite_logits_propagate(bad, reduction):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_degenerate_case_is_cross_entropy(dtype, reduction):
+def test_degenerate_case_is_cross_entropy(dtype, reduction, backend):
     # SPEC: kernel_size=1, zscore=False, normalizer="weight", power=1 is F.cross_entropy.
     logits = make_logits((2, 7, 9, 11), dtype=dtype, seed=3)
     target = make_target(2, 9, 11, 7, ignore_frac=0.3, seed=3)
     options = dict(kernel_size=1, zscore=False, normalizer="weight", power=1.0,
                    reduction=reduction)
     grad_out = None if reduction == "mean" else torch.rand(2, 9, 11, dtype=dtype)
-    loss, grad = loss_and_grad(logits, target, grad_out, **options)
+    loss, grad = loss_and_grad(logits, target, grad_out, backend=backend, **options)
     x = logits.detach().requires_grad_(True)
     ce = F.cross_entropy(x, target, ignore_index=255, reduction=reduction)
     (ce_grad,) = torch.autograd.grad(ce, x, grad_out)
@@ -108,14 +119,15 @@ def test_degenerate_case_is_cross_entropy(dtype, reduction):
     assert rel_err(loss, ce) <= tol and rel_err(grad, ce_grad) <= tol
 
 
-def test_nan_at_an_ignored_pixel_stays_there_like_cross_entropy():
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_at_an_ignored_pixel_stays_there_like_cross_entropy(backend):
     # The loss stays finite; the gradient is NaN at that pixel only (NaN * 0 in the z-score
     # Jacobian), exactly the pattern F.cross_entropy gives (its log_softmax backward).
     logits = make_logits((1, 3, 4, 4))
     target = torch.zeros(1, 4, 4, dtype=torch.int64)
     target[0, 1, 1] = 255
     logits[0, :, 1, 1] = float("nan")
-    loss, grad = loss_and_grad(logits, target)
+    loss, grad = loss_and_grad(logits, target, backend=backend)
     x = logits.clone().requires_grad_(True)
     ce = F.cross_entropy(x, target, ignore_index=255)
     (ce_grad,) = torch.autograd.grad(ce, x)
@@ -124,35 +136,35 @@ def test_nan_at_an_ignored_pixel_stays_there_like_cross_entropy():
 
 
 @pytest.mark.parametrize("target_dtype", [torch.int64, torch.uint8])
-def test_unchecked_out_of_range_labels_stay_in_bounds(target_dtype):
+def test_unchecked_out_of_range_labels_stay_in_bounds(target_dtype, backend):
     logits = make_logits((2, 5, 6, 6))
     target = make_target(2, 6, 6, 5, dtype=target_dtype, seed=4)
     target[0, 0, :3] = torch.tensor([5, 7, 200], dtype=target_dtype)
     if target_dtype == torch.int64:
         target[1, 2, 2] = -7
-    loss, grad = loss_and_grad(logits, target, check_target=False)
+    loss, grad = loss_and_grad(logits, target, backend=backend, check_target=False)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bitwise_deterministic(reduction):
+def test_bitwise_deterministic(reduction, backend):
     logits = make_logits((2, 21, 17, 19), seed=5)
     target = make_target(2, 17, 19, 21, n_labels=4, seed=5)
     grad_out = None if reduction == "mean" else torch.rand(2, 17, 19)
-    first = loss_and_grad(logits, target, grad_out, reduction=reduction)
+    first = loss_and_grad(logits, target, grad_out, backend=backend, reduction=reduction)
     for _ in range(2):
-        again = loss_and_grad(logits, target, grad_out, reduction=reduction)
+        again = loss_and_grad(logits, target, grad_out, backend=backend, reduction=reduction)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_output_dtype_and_gradient_layout(dtype, layout):
+def test_output_dtype_and_gradient_layout(dtype, layout, backend):
     logits = make_logits((2, 3, 5, 6), dtype=dtype, layout=layout)
     target = make_target(2, 5, 6, 3)
     for reduction, shape in (("mean", ()), ("none", (2, 5, 6))):
         loss, grad = loss_and_grad(logits, target, torch.ones(shape, dtype=dtype),
-                                   reduction=reduction)
+                                   backend=backend, reduction=reduction)
         assert loss.dtype == dtype and loss.shape == shape
         assert grad.dtype == dtype and grad.shape == logits.shape
         assert grad.stride() == logits.stride()

@@ -1,29 +1,47 @@
-"""SPEC's tolerance table: low-precision logits against the float64 definition."""
+"""SPEC's tolerance table: low-precision logits against the float64 definition, every backend."""
 
 import pytest
 import torch
 
-from cases import TOLERANCE, grad_out_for, make_logits, make_target, rel_err
+from cases import BACKENDS, DEVICE, TOLERANCE, grad_out_for, make_logits, make_target, rel_err
 from lad_triton import locally_adaptive_loss
 from oracle import lad_reference
 
 
+def errors(backend, dtype, classes, reduction, seed):
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = make_logits((2, classes, 6, 7), dtype=dtype, scale=3.0, seed=seed, device=device)
+    target = make_target(2, 6, 7, classes, n_labels=3, seed=seed, device=device)
+    options = dict(kernel_size=5, reduction=reduction)
+    logits.requires_grad_(True)
+    loss = locally_adaptive_loss(logits, target, backend=backend, **options)
+    grad_out = grad_out_for(loss, seed).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    # The reference reads the same rounded logits: this measures the computation, not the
+    # input's rounding.
+    ref_loss, ref_grad, _, _ = lad_reference(logits.cpu(), target.cpu(), grad_out.cpu().double(),
+                                             **options)
+    return rel_err(loss, ref_loss), rel_err(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("classes", [2, 21])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_tolerance_table(dtype, classes, reduction):
-    logits = make_logits((2, classes, 6, 7), dtype=dtype, scale=3.0, seed=classes)
-    target = make_target(2, 6, 7, classes, n_labels=3, seed=classes)
-    options = dict(kernel_size=5, reduction=reduction)
-    logits.requires_grad_(True)
-    loss = locally_adaptive_loss(logits, target, backend="torch", **options)
-    grad_out = grad_out_for(loss)
-    (grad,) = torch.autograd.grad(loss, logits, grad_out)
-    # The reference reads the same rounded logits: this measures the computation, not the
-    # input's rounding.
-    ref_loss, ref_grad, _, _ = lad_reference(logits, target, grad_out.double(), **options)
-
-    assert loss.dtype == dtype and grad.dtype == dtype
+def test_tolerance_table(backend, dtype, classes, reduction):
+    loss_err, grad_err = errors(backend, dtype, classes, reduction, seed=classes)
     loss_tol, grad_tol = TOLERANCE[dtype]
-    assert rel_err(loss, ref_loss) <= loss_tol
-    assert rel_err(grad, ref_grad) <= grad_tol
+    assert loss_err <= loss_tol and grad_err <= grad_tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_error_is_at_most_about_twice_pytorchs(dtype):
+    # flash-attention's rule: the kernel may be at most ~2x as far from float64 as PyTorch itself
+    # is in the same dtype (plus a quarter of SPEC's tolerance, for errors near rounding level).
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    for seed in range(3):
+        fused = errors("triton", dtype, 21, "mean", seed)
+        unfused = errors("torch", dtype, 21, "mean", seed)
+        assert fused[0] <= 2 * unfused[0] + loss_tol / 4
+        assert fused[1] <= 2 * unfused[1] + grad_tol / 4

@@ -43,7 +43,8 @@ def test_bad_option_raises_value_error(name, value, message):
 
 
 @pytest.mark.parametrize("logits,target,message", [
-    (torch.randn(5, 4, 6), TARGET, r"logits must be 4-D \(B, C, H, W\), got logits.shape=\(5, 4, 6\)"),
+    (torch.randn(5, 4, 6), TARGET,
+     r"logits must be 4-D \(B, C, H, W\), got logits.shape=\(5, 4, 6\)"),
     (torch.randn(2, 1, 4, 6), TARGET, r"C >= 2 classes.*got logits.shape=\(2, 1, 4, 6\)"),
     (LOGITS, TARGET[:, :3], r"target must have shape \(B, H, W\) = \(2, 4, 6\).*"
                             r"got target.shape=\(2, 3, 6\)"),
@@ -96,8 +97,3 @@ def test_uint8_labels_with_an_unrepresentable_ignore_index():
     # ignore_index=-100 cannot occur in a uint8 mask: all labels are classes and must be in range.
     target = TARGET.to(torch.uint8)
     assert torch.isfinite(locally_adaptive_loss(LOGITS, target, ignore_index=-100))
-
-
-def test_triton_backend_says_it_is_not_there_yet():
-    with pytest.raises(NotImplementedError, match="backend='triton'"):
-        locally_adaptive_loss(LOGITS, TARGET, backend="triton")

@@ -1,0 +1,208 @@
+"""The fused Triton backend (``backend="triton"``) against the float64 oracle, SPEC's every
+parameter, and the kernels' own guarantees (class chunking, int64 offsets, saved tensors,
+specialisation). Runs under Triton's interpreter on CPU, compiled when CUDA is present."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from cases import (DEVICE, LAYOUTS, TARGET_DTYPES, check_against_oracle, lad_problems,
+                   make_logits, make_target)
+from lad_triton import locally_adaptive_loss
+from lad_triton.fused import FusedLAD
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, 7, 9, 11, 13, 15])
+def test_window_sizes_up_to_15(kernel_size):
+    check_against_oracle((1, 3, 9, 17), dict(kernel_size=kernel_size), backend="triton",
+                         n_labels=2, seed=kernel_size)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_stride_and_reduction(stride, reduction):
+    check_against_oracle((2, 4, 8, 7), dict(stride=stride, reduction=reduction, kernel_size=3,
+                                            power=2.3), backend="triton", n_labels=2,
+                         seed=stride)
+
+
+@pytest.mark.parametrize("normalizer", ["count", "weight"])
+@pytest.mark.parametrize("zscore", [True, False])
+def test_normalizer_and_zscore(normalizer, zscore):
+    check_against_oracle((2, 5, 6, 7), dict(normalizer=normalizer, zscore=zscore,
+                                            weight_base=1.3, eps=1e-3), backend="triton",
+                         n_labels=3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("target_dtype", TARGET_DTYPES)
+def test_layouts_and_target_dtypes(layout, target_dtype):
+    check_against_oracle((2, 5, 5, 6), dict(kernel_size=3), backend="triton", layout=layout,
+                         target_dtype=target_dtype, n_labels=2)
+
+
+@pytest.mark.parametrize("classes", [2, 19, 21, 150, 1024])
+def test_class_counts(classes):
+    # 150 and 1024 take several forward class chunks; 1024 also the backward's two-pass Jacobian.
+    check_against_oracle((1, classes, 4, 5), dict(kernel_size=3), backend="triton",
+                         n_labels=3, seed=classes)
+
+
+@pytest.mark.parametrize("block_c", [2, 4])
+@pytest.mark.parametrize("options", [
+    dict(kernel_size=5),
+    dict(kernel_size=3, stride=2, normalizer="weight", reduction="none"),
+    dict(kernel_size=3, zscore=False, power=1.5),
+])
+def test_class_chunk_paths(block_c, options):
+    # Force several class chunks at C=7: the forward parks f in P, the backward recomputes G.
+    full = dict(kernel_size=5, power=3.0, stride=1, ignore_index=255, eps=1e-5, weight_base=2.0,
+                normalizer="count", zscore=True, reduction="mean")
+    full.update(options)
+    check_against_oracle((2, 7, 6, 7), options, backend="triton", n_labels=3,
+                         apply=lambda x, t: FusedLAD.apply(x, t, *full.values(), block_c))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 3, 1, 6), (2, 2, 5, 1), (1, 4, 2, 3)])
+def test_images_smaller_than_window(shape):
+    check_against_oracle(shape, dict(kernel_size=7), backend="triton", ignore_frac=0.0)
+
+
+@settings(max_examples=max(10, settings().max_examples // 5))
+@given(lad_problems(max_side=9, max_classes=6))
+def test_random_problems(problem):
+    shape, options, data = problem
+    check_against_oracle(shape, options, backend="triton", **data)
+
+
+@pytest.mark.parametrize("shape,strides", [
+    # batch stride 2^31: image base offsets need int64
+    ((2, 3, 5, 6), (2**31, 30, 6, 1)),
+    # class / row strides of 2^30 + 1 fit int32, their products with an index do not: the WIDE
+    # (int64) path for offsets inside an image
+    ((1, 3, 5, 6), (3 * (2**30 + 1), 2**30 + 1, 6, 1)),
+    ((1, 2, 3, 4), (2**32, 1, 2**30 + 1, 2)),
+])
+def test_offsets_past_2_to_the_31(shape, strides):
+    # Views into a 4 GiB float16 storage (virtual: only the touched pages are ever allocated).
+    storage = torch.empty(2**31 + 4096, dtype=torch.float16, device=DEVICE)
+    logits = storage.as_strided(shape, strides)
+    dense = make_logits(shape, dtype=torch.float16, seed=11, device=DEVICE)
+    logits.copy_(dense)
+    target = make_target(shape[0], shape[2], shape[3], shape[1], n_labels=2, seed=11,
+                         device=DEVICE)
+    x = logits.detach().requires_grad_(True)
+    loss = locally_adaptive_loss(x, target, kernel_size=3, backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    y = dense.detach().requires_grad_(True)
+    ref = locally_adaptive_loss(y, target, kernel_size=3, backend="triton")
+    (ref_grad,) = torch.autograd.grad(ref, y)
+    assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
+
+
+def test_saved_tensors_are_bounded():
+    # SPEC/issue: between forward and backward, at most the logits, one float32 buffer of their
+    # size and O(1) floats per pixel; nothing K*K-sized.
+    batch, classes, height, width = 2, 5, 9, 11
+    logits = make_logits((batch, classes, height, width), device=DEVICE).requires_grad_(True)
+    target = make_target(batch, height, width, classes, device=DEVICE)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = locally_adaptive_loss(logits, target, kernel_size=9, backend="triton")
+    extra = [t for t in saved if t.data_ptr() not in (logits.data_ptr(), target.data_ptr())]
+    pixels = batch * height * width
+    extra_bytes = sum(t.numel() * t.element_size() for t in extra)
+    assert extra_bytes <= 4 * classes * pixels + 4 * 4 * pixels + 64
+    assert all(t.dim() <= 4 and t.numel() <= classes * pixels for t in extra)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_auto_uses_the_fused_kernels_only_on_cuda():
+    logits = make_logits((1, 3, 4, 4), device=DEVICE).requires_grad_(True)
+    target = make_target(1, 4, 4, 3, device=DEVICE)
+    loss = locally_adaptive_loss(logits, target)
+    expected = "FusedLAD" if DEVICE == "cuda" else "UnfusedLAD"
+    assert type(loss.grad_fn).__name__.startswith(expected)
+    fused = locally_adaptive_loss(logits, target, backend="triton")
+    assert type(fused.grad_fn).__name__.startswith("FusedLAD")
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT / "tests")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fused kernels run compiled")
+def test_triton_backend_on_cpu_without_the_interpreter_says_why():
+    result = run_python(
+        "import torch; from lad_triton import locally_adaptive_loss as f\n"
+        "x = torch.randn(1, 3, 4, 4); t = torch.zeros(1, 4, 4, dtype=torch.long)\n"
+        "assert torch.isfinite(f(x, t))  # auto: PyTorch\n"
+        "f(x, t, backend='triton')", TRITON_INTERPRET="0")
+    assert result.returncode != 0
+    assert "RuntimeError: backend='triton' cannot run here" in result.stderr
+    assert "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_without_triton_auto_falls_back_and_triton_raises():
+    result = run_python(
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch; from lad_triton import locally_adaptive_loss as f\n"
+        "x = torch.randn(1, 3, 4, 4); t = torch.zeros(1, 4, 4, dtype=torch.long)\n"
+        "assert torch.isfinite(f(x, t))\n"
+        "f(x, t, backend='triton')")
+    assert result.returncode != 0
+    assert "backend='triton' cannot run here: Triton is not importable" in result.stderr
+
+
+def test_one_binary_per_stride_divisibility_never_per_shape():
+    # The specialisation key of every launch (signature, constexprs, divisibility attributes,
+    # as bench/kernel_report.py reproduces Triton's) must not change with B, H or W, only with
+    # whether strides are multiples of 16. Needs the JIT kernels: the interpreter is off there.
+    result = run_python(
+        f"import sys, torch; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        "from kernel_report import compile_source, record_launches\n"
+        "def keys(b, h, w):\n"
+        "    return {n: compile_source(fn, a, kw)[0].hash() for n, fn, a, kw in\n"
+        "            record_launches(21, torch.float32, 5, shape=(b, h, w))}\n"
+        "aligned = [keys(b, h, w) for b in (1, 3, 8)\n"
+        "           for h, w in ((64, 64), (96, 128), (512, 1024))]\n"
+        "odd = [keys(b, h, w) for b in (1, 3, 8) for h, w in ((65, 65), (129, 257), (513, 513))]\n"
+        "print(len(aligned[0]), len({str(sorted(k.items())) for k in aligned}),\n"
+        "      len({str(sorted(k.items())) for k in odd}))", TRITON_INTERPRET="0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels, aligned_variants, odd_variants = map(int, result.stdout.split())
+    assert kernels == 5 and aligned_variants == 1 and odd_variants == 1
+
+
+def test_kernel_report_compiles_everything_without_spills(tmp_path):
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"),
+                             "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert all("error" not in r and r["spills"] == 0 for r in rows)
+    seen = {(r["kernel"], r["arch"], r["config"].split(" {")[0]) for r in rows}
+    kernels = {"_zscore_stats_kernel", "_forward_kernel", "_minkowski_finish_kernel",
+               "_centre_scale_kernel", "_backward_kernel"}
+    for kernel in kernels:
+        for arch in ("sm_80", "sm_90"):
+            for classes in (19, 21, 150, 1024):
+                for dtype in ("fp32", "bf16"):
+                    for k in (3, 5, 7):
+                        assert (kernel, arch, f"C={classes} {dtype} K={k}") in seen
