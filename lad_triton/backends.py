@@ -12,9 +12,11 @@ log = logging.getLogger("lad_triton")
 def fused_unavailable(logits):
     """Why the fused Triton kernels cannot run on these logits, or None when they can."""
     try:
-        from . import kernels
+        import triton  # noqa: F401
     except ImportError as err:
         return f"Triton is not importable ({err})"
+    from . import kernels
+
     if logits.device.type == "cpu":
         if kernels.INTERPRETED:
             return None

@@ -11,12 +11,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+import lad_triton
 from cases import (DEVICE, LAYOUTS, TARGET_DTYPES, check_against_oracle, lad_problems,
                    make_logits, make_target)
 from lad_triton import locally_adaptive_loss
 from lad_triton.fused import FusedLAD
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the lad_triton this test process imported (installed, or a source tree).
+PACKAGE_PARENT = str(Path(lad_triton.__file__).resolve().parents[1])
+
+
+def subprocess_env(**extra):
+    path = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7, 9, 11, 13, 15])
@@ -142,7 +150,7 @@ def test_auto_uses_the_fused_kernels_only_on_cuda():
 
 def run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT / "tests")
+                          env=subprocess_env(**env), cwd=ROOT / "tests")
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the fused kernels run compiled")
@@ -191,7 +199,8 @@ def test_one_binary_per_stride_divisibility_never_per_shape():
 def test_kernel_report_compiles_everything_without_spills(tmp_path):
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"),
-                             "--json", str(out)], capture_output=True, text=True)
+                             "--json", str(out)], capture_output=True, text=True,
+                            env=subprocess_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     import json
 
