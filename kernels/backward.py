@@ -85,6 +85,18 @@ def _gathered_chunk(
     return G
 
 
+@triton.jit
+def _z_chunk(x_img, c0, C, sxc, x_pix, live, m_q, r_q,
+             ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z for classes [c0, c0 + BLOCK_C) of the pixels at offsets x_pix, 0 on padded classes (so
+    that a NaN pixel's padding cannot reach the class means)."""
+    cls = class_lanes(c0, BLOCK_C, WIDE)
+    cmask = cls < C
+    x = tl.load(x_img + cls[:, None] * sxc + x_pix[None, :],
+                mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
+    return tl.where(cmask[:, None], (x - m_q[None, :]) * r_q[None, :], 0.0)
+
+
 @triton.jit(do_not_specialize=["C", "H", "W", "Hc", "Wc", "tiles_h", "tiles_w", "stride",
                                "radius"])
 def _backward_kernel(
@@ -129,35 +141,27 @@ def _backward_kernel(
     if ZSCORE and not SINGLE_CHUNK:
         # First pass: the two class means of the Jacobian; G is recomputed below.
         for c0 in range(0, C, BLOCK_C):
-            cls = class_lanes(c0, BLOCK_C, WIDE)
-            cmask = cls < C
             G = _gathered_chunk(P_img, s_img, y_img, c0, C, H, W, Hc, Wc, qi, qj, y_q, live,
                                 syh, syw, stride, radius, weight_base, inv_base,
                                 ACC, WIDE, BLOCK_C, BLOCK_P)
-            x = tl.load(x_img + cls[:, None] * sxc + x_pix[None, :],
-                        mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-            z = (x - m_q[None, :]) * r_q[None, :]
+            z = _z_chunk(x_img, c0, C, sxc, x_pix, live, m_q, r_q, ACC, WIDE, BLOCK_C)
             mean_G += tl.sum(G, axis=0) / C
-            mean_Gz += tl.sum(tl.where(cmask[:, None], G * z, 0.0), axis=0) / C
+            mean_Gz += tl.sum(G * z, axis=0) / C
 
     for c0 in range(0, C, BLOCK_C):
-        cls = class_lanes(c0, BLOCK_C, WIDE)
-        cmask = cls < C
         G = _gathered_chunk(P_img, s_img, y_img, c0, C, H, W, Hc, Wc, qi, qj, y_q, live,
                             syh, syw, stride, radius, weight_base, inv_base,
                             ACC, WIDE, BLOCK_C, BLOCK_P)
+        dx = G
         if ZSCORE:
-            x = tl.load(x_img + cls[:, None] * sxc + x_pix[None, :],
-                        mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-            z = (x - m_q[None, :]) * r_q[None, :]
+            z = _z_chunk(x_img, c0, C, sxc, x_pix, live, m_q, r_q, ACC, WIDE, BLOCK_C)
             if SINGLE_CHUNK:
                 mean_G = tl.sum(G, axis=0) / C
-                mean_Gz = tl.sum(tl.where(cmask[:, None], G * z, 0.0), axis=0) / C
+                mean_Gz = tl.sum(G * z, axis=0) / C
             dx = r_q[None, :] * (G - mean_G[None, :] - z * mean_Gz[None, :])
-        else:
-            dx = G
+        cls = class_lanes(c0, BLOCK_C, WIDE)
         tl.store(dx_img + cls[:, None] * sdc + d_pix[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=cmask[:, None] & live[None, :])
+                 dx.to(dx_ptr.dtype.element_ty), mask=(cls < C)[:, None] & live[None, :])
 
 
 SCALE_BLOCK = 1024

@@ -1,5 +1,7 @@
 """``locally_adaptive_loss``: validate once, pick a backend, run it."""
 
+import torch
+
 from .backends import select_backend
 from .unfused import UnfusedLAD
 from .validation import check_options, check_tensors
@@ -42,9 +44,10 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         reduction: ``"mean"`` (default): the Minkowski mean, a 0-dim tensor, 0 when no
             centre is valid. ``"none"``: the map of L_p, shape ``(B, H, W)``, 0 at invalid
             centres.
-        backend: ``"auto"`` (default), ``"torch"`` (the unfused PyTorch implementation) or
-            ``"triton"`` (the fused kernels). A performance knob: every backend computes the
-            same function.
+        backend: ``"auto"`` (default: the fused kernels for float16/bfloat16/float32 CUDA
+            tensors when Triton imports, else PyTorch), ``"torch"`` (the unfused PyTorch
+            implementation) or ``"triton"`` (the fused kernels; on CPU tensors only under
+            Triton's interpreter). A performance knob: every backend computes the same function.
         check_target: check that every label is in ``[0, C)`` or ``ignore_index`` (one
             device-to-host sync). With False an out-of-range label gives an unspecified loss
             but never an out-of-bounds access. Default True.
@@ -57,6 +60,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         TypeError: logits not floating, target not integer.
         ValueError: a shape, device, option or (with ``check_target``) label outside the
             contract; the message names the argument, what was expected and what it got.
+        RuntimeError: ``backend="triton"`` where the fused kernels cannot run, saying why.
     """
     options = dict(kernel_size=kernel_size, power=power, stride=stride, ignore_index=ignore_index,
                    eps=eps, weight_base=weight_base, normalizer=normalizer, zscore=zscore,
@@ -66,8 +70,11 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     chosen = select_backend(backend, logits)
     if logits.numel() == 0:  # empty batch: exactly 0 (a map of zeros), zero gradient
         return (logits.sum() if reduction == "mean" else logits.sum(dim=1)) * 0
+    # Inside Function.forward needs_input_grad stays True under no_grad: decide here, so that
+    # evaluation neither computes nor keeps what only the backward needs.
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
     if chosen == "triton":
         from .fused import FusedLAD
 
-        return FusedLAD.apply(logits, target, *options.values(), None)
-    return UnfusedLAD.apply(logits, target, *options.values())
+        return FusedLAD.apply(logits, target, *options.values(), need_grad, None)
+    return UnfusedLAD.apply(logits, target, *options.values(), need_grad)

@@ -1,8 +1,8 @@
 """The autograd Function of the fused Triton kernels (``backend="triton"``).
 
-Between forward and backward it keeps the caller's logits and target (no copies), P (one
-float32 buffer of C values per centre), L, the z-score mean and rstd (one float each per pixel)
-and two scalars: nothing K*K-sized. The backward reads the Minkowski factor from device memory,
+Between forward and backward it keeps the caller's logits and target (no copies), P (C floats
+per centre: one float32 buffer of the logits' size at stride 1, float64 for float64 logits), L,
+the z-score mean and rstd (one float each per pixel) and two scalars: nothing K*K-sized. The backward reads the Minkowski factor from device memory,
 so neither pass syncs with the host.
 """
 
@@ -16,8 +16,7 @@ from .kernels import forward as kernels_forward
 class FusedLAD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, kernel_size, power, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, reduction, block_c):
-        need_grad = ctx.needs_input_grad[0]
+                normalizer, zscore, reduction, need_grad, block_c):
         loss, saved = kernels_forward.forward(
             logits, target, kernel_size=kernel_size, power=power, stride=stride,
             ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
@@ -35,4 +34,4 @@ class FusedLAD(torch.autograd.Function):
         logits, target, P, L, mean, rstd, stats = ctx.saved_tensors
         grad = kernels_backward.backward(grad_loss, logits, target, P, L, mean, rstd, stats,
                                          **ctx.options)
-        return (grad,) + (None,) * 11
+        return (grad,) + (None,) * 12

@@ -170,8 +170,7 @@ class UnfusedLAD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, kernel_size, power, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, reduction):
-        need_grad = ctx.needs_input_grad[0]
+                normalizer, zscore, reduction, need_grad):
         loss, saved = lad_forward(
             logits, target, kernel_size=kernel_size, power=power, stride=stride,
             ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
@@ -188,4 +187,4 @@ class UnfusedLAD(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, target, P, mean, rstd = ctx.saved_tensors
         grad = lad_backward(grad_loss, logits, target, P, mean, rstd, **ctx.options)
-        return (grad.to(logits.dtype),) + (None,) * 10
+        return (grad.to(logits.dtype),) + (None,) * 11

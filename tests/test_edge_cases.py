@@ -178,6 +178,30 @@ def test_target_gets_no_gradient_and_is_not_modified():
     assert torch.equal(target, before) and logits.grad is not None
 
 
+def test_evaluation_does_not_build_what_only_the_backward_needs(backend, monkeypatch):
+    # Under no_grad a Function still sees needs_input_grad=True; the functional must not ask the
+    # backend for the backward's tensors (P: a float32 buffer of the logits' size).
+    import lad_triton.kernels.forward as fused_forward
+    import lad_triton.unfused as unfused
+
+    module, name = (fused_forward, "forward") if backend == "triton" else (unfused, "lad_forward")
+    seen = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["need_grad"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = make_logits((1, 3, 5, 5), device=device).requires_grad_(True)
+    target = make_target(1, 5, 5, 3, device=device)
+    with torch.no_grad():
+        evaluated = locally_adaptive_loss(logits, target, backend=backend)
+    trained = locally_adaptive_loss(logits, target, backend=backend)
+    assert seen == [False, True] and torch.equal(evaluated, trained.detach())
+
+
 def test_module_matches_functional_and_has_no_parameters():
     logits = make_logits((2, 4, 6, 6))
     target = make_target(2, 6, 6, 4)

@@ -75,7 +75,7 @@ def test_class_chunk_paths(block_c, options):
                 normalizer="count", zscore=True, reduction="mean")
     full.update(options)
     check_against_oracle((2, 7, 6, 7), options, backend="triton", n_labels=3,
-                         apply=lambda x, t: FusedLAD.apply(x, t, *full.values(), block_c))
+                         apply=lambda x, t: FusedLAD.apply(x, t, *full.values(), True, block_c))
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 3, 1, 6), (2, 2, 5, 1), (1, 4, 2, 3)])
