@@ -117,6 +117,18 @@ def _pooled_chunk(
 
 
 @triton.jit
+def _lse_update(f, c0, C, y_cls, m_run, s_run, f_y, WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Online logsumexp over class chunks: the running max and sum of exp, and f[y] once the
+    chunk holding y passes."""
+    cls = class_lanes(c0, BLOCK_C, WIDE)
+    f_lse = tl.where((cls < C)[:, None], f, float("-inf"))
+    m_new = tl.maximum(m_run, tl.max(f_lse, axis=0))
+    s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(f_lse - m_new[None, :]), axis=0)
+    f_y += tl.sum(tl.where(cls[:, None] == y_cls[None, :], f, 0.0), axis=0)
+    return m_new, s_run, f_y
+
+
+@triton.jit
 def _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, c0, C, centre_plane,
              WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
     """P = (softmax(f) - onehot(y)) / xi at valid centres, 0 elsewhere (a where, not a product
@@ -172,25 +184,29 @@ def _forward_kernel(
     # never used as an address, and clamping keeps its one-hot inside the classes.
     y_cls = tl.minimum(tl.maximum(y_p.to(tl.int32), 0), C - 1)
 
-    m_run = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
-    s_run = tl.zeros([BLOCK_P], dtype=ACC)
-    f_y = tl.zeros([BLOCK_P], dtype=ACC)
-    f = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    xi = tl.zeros([BLOCK_P], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        f, xi = _pooled_chunk(x_img, y_img, mean_img, rstd_img, c0, C, H, W, pi, pj, y_p, live,
+    if SINGLE_CHUNK:
+        # Straight-line: one [BLOCK_C, BLOCK_P] tile of f lives in registers, nothing is carried.
+        f, xi = _pooled_chunk(x_img, y_img, mean_img, rstd_img, 0, C, H, W, pi, pj, y_p, live,
                               sxc, sxh, sxw, syh, syw, radius, weight_base, inv_base,
                               ACC, ZSCORE, WEIGHT_NORM, WIDE, BLOCK_C, BLOCK_P)
-        cls = class_lanes(c0, BLOCK_C, WIDE)
-        f_lse = tl.where((cls < C)[:, None], f, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(f_lse, axis=0))
-        s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(f_lse - m_new[None, :]), axis=0)
-        m_run = m_new
-        f_y += tl.sum(tl.where(cls[:, None] == y_cls[None, :], f, 0.0), axis=0)
-        if NEED_P and not SINGLE_CHUNK:
-            # Park f in P's slots until lse is known; this program alone owns them.
-            tl.store(P_img + cls[:, None] * centre_plane + centre[None, :], f,
-                     mask=(cls < C)[:, None] & live[None, :])
+        m_run, s_run, f_y = _lse_update(f, 0, C, y_cls, tl.full([BLOCK_P], float("-inf"), ACC),
+                                        tl.zeros([BLOCK_P], ACC), tl.zeros([BLOCK_P], ACC),
+                                        WIDE, BLOCK_C)
+    else:
+        m_run = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
+        s_run = tl.zeros([BLOCK_P], dtype=ACC)
+        f_y = tl.zeros([BLOCK_P], dtype=ACC)
+        xi = tl.zeros([BLOCK_P], dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            f_c, xi = _pooled_chunk(x_img, y_img, mean_img, rstd_img, c0, C, H, W, pi, pj, y_p,
+                                    live, sxc, sxh, sxw, syh, syw, radius, weight_base,
+                                    inv_base, ACC, ZSCORE, WEIGHT_NORM, WIDE, BLOCK_C, BLOCK_P)
+            m_run, s_run, f_y = _lse_update(f_c, c0, C, y_cls, m_run, s_run, f_y, WIDE, BLOCK_C)
+            if NEED_P:
+                # Park f in P's slots until lse is known; this program alone owns them.
+                cls = class_lanes(c0, BLOCK_C, WIDE)
+                tl.store(P_img + cls[:, None] * centre_plane + centre[None, :], f_c,
+                         mask=(cls < C)[:, None] & live[None, :])
     lse = m_run + tl.log(s_run)
     L = lse - f_y
     L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
@@ -264,7 +280,9 @@ def _minkowski_finish_kernel(
     tl.store(stats_ptr + 1, a)
 
 
-FINISH_BLOCK = 1024
+# One program adds every tile's partials: 1024 lanes over 8 warps (4 per thread: float64 lanes
+# over 4 warps spilled).
+FINISH_BLOCK, FINISH_WARPS = 1024, 8
 
 
 def accumulation_dtype(dtype):
@@ -323,5 +341,5 @@ def forward(logits, target, *, kernel_size, power, stride, ignore_index, eps, we
         return loss_map, ((P, L, mean, rstd, stats) if need_grad else None)
     loss = torch.empty((), dtype=logits.dtype, device=dev)
     _minkowski_finish_kernel[(1,)](partials, counts, n_tiles, loss, stats, *split_scalar(power),
-                                   BLOCK=FINISH_BLOCK)
+                                   BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS)
     return loss, ((P, L, mean, rstd, stats) if need_grad else None)

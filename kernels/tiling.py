@@ -15,18 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-# A [BLOCK_C, BLOCK_P] register tile of 2048 float32 elements over 2 warps: for C <= 32 each
-# thread owns one pixel and all its classes, so loads are coalesced across the 32 pixels of a
-# warp and the class reductions (max, sum, the Jacobian's means) never leave the thread. Chosen
-# with bench/kernel_report.py, which compiles with Triton's own ptxas flags: this layout spills
-# nothing on sm_80/sm_90 in any kernel, whereas 1024 elements over 4 warps (8 per thread) and
-# 2048 over 4 drew 8-byte spills from the --regAllocOptLevel=2 that Triton passes to ptxas, and
-# 4096 over 4 needed 195-255 registers. Performance is unmeasured until a GPU run: retune there.
-TILE_ELEMENTS = 2048
-NUM_WARPS = 2
+# Elements of a [BLOCK_C, BLOCK_P] register tile per program, and warps, per kernel family.
+# Backward: 2048 over 2 warps, so for C <= 32 each thread owns one pixel and all its classes
+# (loads coalesced across the 32 pixels of a warp, the Jacobian's class means inside the
+# thread). Forward (and z-score statistics): 1024 over 8 warps, 4 per thread; its multi-chunk
+# path holds more live state, and under Triton 3.6's compiler 2048 over 2 warps spilled up to
+# 648 bytes (C=150) where 3.9 needed 168 registers. Chosen with bench/kernel_report.py under
+# Triton 3.9 and 3.6 (the two the package meets): no default config spills under either.
+# Performance is unmeasured until a GPU run: retune there.
+TILE_ELEMENTS = {"forward": 1024, "backward": 2048}
+NUM_WARPS = {"forward": 8, "backward": 2}
 # The forward loops over class chunks with an online logsumexp, so its chunk only bounds padding
-# and registers: 32 keeps one pixel per thread (C=150: 5 chunks = 160 lanes; 64-class chunks
-# padded to 192 and took 249-254 registers). The backward's z-score Jacobian needs every class
+# and registers: C=150 runs 5 chunks of 32 = 160 lanes (64-class chunks padded to 192 and took
+# 249-254 registers). The backward's z-score Jacobian needs every class
 # of G at once: chunks up to 256 keep it single-pass for VOC (21), Cityscapes (19), ADE20K (150)
 # and COCO-Stuff (171/182); wider C recomputes G in a second pass.
 MAX_BLOCK_C = {"forward": 32, "backward": 256}
@@ -52,17 +53,17 @@ class LaunchConfig:
 
 def launch_config(family, classes, acc_dtype, block_c=None):
     """The one launch heuristic: BLOCK_C = C rounded up to a power of two, capped per family;
-    pixels per program = TILE_ELEMENTS / BLOCK_C (halved for float64, whose registers are twice
-    as wide) within [MIN_BLOCK_P, MAX_BLOCK_P]; a tile larger than TILE_ELEMENTS (a 256-class
-    chunk) gets more warps rather than more elements per thread. Depends on C and dtype only,
+    pixels per program = TILE_ELEMENTS[family] / BLOCK_C (halved for float64, whose registers
+    are twice as wide) within [MIN_BLOCK_P, MAX_BLOCK_P]; a tile larger than that (a 256-class
+    backward chunk) gets more warps rather than more elements per thread. Depends on C and dtype only,
     never on B, H or W. ``block_c`` overrides the class chunk (tests use it to exercise the
     multi-chunk paths at small C)."""
     if block_c is None:
         block_c = min(triton.next_power_of_2(classes), MAX_BLOCK_C[family])
-    elements = TILE_ELEMENTS // (2 if acc_dtype == torch.float64 else 1)
+    elements = TILE_ELEMENTS[family] // (2 if acc_dtype == torch.float64 else 1)
     block_p = max(MIN_BLOCK_P, min(MAX_BLOCK_P, elements // block_c))
     tile_w = min(TILE_W, block_p)
-    num_warps = NUM_WARPS * max(1, block_c * block_p // elements)
+    num_warps = NUM_WARPS[family] * max(1, block_c * block_p // elements)
     return LaunchConfig(block_c, block_p // tile_w, tile_w, num_warps, classes <= block_c)
 
 
