@@ -13,10 +13,14 @@ gradient of docs/math.md is computed in two launches:
    class of G_q: one pass when C fits the class chunk (C <= 256), else a first pass for the two
    class means and a second that recomputes G chunk by chunk.
 
-Traffic and arithmetic per pixel, stride 1, logits of E bytes per element: reads P of its K^2
-neighbour centres (4C B from DRAM, K^2*4C B through L1) and its logits (C*E), writes dx (C*E);
-~2*K^2*C flops for the gather and ~8C for the Jacobian. Forward + backward DRAM, float32 C=21:
-256 + 260 B/pixel, about 6x the 84 B of logits (SPEC's "store" estimate: ~5 logits-sized passes).
+Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, labels of Y bytes:
+reads P and s of its K^2 neighbour centres (4C + 4 B from DRAM, K^2 times that through L1),
+labels (Y), its logits (C*E) and stats (8 B); writes dx (C*E); the scale kernel adds 8 B per
+centre. ~2*K^2*C flops for the gather (a multiply-add per neighbour and class) and ~8C for the
+Jacobian. For C=21 float32 logits and uint8 labels: 273 B per pixel; forward + backward 546 B,
+6.5x the 84 B of logits, against 2x for the floor (logits read once, gradient written once,
+labels once: 169 B) and ~5x for PERF_NOTES' store estimate, which had no separate statistics
+pass.
 """
 
 import torch

@@ -17,15 +17,21 @@ window of every pixel, and only the Minkowski factor is global. Storing P costs 
 buffer of the centres (C x 4 B per centre) and makes the backward a single gather; recomputing f
 in the backward would instead redo the K^2-neighbour pooling over a halo of radius 2r
 (K^2 x C more multiply-adds per pixel) and need the recomputed g of the halo in on-chip memory,
-which Triton only offers through the experimental Gluon API.
+which Triton only offers through the experimental Gluon API. The price is memory: during the
+backward, P and the gradient coexist, about 2x float32 logits (3x for bfloat16) over the inputs,
+where a recompute design would hold ~1.2x.
 
-Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, float32 buffers:
+Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, labels of Y bytes,
+float32 buffers (DRAM bytes assume a tile's halo is served from L1/L2, as neighbouring tiles
+read the same rows):
 
-- stats: reads C*E, writes 8 B; ~4C flops.
-- forward: reads the C*E logits of its K^2 neighbours: C*E from DRAM when the tile's halo
-  stays in L1/L2, K^2*C*E through L1; labels and stats of K^2 neighbours (L1); writes P (4C B)
-  and L (4 B). ~3*K^2*C flops for the pooling (load, z, multiply-add) + ~6C for the softmax.
-- total forward DRAM: 2*C*E + 4C + 16 B; for C=21 float32: 256 B/pixel.
+- stats: reads C*E, writes 8 B (mean, rstd); ~5C flops.
+- forward: reads C*E of logits, Y of labels and 8 B of stats from DRAM, but K^2*(C*E + Y + 8) B
+  through L1 (every neighbour of every centre); writes P (4C B) and L (4 B). ~4*K^2*C flops for
+  the pooling (z = (x - m) * rstd, then a multiply-add per neighbour and class) and ~6C for the
+  softmax and P.
+- total forward DRAM: 2*C*E + 4C + Y + 20 B: for C=21 float32 logits and uint8 labels, 273 B
+  per pixel, 3.3x the 84 B of logits.
 """
 
 import torch
