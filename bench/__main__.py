@@ -1,108 +1,252 @@
-"""``python -m bench``: the main job. Until the benchmark suite lands (issue 4) it is a demo: the
-loss of one VOC-like sample batch by every backend usable here, in each dtype, against the
-float64 definition, with SPEC's tolerance as the verdict. Exits 1 if any backend disagrees.
+"""``python -m bench``: the main job. Times every implementation on the best device present
+(``pytest bench/``), measures that device's copy bandwidth in the same run, and prints one
+table: rows workload x pass; per implementation the median time, throughput and peak memory;
+the ratios of the fused kernels' time to cross-entropy's, the unfused baseline's and its
+``torch.compile``d version's; and the fused kernels' efficiencies against the copy bandwidth.
+Writes ``bench/results/<device>-<date>.json`` and, with matplotlib, a PNG beside it.
 
-On a CPU the fused kernels only run under Triton's interpreter, slowly:
-``TRITON_INTERPRET=1 python -m bench --size 33``."""
+    python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--out DIR]
+
+Columns: ``ms`` median time of one call (CUDA synchronised); ``Mpx/s`` pixels per second;
+``MiB`` peak memory the call allocates beyond its inputs (CUDA: max_memory_allocated; CPU: the
+profiler's allocation events, see workloads.peak_memory_mib) and in brackets that peak over the
+logits' size. ``min eff`` = minimal bytes (logits read once, gradient written once, labels once)
+/ time / copy bandwidth; ``design eff`` = the fused kernels' documented DRAM bytes / time / copy
+bandwidth.
+"""
 
 import argparse
+import datetime
+import json
+import os
 import platform
-import time
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import lad_triton
-from lad_triton import locally_adaptive_loss
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-# SPEC "Output dtype and accuracy": (loss, gradient) relative tolerance.
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3),
-             torch.bfloat16: (1e-2, 2e-2)}
+import workloads as wl  # noqa: E402
 
-
-def sample_batch(batch, classes, size, device, seed=0):
-    """Rectangles of random classes on a background, a 255 'ignore' band on their boundaries
-    (as in VOC masks), and logits of scale ~3 that lean towards the true class."""
-    gen = torch.Generator().manual_seed(seed)
-    target = torch.zeros(batch, size, size, dtype=torch.uint8)
-    for b in range(batch):
-        for _ in range(6):
-            c = int(torch.randint(1, classes, (1,), generator=gen))
-            i0, j0 = torch.randint(0, size - 8, (2,), generator=gen).tolist()
-            h, w = torch.randint(8, size // 2, (2,), generator=gen).tolist()
-            target[b, i0:i0 + h, j0:j0 + w] = 255
-            target[b, i0 + 2:i0 + h - 2, j0 + 2:j0 + w - 2] = c
-    onehot = F.one_hot(target.long().clamp(max=classes - 1), classes).permute(0, 3, 1, 2)
-    logits = 3 * torch.randn(batch, classes, size, size, generator=gen) + 2 * onehot
-    return logits.to(device), target.to(device)
+PASS_SHORT = {"forward": "fwd", "forward+backward": "fwd+bwd"}
 
 
-# float16 gradients of a mean over ~30k pixels sit in float16's subnormal range (LAD's are ~100x
-# smaller than cross-entropy's: the 1/M, 1/xi and 1/sigma factors), so float16 training scales
-# the loss (GradScaler) and so does this check; the gradient is unscaled in float64.
-GRAD_SCALE = {torch.float16: 1024.0}
+def environment(device):
+    import lad_triton
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads)")
+    return dict(device=name, device_type=device.type, torch=torch.__version__,
+                triton=triton_version, lad_triton=lad_triton.__version__,
+                python=platform.python_version(),
+                date=datetime.date.today().isoformat())
 
 
-def loss_and_grad(logits, target, **options):
-    x = logits.detach().requires_grad_(True)
-    loss = locally_adaptive_loss(x, target, **options)
-    scale = GRAD_SCALE.get(x.dtype, 1.0)
-    (loss * scale).backward()
-    return loss.detach(), x.grad.double() / scale
+def run_suite(args, json_path):
+    import lad_triton
+
+    command = [sys.executable, "-m", "pytest", str(HERE / "test_throughput.py"), "-q",
+               "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+               f"--device={args.device}", "--benchmark-disable-gc"]
+    command += ["--quick"] if args.quick else []
+    command += ["--run-slow"] if args.run_slow else []
+    # The suite imports the lad_triton this process imported (installed, or this source tree).
+    package_parent = str(Path(lad_triton.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command, env=env, cwd=HERE.parent)
+    if result.returncode not in (0, 5):
+        raise SystemExit(f"the benchmark suite failed (exit {result.returncode})")
 
 
-def rel(a, b):
-    return (torch.linalg.vector_norm(a.double() - b.double())
-            / torch.linalg.vector_norm(b.double())).item()
+def rows_from(json_path, bandwidth):
+    data = json.loads(Path(json_path).read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info, stats = bench["extra_info"], bench["stats"]
+        seconds = stats["median"]
+        pixels = info["pixels_per_s"] * seconds
+        row = dict(info, median_ms=1e3 * seconds, q1_ms=1e3 * stats["q1"],
+                   q3_ms=1e3 * stats["q3"], rounds=stats["rounds"],
+                   peak_over_logits=info["peak_mem_mib"] / info["logits_mib"],
+                   min_bytes_efficiency=info["min_bytes_per_pixel"] * pixels / seconds
+                   / 1e9 / bandwidth)
+        if info["impl"] == "triton":
+            row["design_efficiency"] = (info["design_bytes_per_pixel"] * pixels / seconds / 1e9
+                                        / bandwidth)
+        rows.append(row)
+    return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--size", type=int, default=129)
-    parser.add_argument("--kernel-size", type=int, default=5)
-    args = parser.parse_args()
+def group_key(row):
+    b, c, h, w = row["shape"]
+    return (row["workload"], row["kernel_size"], row["dtype"], row["pass"],
+            f"{row['workload']} K={row['kernel_size']} {row['dtype']} ({b}x{c}x{h}x{w})")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits, target = sample_batch(args.batch, args.classes, args.size, device)
-    options = dict(kernel_size=args.kernel_size)
-    print(f"lad_triton {lad_triton.__version__}, torch {torch.__version__}, "
-          f"python {platform.python_version()}, device {device}")
-    print(f"batch {tuple(logits.shape)} logits, uint8 target with 255 = ignore, "
-          f"kernel_size={args.kernel_size}, power=3")
 
-    ref_loss, ref_grad = loss_and_grad(logits.double(), target, backend="torch", **options)
-    ce = F.cross_entropy(logits.float(), target.long(), ignore_index=255)
-    print(f"float64 reference loss {ref_loss.item():.8f}   (F.cross_entropy: {ce.item():.6f})\n")
-    print(f"{'backend':8} {'dtype':9} {'loss':>12} {'loss err':>9} {'grad err':>9} "
-          f"{'fwd+bwd ms':>11}  verdict")
+def table(rows, skipped):
+    groups = {}
+    for row in rows:
+        groups.setdefault(group_key(row), {})[row["impl"]] = row
+    header = (["workload", "pass"] + list(wl.IMPLS)
+              + ["fused/CE", "fused/torch", "fused/compile", "min eff", "design eff"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
+        impls = groups[key]
+        cells = [key[4], PASS_SHORT[key[3]]]
+        for impl in wl.IMPLS:
+            r = impls.get(impl)
+            cells.append("-" if r is None else
+                         f"{r['median_ms']:.3g} ms, {r['pixels_per_s'] / 1e6:.3g} Mpx/s, "
+                         f"{r['peak_mem_mib']:.0f} MiB ({r['peak_over_logits']:.2g}x)")
+        fused = impls.get("triton")
+        for other in ("cross_entropy", "torch", "torch_compile"):
+            cells.append(f"{fused['median_ms'] / impls[other]['median_ms']:.2f}"
+                         if fused and other in impls else "-")
+        cells.append(f"{fused['min_bytes_efficiency']:.0%}" if fused else "-")
+        cells.append(f"{fused['design_efficiency']:.0%}" if fused else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines.append("")
+        lines += [f"- {reason}" for reason in sorted(skipped)]
+    return "\n".join(lines)
 
-    failures = 0
-    for backend in ("torch", "triton"):
-        for dtype, (loss_tol, grad_tol) in TOLERANCE.items():
-            x = logits.to(dtype)
-            try:
-                loss_and_grad(x, target, backend=backend, **options)  # warm-up, compilation
-                start = time.perf_counter()
-                loss, grad = loss_and_grad(x, target, backend=backend, **options)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                ms = 1e3 * (time.perf_counter() - start)
-            except (NotImplementedError, RuntimeError) as err:
-                print(f"{backend:8} {str(dtype)[6:]:9} unavailable here: {err}")
-                break
-            # Against the float64 definition on the same rounded logits (SPEC's table).
-            loss64, grad64 = loss_and_grad(x.double(), target, backend="torch", **options)
-            loss_err, grad_err = rel(loss, loss64), rel(grad, grad64)
-            ok = loss_err <= loss_tol and grad_err <= grad_tol
-            failures += not ok
-            # Under Triton's CPU interpreter a time says nothing about the kernels.
-            timing = "interp." if backend == "triton" and device == "cpu" else f"{ms:.1f}"
-            print(f"{backend:8} {str(dtype)[6:]:9} {loss.item():12.6f} {loss_err:9.1e} "
-                  f"{grad_err:9.1e} {timing:>11}  {'agrees' if ok else 'DISAGREES'}")
-    return 1 if failures else 0
+
+def skipped_reasons(device, args):
+    reasons = set()
+    for w in wl.workloads():
+        for impl in wl.IMPLS:
+            reason = wl.unavailable(impl, w, device)
+            if reason and not (device.type == "cpu" and w.slow and not args.run_slow):
+                reasons.add(f"{impl}: {reason}" if impl != "torch_unfold"
+                            else f"{impl} on {w.id}: {reason}")
+    if device.type == "cpu" and not args.run_slow:
+        reasons.add("full-size workloads (VOC, Cityscapes, ADE20K) are not timed on a CPU "
+                    "unless --run-slow")
+    return reasons
+
+
+def cross_entropy_profile(device):
+    """Where F.cross_entropy's forward + backward spends its time on the VOC-like fp32 batch:
+    CUDA kernels by total time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w = wl.Workload("voc", 8, 21, 513, 513, 5, torch.float32, slow=True)
+    logits, target = w.inputs(device)
+    run = wl.pass_runner(wl.loss_function("cross_entropy", w), logits, target,
+                         "forward+backward")
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize(device)
+    kernels = [dict(kernel=e.key, calls=e.count // 5,
+                    us_per_call_pass=e.device_time_total / 5)
+               for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(kernels, key=lambda k: -k["us_per_call_pass"])[:10]
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no plot")
+        return None
+    groups = sorted({group_key(r)[:5] for r in rows})
+    labels = [f"{g[4].split(' (')[0]} {PASS_SHORT[g[3]]}" for g in groups]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(groups)), 8), sharex=True)
+    width = 0.8 / len(wl.IMPLS)
+    for i, impl in enumerate(wl.IMPLS):
+        by_group = {group_key(r)[:5]: r for r in rows if r["impl"] == impl}
+        xs = [j + i * width for j, g in enumerate(groups) if g in by_group]
+        if not xs:
+            continue
+        present = [g for g in groups if g in by_group]
+        axes[0].bar(xs, [by_group[g]["pixels_per_s"] / 1e6 for g in present], width,
+                    label=impl)
+        axes[1].bar(xs, [by_group[g]["peak_over_logits"] for g in present], width, label=impl)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("throughput, Mpx/s (log)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("peak memory / logits size (log)")
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    axes[1].set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"lad_triton benchmarks: {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="K=5, forward+backward, VOC-like (CUDA) or small (CPU), fewer rounds")
+    parser.add_argument("--run-slow", action="store_true",
+                        help="also the full-size workloads on a CPU")
+    parser.add_argument("--out", default=str(HERE / "results"),
+                        help="folder for the JSON and PNG (default bench/results)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    bandwidth = wl.copy_bandwidth_gbps(device)
+    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "benchmarks.json"
+        run_suite(args, json_path)
+        rows = rows_from(json_path, bandwidth) if json_path.exists() else []
+    if not rows:
+        raise SystemExit("no benchmark ran")
+
+    report = dict(environment=env, copy_bandwidth_gbps=bandwidth, quick=args.quick, rows=rows,
+                  skipped=sorted(skipped_reasons(device, args)))
+    if device.type == "cuda":
+        report["cross_entropy_kernels"] = cross_entropy_profile(device)
+    text = table(rows, report["skipped"])
+    print()
+    print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+          f"copy bandwidth {bandwidth:.0f} GB/s")
+    print(text)
+    if "cross_entropy_kernels" in report:
+        print("\nF.cross_entropy forward+backward, VOC-like fp32: CUDA kernels per call")
+        for k in report["cross_entropy_kernels"]:
+            print(f"  {k['us_per_call_pass']:9.1f} us  x{k['calls']}  {k['kernel'][:100]}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower().split(" (")[0]).strip("-")
+    stem = out / f"{slug}-{env['date']}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(
+        f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+        f"copy bandwidth {bandwidth:.0f} GB/s, {env['date']}\n\n{text}\n")
+    png = plot(rows, stem.with_suffix(".png"))
+    print(f"\nwrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}"
+          + (f", {png}" if png else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
