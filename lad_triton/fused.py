@@ -1,37 +1,66 @@
-"""The autograd Function of the fused Triton kernels (``backend="triton"``).
+"""The fused Triton kernels as PyTorch custom operators (``torch.library``), so that
+``torch.compile`` traces each as one node (no graph break) and ``opcheck`` can verify them.
 
-Between forward and backward it keeps the caller's logits and target (no copies), P (C floats
-per centre: one float32 buffer of the logits' size at stride 1, float64 for float64 logits), L,
-the z-score mean and rstd (one float each per pixel) and two scalars: nothing K*K-sized. The backward reads the Minkowski factor from device memory,
-so neither pass syncs with the host.
+``lad_triton::fused_costs`` maps logits to the costs L on the centre grid and the per-tile
+Minkowski partials; its autograd formula is ``lad_triton::fused_costs_backward``. Between the
+two it keeps the caller's logits and target (no copies), P (C floats per centre: one float32
+buffer of the logits' size at stride 1, float64 for float64 logits) and the z-score mean and
+rstd (one float each per pixel): nothing K*K-sized, and neither pass syncs with the host.
 """
 
+from typing import Optional
+
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from .kernels import backward as kernels_backward
 from .kernels import forward as kernels_forward
 
 
-class FusedLAD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, kernel_size, power, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, reduction, need_grad, block_c):
-        loss, saved = kernels_forward.forward(
-            logits, target, kernel_size=kernel_size, power=power, stride=stride,
-            ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
-            zscore=zscore, reduction=reduction, need_grad=need_grad, block_c=block_c)
-        if need_grad:
-            ctx.save_for_backward(logits, target, *saved)
-            ctx.options = dict(kernel_size=kernel_size, power=power, stride=stride,
-                               weight_base=weight_base, zscore=zscore, reduction=reduction,
-                               block_c=block_c)
-        return loss
+@torch.library.custom_op("lad_triton::fused_costs", mutates_args=())
+def fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
+                power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
+                normalizer: str, zscore: bool,
+                need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(L, partials, P, mean, rstd); see kernels/forward.py."""
+    return kernels_forward.forward(
+        logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
+        ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
+        zscore=zscore, need_grad=need_grad)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        logits, target, P, L, mean, rstd, stats = ctx.saved_tensors
-        grad = kernels_backward.backward(grad_loss, logits, target, P, L, mean, rstd, stats,
-                                         **ctx.options)
-        return (grad,) + (None,) * 12
+
+@fused_costs.register_fake
+def _(logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
+      normalizer, zscore, need_grad):
+    return kernels_forward.allocate(logits, stride=stride, zscore=zscore, need_grad=need_grad)
+
+
+@torch.library.custom_op("lad_triton::fused_costs_backward", mutates_args=())
+def fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor, mean: Tensor,
+                         rstd: Tensor, kernel_size: int, stride: int, weight_base: float,
+                         zscore: bool) -> Tensor:
+    """d loss / d logits from dL = d loss / d L; see kernels/backward.py."""
+    return kernels_backward.backward(dL, logits, target, P, mean, rstd, kernel_size=kernel_size,
+                                     stride=stride, weight_base=weight_base, zscore=zscore)
+
+
+@fused_costs_backward.register_fake
+def _(dL, logits, target, P, mean, rstd, kernel_size, stride, weight_base, zscore):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, _, kernel_size, _, stride, _, _, weight_base, _, zscore, _ = inputs
+    _, partials, P, mean, rstd = output
+    ctx.save_for_backward(logits, target, P, mean, rstd)
+    ctx.options = (kernel_size, stride, weight_base, zscore)
+    ctx.mark_non_differentiable(partials, P, mean, rstd)
+
+
+def _backward(ctx, dL, *_):
+    logits, target, P, mean, rstd = ctx.saved_tensors
+    dx = fused_costs_backward(dL, logits, target, P, mean, rstd, *ctx.options)
+    return (dx,) + (None,) * 11
+
+
+fused_costs.register_autograd(_backward, setup_context=_setup_context)

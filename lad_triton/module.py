@@ -15,21 +15,40 @@ class LocallyAdaptiveLoss(nn.Module):
         loss = criterion(model(images), masks)      # (B, C, H, W) logits, (B, H, W) masks
         loss.backward()
 
+    It has no parameters; ``weight`` is a buffer, so it follows ``.to()`` and ``state_dict``.
     Invalid keywords raise at construction, with the functional's messages.
     """
 
     def __init__(self, *, kernel_size=5, power=3.0, stride=1, ignore_index=255, eps=1e-5,
-                 weight_base=2.0, normalizer="count", zscore=True, reduction="mean",
-                 backend="auto", check_target=True):
+                 weight_base=2.0, normalizer="count", zscore=True, reduction="mean", weight=None,
+                 backend="auto", check_target=True, sync=False, process_group=None):
         super().__init__()
         self.options = dict(kernel_size=kernel_size, power=power, stride=stride,
                             ignore_index=ignore_index, eps=eps, weight_base=weight_base,
                             normalizer=normalizer, zscore=zscore, reduction=reduction,
-                            backend=backend, check_target=check_target)
-        check_options(**self.options)
+                            backend=backend, check_target=check_target, sync=sync)
+        check_options(process_group=process_group, **self.options)
+        if weight is not None and (weight.dim() != 1 or not weight.is_floating_point()):
+            raise ValueError("weight must be None or a 1-D floating tensor of C class weights, "
+                             f"got weight of shape {tuple(weight.shape)}, dtype {weight.dtype}")
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+        self.process_group = process_group
 
     def forward(self, logits, target):
-        return locally_adaptive_loss(logits, target, **self.options)
+        return locally_adaptive_loss(logits, target, weight=self.weight,
+                                     process_group=self.process_group, **self.options)
 
     def extra_repr(self):
-        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        text = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        if self.weight is not None:
+            text += f", weight=<{self.weight.numel()} class weights>"
+        if self.process_group is not None:
+            text += ", process_group=<ProcessGroup>"
+        return text
+
+    def __getstate__(self):
+        if self.process_group is not None:
+            raise TypeError("LocallyAdaptiveLoss with a process_group cannot be pickled (process "
+                            "groups cannot); use sync=True for the default group, or set "
+                            "process_group after unpickling")
+        return super().__getstate__()

@@ -1,12 +1,13 @@
-"""The unfused PyTorch implementation of the loss: ``backend="torch"``, the CPU path, and the
-baseline the benchmarks measure the fused kernels against.
+"""The unfused PyTorch implementation of the costs L: ``backend="torch"``, the CPU path, and the
+baseline the benchmarks measure the fused kernels against (the reduction to the loss is shared:
+``lad_triton/reduction.py``). 2-D images (B, C, H, W) and 3-D volumes (B, C, D, H, W).
 
 It follows SPEC step by step with SPEC's names (z, omega, xi, f, L, g, G, a); the gradient is
 derived in ``docs/math.md``. To be a fair baseline it is vectorised the way one would write it by
 hand in PyTorch: every pixel at once, one loop over the K*K window offsets, each offset a pair
 of shifted *views* (no copies, no ``F.unfold``) accumulated in place. The backward is written by
 hand rather than left to autograd, because autograd through K*K in-place slice updates keeps K*K
-masks and zero-fills a full logits-sized buffer per offset.
+masks and zero-fills a full logits-sized buffer per offset. In 3-D the window has K^3 offsets.
 
 forward::
 
@@ -15,12 +16,12 @@ forward::
         same = y[q] == y[p]
         f[p]  += omega(delta) * where(same, z[q], 0)
         xi[p] += (1 or omega(delta)) * same
-    f /= xi;  L = logsumexp_c(f) - f[y];  loss = Minkowski mean of L over valid centres
-    P = dloss/dL_p * (softmax(f_p) - onehot(y_p)) / xi_p     # saved for the backward
+    f /= xi;  L = logsumexp_c(f) - f[y]            # 0 at invalid centres
+    P = (softmax(f_p) - onehot(y_p)) / xi_p        # saved for the backward, 0 at invalid centres
 
-backward::
+backward, from dL = d loss / d L::
 
-    g = grad_loss * P                              # zero off the grid and at ignored centres
+    g = dL * P
     for each offset delta:  G[q] += omega(delta) * where(same, g[p], 0)     # adjoint pooling
     dx = rstd * (G - mean_c G - z * mean_c(G * z))                          # z-score Jacobian
 
@@ -34,6 +35,8 @@ Complexity, with N = B*H*W pixels and N_c ~ N / s^2 centres on the stride grid:
   per-pixel mean and rstd (2*N) beside the caller's logits and target; the backward allocates G
   and a recomputed z (C*N each) and one offset's temporary.
 """
+
+import itertools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -57,49 +60,31 @@ def _grid_pair(size, stride, delta):
 
 
 def _window(target, kernel_size, stride, weight_base):
-    """Yield, for every window offset that reaches inside the image, its weight omega, the index
-    of the centres and of their neighbours into (B, C, ., .) tensors, and the same-class mask
-    (B, 1, ., .). The window is clipped at the borders: no padding, no wrap-around."""
-    _, height, width = target.shape
+    """Yield, for every window offset that reaches inside the image (or volume), its weight
+    omega, the index of the centres and of their neighbours into (B, C, *spatial) tensors, and
+    the same-class mask (B, 1, *centres). The window is clipped at the borders: no padding, no
+    wrap-around."""
+    spatial = target.shape[1:]
     radius = kernel_size // 2
-    y_centre = target[:, ::stride, ::stride]
-    for du in range(-radius, radius + 1):
-        rows = _grid_pair(height, stride, du)
-        if rows is None:
+    y_centre = target[(slice(None),) + (slice(None, None, stride),) * len(spatial)]
+    for offset in itertools.product(range(-radius, radius + 1), repeat=len(spatial)):
+        pairs = [_grid_pair(size, stride, delta) for size, delta in zip(spatial, offset)]
+        if None in pairs:
             continue
-        for dv in range(-radius, radius + 1):
-            cols = _grid_pair(width, stride, dv)
-            if cols is None:
-                continue
-            omega = float(weight_base) ** (1 - max(abs(du), abs(dv)))
-            same = y_centre[:, rows[0], cols[0]] == target[:, rows[1], cols[1]]
-            yield (omega, (slice(None), slice(None), rows[0], cols[0]),
-                   (slice(None), slice(None), rows[1], cols[1]), same.unsqueeze(1))
+        omega = float(weight_base) ** (1 - max(abs(delta) for delta in offset))
+        centres = tuple(pair[0] for pair in pairs)
+        neighbours = tuple(pair[1] for pair in pairs)
+        same = y_centre[(slice(None),) + centres] == target[(slice(None),) + neighbours]
+        yield (omega, (slice(None), slice(None)) + centres,
+               (slice(None), slice(None)) + neighbours, same.unsqueeze(1))
 
 
-def minkowski_mean(L, valid, power):
-    """``((1/M) sum_valid L^k)^(1/k)`` and its derivative with respect to each L_p.
-
-    Computed as ``L_max * (mean (L/L_max)^k)^(1/k)`` so that L^k neither overflows nor
-    underflows in float32. L is 0 at invalid centres. When M == 0 or every L is 0 the loss and
-    the derivative are exactly 0 (the plain formula's backward would give 0 * inf = NaN); a NaN
-    in L propagates to both.
-    """
-    count = valid.sum().to(L.dtype).clamp_min(1)
-    L_max = L.amax() if L.numel() else L.new_zeros(())
-    ratio = L / torch.where(L_max > 0, L_max, 1)
-    mean_ratio = ratio.pow(power).sum() / count
-    loss = L_max * mean_ratio.pow(1.0 / power)
-    coef = torch.where(L_max == 0, 0, mean_ratio.pow(1.0 / power - 1.0) / count)
-    return loss, coef * ratio.pow(power - 1.0)
-
-
-def lad_forward(logits, target, *, kernel_size, power, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, reduction, need_grad):
-    """The loss (0-dim, or the (B, H, W) map) in the accumulation dtype, and what the backward
+def costs_forward(logits, target, *, kernel_size, stride, ignore_index, eps, weight_base,
+                  normalizer, zscore, need_grad):
+    """L on the centre grid (B, *centres) in the accumulation dtype, and what the backward
     needs: (P, mean, rstd), or None when ``need_grad`` is False."""
     acc = accumulation_dtype(logits.dtype)
-    batch, classes, height, width = logits.shape
+    classes = logits.shape[1]
     x = logits.to(acc)
     mean = rstd = None
     if zscore:
@@ -110,9 +95,9 @@ def lad_forward(logits, target, *, kernel_size, power, stride, ignore_index, eps
         z = x
     del x
 
-    y_centre = target[:, ::stride, ::stride]
-    f = z.new_zeros((batch, classes) + y_centre.shape[1:])
-    xi = z.new_zeros((batch, 1) + y_centre.shape[1:])
+    y_centre = target[(slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)]
+    f = z.new_zeros((logits.shape[0], classes) + y_centre.shape[1:])
+    xi = z.new_zeros((logits.shape[0], 1) + y_centre.shape[1:])
     for omega, centre, neighbour, same in _window(target, kernel_size, stride, weight_base):
         f[centre].add_(torch.where(same, z[neighbour], 0), alpha=omega)
         xi[centre].add_(same.to(acc), alpha=omega if normalizer == "weight" else 1.0)
@@ -126,65 +111,54 @@ def lad_forward(logits, target, *, kernel_size, power, stride, ignore_index, eps
     y_safe = torch.where(valid, y, 0).clamp_(0, classes - 1).unsqueeze(1)
     lse = torch.logsumexp(f, dim=1)
     L = torch.where(valid, (lse - f.gather(1, y_safe).squeeze(1)).clamp_min(0), 0)
-
-    if reduction == "mean":
-        loss, dloss_dL = minkowski_mean(L, valid, power)
-    else:
-        loss = L if stride == 1 else L.new_zeros((batch, height, width))
-        if stride > 1:
-            loss[:, ::stride, ::stride] = L
-        dloss_dL = torch.ones_like(L)
     if not need_grad:
-        return loss, None
+        return L, None
 
-    # P = dloss/dL_p * (softmax(f_p) - onehot(y_p)) / xi_p, built in place in f. masked_fill
-    # (not a product with the mask) keeps a NaN at an ignored centre out of the gradient.
+    # P = (softmax(f_p) - onehot(y_p)) / xi_p, built in place in f. masked_fill (not a product
+    # with the mask) keeps a NaN at an invalid centre out of the gradient.
     probs = f.sub_(lse.unsqueeze(1)).exp_()
     probs.scatter_(1, y_safe, probs.gather(1, y_safe) - 1)
-    P = probs.mul_((dloss_dL / xi.squeeze(1)).unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0)
-    return loss, (P, mean, rstd)
+    P = probs.div_(xi).masked_fill_(~valid.unsqueeze(1), 0)
+    return L, (P, mean, rstd)
 
 
-def lad_backward(grad_loss, logits, target, P, mean, rstd, *, kernel_size, stride, weight_base,
-                 zscore, reduction):
-    """d loss / d logits, in the accumulation dtype and the logits' layout."""
-    acc = P.dtype
-    if reduction == "mean":
-        g = P * grad_loss.to(acc)
-    else:
-        g = P * grad_loss[:, ::stride, ::stride].unsqueeze(1).to(acc)
-    G = torch.zeros_like(logits, dtype=acc)
+def costs_backward(dL, logits, target, P, mean, rstd, *, kernel_size, stride, weight_base,
+                   zscore):
+    """d loss / d logits from dL = d loss / d L, in the accumulation dtype and the logits'
+    layout."""
+    g = P * dL.unsqueeze(1).to(P.dtype)
+    G = torch.zeros_like(logits, dtype=P.dtype)
     for omega, centre, neighbour, same in _window(target, kernel_size, stride, weight_base):
         G[neighbour].add_(torch.where(same, g[centre], 0), alpha=omega)
     del g
     if not zscore:
         return G
-    z = (logits.to(acc) - mean).mul_(rstd)
+    z = (logits.to(P.dtype) - mean).mul_(rstd)
     mean_G = G.mean(dim=1, keepdim=True)
     mean_Gz = (G * z).mean(dim=1, keepdim=True)
     return G.sub_(mean_G).sub_(z.mul_(mean_Gz)).mul_(rstd)
 
 
-class UnfusedLAD(torch.autograd.Function):
-    """Autograd wiring of :func:`lad_forward` and :func:`lad_backward`."""
+class UnfusedCosts(torch.autograd.Function):
+    """Autograd wiring of :func:`costs_forward` and :func:`costs_backward`: logits -> L."""
 
     @staticmethod
-    def forward(ctx, logits, target, kernel_size, power, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, reduction, need_grad):
-        loss, saved = lad_forward(
-            logits, target, kernel_size=kernel_size, power=power, stride=stride,
-            ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
-            zscore=zscore, reduction=reduction, need_grad=need_grad)
+    def forward(ctx, logits, target, kernel_size, stride, ignore_index, eps, weight_base,
+                normalizer, zscore, need_grad):
+        L, saved = costs_forward(
+            logits, target, kernel_size=kernel_size, stride=stride, ignore_index=ignore_index,
+            eps=eps, weight_base=weight_base, normalizer=normalizer, zscore=zscore,
+            need_grad=need_grad)
         if need_grad:
             P, mean, rstd = saved
             ctx.save_for_backward(logits, target, P, mean, rstd)
             ctx.options = dict(kernel_size=kernel_size, stride=stride, weight_base=weight_base,
-                               zscore=zscore, reduction=reduction)
-        return loss.to(logits.dtype)
+                               zscore=zscore)
+        return L
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, dL):
         logits, target, P, mean, rstd = ctx.saved_tensors
-        grad = lad_backward(grad_loss, logits, target, P, mean, rstd, **ctx.options)
-        return (grad.to(logits.dtype),) + (None,) * 11
+        grad = costs_backward(dL, logits, target, P, mean, rstd, **ctx.options)
+        return (grad.to(logits.dtype),) + (None,) * 9

@@ -1,15 +1,21 @@
-"""Every rule of SPEC "Bad input", checked once, before any computation.
+"""Every rule of SPEC "Bad input" (and of class weights and process groups), checked once,
+before any computation.
 
 Messages have one shape: ``<argument> must be <what was expected>, got <argument>=<value>``.
 Hyper-parameters are checked by :func:`check_options` (also at module construction), tensors by
-:func:`check_tensors`. Only the target-value check reads tensor data, which costs a
-device-to-host sync; ``check_target=False`` skips it.
+:func:`check_tensors`. Only the label and weight *values* need tensor data, read in one
+device-to-host sync by :func:`check_values`; ``check_target=False`` skips it. Under
+``torch.compile`` the same check runs inside the ``lad_triton::check_labels`` custom operator,
+so it raises without a graph break.
 """
 
 import math
 import numbers
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 REDUCTIONS = ("mean", "none")
 NORMALIZERS = ("count", "weight")
@@ -35,7 +41,7 @@ def _positive_finite(value):
 
 
 def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
-                  zscore, reduction, backend, check_target):
+                  zscore, reduction, backend, check_target, sync=False, process_group=None):
     """Raise ``ValueError`` for any hyper-parameter outside SPEC's domain."""
     if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
@@ -60,10 +66,28 @@ def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base,
         _fail(ValueError, "backend", f"one of {BACKENDS}", backend)
     if not isinstance(check_target, bool):
         _fail(ValueError, "check_target", "True or False", check_target)
+    if not isinstance(sync, bool):
+        _fail(ValueError, "sync", "True or False", sync)
+    if process_group is not None and not (dist.is_available()
+                                          and isinstance(process_group, dist.ProcessGroup)):
+        _fail(ValueError, "process_group", "None or a torch.distributed ProcessGroup",
+              process_group)
+    if (sync or process_group is not None) and not (dist.is_available()
+                                                    and dist.is_initialized()):
+        raise ValueError("sync=True or process_group needs torch.distributed to be initialised "
+                         "(torch.distributed.init_process_group), got an uninitialised one")
 
 
-def check_tensors(logits, target, *, ignore_index, check_target):
-    """Raise ``TypeError``/``ValueError`` for logits and target that SPEC does not accept."""
+def sync_group(sync, process_group):
+    """The group to synchronise the mean over, or None (local mean)."""
+    if process_group is not None:
+        return process_group
+    return dist.group.WORLD if sync else None
+
+
+def check_tensors(logits, target, weight=None):
+    """Raise ``TypeError``/``ValueError`` for logits, target and class weights that the
+    contract does not accept (shapes, dtypes, devices; not values: :func:`check_values`)."""
     if not isinstance(logits, torch.Tensor):
         _fail(TypeError, "logits", "a torch.Tensor", type(logits).__name__)
     if logits.dtype not in LOGITS_DTYPES:
@@ -74,24 +98,38 @@ def check_tensors(logits, target, *, ignore_index, check_target):
     if target.dtype not in TARGET_DTYPES:
         raise TypeError("target must be an integer tensor (uint8, int8, int16, int32 or int64), "
                         f"got target.dtype={target.dtype}")
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be 4-D (B, C, H, W), got logits.shape={tuple(logits.shape)}")
-    batch, classes, height, width = logits.shape
+    if logits.dim() not in (4, 5):
+        raise ValueError("logits must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got "
+                         f"logits.shape={tuple(logits.shape)}")
+    batch, classes = logits.shape[:2]
+    spatial = tuple(logits.shape[2:])
     if classes < 2:
         raise ValueError(f"logits must have C >= 2 classes on dim 1, got logits.shape="
                          f"{tuple(logits.shape)}")
-    if tuple(target.shape) != (batch, height, width):
-        raise ValueError(f"target must have shape (B, H, W) = {(batch, height, width)} to match "
+    names = "(B, H, W)" if logits.dim() == 4 else "(B, D, H, W)"
+    if tuple(target.shape) != (batch,) + spatial:
+        raise ValueError(f"target must have shape {names} = {(batch,) + spatial} to match "
                          f"logits.shape={tuple(logits.shape)}, got target.shape="
                          f"{tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got "
                          f"target.device={target.device}")
-    if check_target and target.numel() > 0:
-        _check_target_values(target, classes, ignore_index)
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError("weight must be None or a floating tensor of C class weights, got "
+                             f"weight={got}")
+        if tuple(weight.shape) != (classes,):
+            raise ValueError(f"weight must have shape (C,) = ({classes},), got "
+                             f"weight.shape={tuple(weight.shape)}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight must be on the logits' device {logits.device}, got "
+                             f"weight.device={weight.device}")
 
 
-def _check_target_values(target, classes, ignore_index):
+def check_values(target, weight, classes, ignore_index):
+    """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, or a negative or
+    non-finite class weight. One device-to-host sync."""
     # Compare only against values the dtype can hold: torch wraps a Python int that does not fit
     # (uint8 == -100 is uint8 == 156), which would let bad labels through or flag good ones.
     info = torch.iinfo(target.dtype)
@@ -102,10 +140,32 @@ def _check_target_values(target, classes, ignore_index):
         bad |= target >= classes
     if info.min <= ignore_index <= info.max:
         bad &= target != ignore_index
-    if bad.any():  # the one device-to-host sync; check_target=False skips it
+    flags = [bad.any()]
+    if weight is not None:
+        flags.append(((weight < 0) | ~torch.isfinite(weight)).any())
+    bad_labels, *bad_weight = torch.stack(flags).tolist()  # the one sync
+    if bad_labels:
         where = tuple(bad.nonzero()[0].tolist())
         value = target[where].item()
         raise ValueError(
             f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}, "
             f"got target[{', '.join(map(str, where))}]={value} "
             "(check_target=False skips this check)")
+    if bad_weight and bad_weight[0]:
+        raise ValueError("weight must hold finite, non-negative class weights, got "
+                         f"weight={weight.tolist()} (check_target=False skips this check)")
+
+
+@torch.library.custom_op("lad_triton::check_labels", mutates_args=())
+def check_labels(target: Tensor, weight: Optional[Tensor], classes: int,
+                 ignore_index: int) -> Tensor:
+    """:func:`check_values` as an operator for torch.compile: raises inside the compiled graph
+    instead of breaking it. Returns a 0-dim zero that the loss adds, so the check is not
+    dead code."""
+    check_values(target, weight, classes, ignore_index)
+    return torch.zeros((), device=target.device)
+
+
+@check_labels.register_fake
+def _(target, weight, classes, ignore_index):
+    return target.new_empty((), dtype=torch.float32)

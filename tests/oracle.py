@@ -1,6 +1,7 @@
 """An obviously-correct float64 evaluation of SPEC, for tests only.
 
-Explicit Python loops over pixels and window offsets, written from SPEC's text; autograd gives
+Explicit Python loops over pixels (or voxels) and window offsets, written from SPEC's text
+(docs/math.md for class weights and volumes); autograd gives
 the gradient (SPEC step 10: the derivative of a float64 autograd evaluation is the ground
 truth). It shares no code with lad_triton. Slow: tiny inputs only.
 
@@ -11,6 +12,7 @@ residue of O(1) terms). Any float64 evaluation, this one included, is only exact
 those, however small the result; tests add that much to their relative tolerance.
 """
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -25,70 +27,79 @@ class Reference(NamedTuple):
 
 def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, stride=1,
                   ignore_index=255, eps=1e-5, weight_base=2.0, normalizer="count", zscore=True,
-                  reduction="mean"):
+                  reduction="mean", weight=None):
     """Reference(loss, d(loss . grad_out)/d logits, floors) in float64 for the logits as given
-    (read at their own precision, then upcast). grad_out defaults to ones."""
+    (read at their own precision, then upcast). Images (B, C, H, W) or volumes (B, C, D, H, W);
+    ``weight``: optional class weights. grad_out defaults to ones."""
     x = logits.detach().to(torch.float64).requires_grad_(True)
-    batch, classes, height, width = x.shape
-    labels = target.tolist()  # Python ints: no dtype wrap-around in comparisons
+    batch, classes = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    labels = target.reshape(batch, -1).tolist()  # Python ints: no dtype wrap-around
+    class_weight = None if weight is None else weight.double().tolist()
     radius = kernel_size // 2
+    positions = list(itertools.product(*(range(n) for n in spatial)))
+    flat = {pos: i for i, pos in enumerate(positions)}
+    offsets = list(itertools.product(range(-radius, radius + 1), repeat=len(spatial)))
 
-    z = {}
+    z = torch.zeros_like(x)
     rstd = {}
     for b in range(batch):
-        for i in range(height):
-            for j in range(width):
-                v = x[b, :, i, j]
-                rstd[b, i, j] = 1.0
-                if zscore:
-                    m = v.mean()
-                    var = ((v - m) ** 2).mean()
-                    v = (v - m) / torch.sqrt(var + eps)
-                    rstd[b, i, j] = 1.0 / (var.item() + eps) ** 0.5
-                z[b, i, j] = v
+        for pos in positions:
+            v = x[(b, slice(None)) + pos]
+            rstd[b, pos] = 1.0
+            if zscore:
+                m = v.mean()
+                var = ((v - m) ** 2).mean()
+                v = (v - m) / torch.sqrt(var + eps)
+                rstd[b, pos] = 1.0 / (var.item() + eps) ** 0.5
+            z[(b, slice(None)) + pos] = v
 
     costs = {}     # centre -> L_p
-    windows = {}   # centre -> (xi_p, [(neighbour, omega)], |lse_p| + |f_p[y_p]|)
+    windows = {}   # centre -> (xi_p, [(neighbour, omega)], |lse_p| + |f_p[y_p]|, w_p)
     for b in range(batch):
-        for i in range(0, height, stride):
-            for j in range(0, width, stride):
-                label = labels[b][i][j]
-                if label == ignore_index:
+        for pos in positions:
+            if any(c % stride for c in pos):
+                continue
+            label = labels[b][flat[pos]]
+            if label == ignore_index:
+                continue
+            pooled = torch.zeros(classes, dtype=torch.float64)
+            xi = 0.0
+            members = []
+            for off in offsets:
+                q = tuple(c + o for c, o in zip(pos, off))
+                if not all(0 <= c < n for c, n in zip(q, spatial)):
                     continue
-                pooled = torch.zeros(classes, dtype=torch.float64)
-                xi = 0.0
-                members = []
-                for du in range(-radius, radius + 1):
-                    for dv in range(-radius, radius + 1):
-                        qi, qj = i + du, j + dv
-                        if not (0 <= qi < height and 0 <= qj < width):
-                            continue
-                        if labels[b][qi][qj] != label:
-                            continue
-                        w = weight_base ** (1 - max(abs(du), abs(dv)))
-                        pooled = pooled + w * z[b, qi, qj]
-                        xi += 1.0 if normalizer == "count" else w
-                        members.append(((b, qi, qj), w))
-                f = pooled / xi
-                lse = torch.logsumexp(f, 0)
-                costs[b, i, j] = (lse - f[label]).clamp_min(0)
-                windows[b, i, j] = (xi, members, abs(lse.item()) + abs(f[label].item()))
+                if labels[b][flat[q]] != label:
+                    continue
+                w = weight_base ** (1 - max(abs(o) for o in off))
+                pooled = pooled + w * z[(b, slice(None)) + q]
+                xi += 1.0 if normalizer == "count" else w
+                members.append(((b, q), w))
+            f = pooled / xi
+            lse = torch.logsumexp(f, 0)
+            costs[b, pos] = (lse - f[label]).clamp_min(0)
+            w_p = 1.0 if class_weight is None else class_weight[label]
+            windows[b, pos] = (xi, members, abs(lse.item()) + abs(f[label].item()), w_p)
 
+    shape = (batch,) + spatial
     if reduction == "none":
-        loss = torch.zeros(batch, height, width, dtype=torch.float64)
-        loss_floor = torch.zeros(batch, height, width, dtype=torch.float64)
-        for p, cost in costs.items():
-            loss = loss.index_put((torch.tensor(p[0]), torch.tensor(p[1]), torch.tensor(p[2])),
-                                  cost)
-            loss_floor[p] = windows[p][2]
+        loss = torch.zeros(shape, dtype=torch.float64)
+        loss_floor = torch.zeros(shape, dtype=torch.float64)
+        for (b, pos), cost in costs.items():
+            index = tuple(torch.tensor(i) for i in (b,) + pos)
+            loss = loss.index_put(index, cost * windows[b, pos][3])
+            loss_floor[(b,) + pos] = windows[b, pos][2] * windows[b, pos][3]
     else:
-        total = sum((c ** power for c in costs.values()), torch.zeros((), dtype=torch.float64))
-        if not costs or total.item() == 0.0:  # SPEC: M == 0 or S == 0 gives exactly 0
+        weights = sum(w[3] for w in windows.values())
+        total = sum((windows[p][3] * c ** power for p, c in costs.items()),
+                    torch.zeros((), dtype=torch.float64))
+        if weights == 0 or total.item() == 0.0:  # SPEC: M == 0 or S == 0 gives exactly 0
             loss = torch.zeros((), dtype=torch.float64)
         else:
-            loss = (total / len(costs)) ** (1.0 / power)
-        # The Minkowski mean moves by at most max |error of L_p|.
-        loss_floor = torch.tensor(max((w[2] for w in windows.values()), default=0.0),
+            loss = (total / weights) ** (1.0 / power)
+        # The Minkowski mean moves by at most max |error of L_p| (over weighted centres).
+        loss_floor = torch.tensor(max((w[2] for w in windows.values() if w[3] > 0), default=0.0),
                                   dtype=torch.float64)
 
     if grad_out is None:
@@ -102,14 +113,14 @@ def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, st
         grad = grads[0]
         pooled_abs = {}  # sum over centres p of omega * |d loss / d L_p| / xi_p, per neighbour
         for p, dL in zip(centres, grads[1:]):
-            xi, members, _ = windows[p]
+            xi, members, _, _ = windows[p]
             c = 0.0 if dL is None else abs(dL.item()) / xi
             for q, w in members:
                 pooled_abs[q] = pooled_abs.get(q, 0.0) + 2.0 * w * c  # |softmax| + |onehot|
-        for (b, i, j), g_abs in pooled_abs.items():
-            zq = z[b, i, j].detach().abs()
+        for (b, pos), g_abs in pooled_abs.items():
+            zq = z[(b, slice(None)) + pos].detach().abs()
             spread = 2.0 + zq * zq.max() if zscore else torch.ones_like(zq)
-            grad_floor[b, :, i, j] = rstd[b, i, j] * g_abs * spread
+            grad_floor[(b, slice(None)) + pos] = rstd[b, pos] * g_abs * spread
     return Reference(loss.detach(), grad, loss_floor, grad_floor)
 
 

@@ -184,7 +184,7 @@ def test_evaluation_does_not_build_what_only_the_backward_needs(backend, monkeyp
     import lad_triton.kernels.forward as fused_forward
     import lad_triton.unfused as unfused
 
-    module, name = (fused_forward, "forward") if backend == "triton" else (unfused, "lad_forward")
+    module, name = (fused_forward, "forward") if backend == "triton" else (unfused, "costs_forward")
     seen = []
     original = getattr(module, name)
 

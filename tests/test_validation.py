@@ -44,7 +44,7 @@ def test_bad_option_raises_value_error(name, value, message):
 
 @pytest.mark.parametrize("logits,target,message", [
     (torch.randn(5, 4, 6), TARGET,
-     r"logits must be 4-D \(B, C, H, W\), got logits.shape=\(5, 4, 6\)"),
+     r"logits must be 4-D \(B, C, H, W\) or 5-D \(B, C, D, H, W\), got logits.shape=\(5, 4, 6\)"),
     (torch.randn(2, 1, 4, 6), TARGET, r"C >= 2 classes.*got logits.shape=\(2, 1, 4, 6\)"),
     (LOGITS, TARGET[:, :3], r"target must have shape \(B, H, W\) = \(2, 4, 6\).*"
                             r"got target.shape=\(2, 3, 6\)"),
