@@ -280,7 +280,8 @@ def allocate(logits, *, stride, zscore, need_grad):
     batch, classes, depth, height, width = x.shape
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    cfg = launch_config("forward", classes, acc)
+    # int(): under torch.compile's dynamic shapes C specialises, as the kernel's BLOCK_C does.
+    cfg = launch_config("forward", int(classes), acc)
     n_tiles = batch * d_c * -(-h_c // cfg.tile_h) * -(-w_c // cfg.tile_w)
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731

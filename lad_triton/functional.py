@@ -2,7 +2,7 @@
 
 import torch
 
-from .backends import select_backend
+from .dispatch import select_backend
 from .reduction import centre_weights, cost_map, minkowski_mean
 from .unfused import UnfusedCosts, accumulation_dtype
 from .validation import check_labels, check_options, check_tensors, check_values, sync_group

@@ -59,6 +59,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dL, *_):
     logits, target, P, mean, rstd = ctx.saved_tensors
+    if P.numel() == 0 and logits.numel() > 0:
+        raise RuntimeError("lad_triton::fused_costs ran with need_grad=False, so it kept nothing "
+                           "to differentiate; call it with need_grad=True")
     dx = fused_costs_backward(dL, logits, target, P, mean, rstd, *ctx.options)
     return (dx,) + (None,) * 11
 

@@ -20,39 +20,48 @@ LAYOUTS = ("contiguous", "channels_last", "sliced")
 
 def make_logits(shape, *, dtype=torch.float32, layout="contiguous", scale=3.0, seed=0,
                 device="cpu"):
-    """Random logits of the given scale, in the given memory layout (values independent of it).
-    'sliced' is a strided view into a larger tensor: every class and spatial stride differs
-    from the dense one."""
+    """Random logits of the given scale, (B, C, H, W) or (B, C, D, H, W), in the given memory
+    layout (values independent of it). 'sliced' is a strided view into a larger tensor: every
+    class and spatial stride differs from the dense one."""
     gen = torch.Generator().manual_seed(seed)
-    batch, classes, height, width = shape
+    batch, classes, *spatial = shape
     if layout == "sliced":
-        big = torch.randn(batch, 2 * classes + 1, height + 2, width + 3, generator=gen) * scale
-        x = big[:, 1::2, 1:height + 1, 2:width + 2]
+        big = torch.randn(batch, 2 * classes + 1, *(n + 2 for n in spatial), generator=gen)
+        x = big[(slice(None), slice(1, None, 2)) + tuple(slice(1, n + 1) for n in spatial)] * scale
     else:
         x = torch.randn(shape, generator=gen) * scale
     x = x.to(device=device, dtype=dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4
+                         else torch.channels_last_3d)
     return x
 
 
-def make_target(batch, height, width, classes, *, dtype=torch.int64, ignore_index=255,
-                ignore_frac=0.2, n_labels=None, sliced=False, seed=0, device="cpu"):
-    """Random labels drawn from n_labels of the classes (fewer labels: more same-class
-    neighbours), with about ignore_frac of them set to ignore_index when the dtype can hold it."""
+def make_labels(batch, spatial, classes, *, dtype=torch.int64, ignore_index=255, ignore_frac=0.2,
+                n_labels=None, sliced=False, seed=0, device="cpu"):
+    """Random labels of shape (batch, *spatial) drawn from n_labels of the classes (fewer labels:
+    more same-class neighbours), with about ignore_frac of them set to ignore_index when the dtype
+    can hold it."""
     gen = torch.Generator().manual_seed(seed + 1)
     n_labels = classes if n_labels is None else min(n_labels, classes)
     chosen = torch.randperm(classes, generator=gen)[:n_labels]
     if sliced:
-        big = chosen[torch.randint(0, n_labels, (batch, height + 1, 2 * width), generator=gen)]
-        y = big[:, 1:, ::2]
+        *lead, width = spatial
+        big = chosen[torch.randint(0, n_labels, (batch, *(n + 1 for n in lead), 2 * width),
+                                   generator=gen)]
+        y = big[(slice(None),) + tuple(slice(1, None) for _ in lead) + (slice(None, None, 2),)]
     else:
-        y = chosen[torch.randint(0, n_labels, (batch, height, width), generator=gen)]
+        y = chosen[torch.randint(0, n_labels, (batch, *spatial), generator=gen)]
     info = torch.iinfo(dtype)
     if ignore_frac > 0 and info.min <= ignore_index <= info.max:
         drop = torch.rand(y.shape, generator=gen) < ignore_frac
         y = torch.where(drop, ignore_index, y)
     return y.to(device=device, dtype=dtype)
+
+
+def make_target(batch, height, width, classes, **kwargs):
+    """make_labels for (B, H, W) images."""
+    return make_labels(batch, (height, width), classes, **kwargs)
 
 
 def rel_err(actual, expected):
@@ -81,12 +90,14 @@ def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64
     from lad_triton import locally_adaptive_loss
     from oracle import lad_reference, within
 
-    batch, classes, height, width = shape
+    batch, classes, *spatial = shape
     device = DEVICE if backend == "triton" else "cpu"
     logits = make_logits(shape, dtype=dtype, layout=layout, seed=seed, device=device)
-    target = make_target(batch, height, width, classes, dtype=target_dtype,
+    target = make_labels(batch, spatial, classes, dtype=target_dtype,
                          ignore_index=options.get("ignore_index", 255), ignore_frac=ignore_frac,
                          n_labels=n_labels, sliced=layout == "sliced", seed=seed, device=device)
+    if isinstance(options.get("weight"), torch.Tensor):
+        options = dict(options, weight=options["weight"].to(device))
     logits.requires_grad_(True)
     if apply is None:
         loss = locally_adaptive_loss(logits, target, backend=backend, **options)
@@ -94,7 +105,9 @@ def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64
         loss = apply(logits, target)
     grad_out = grad_out_for(loss, seed).to(device)
     (grad,) = torch.autograd.grad(loss, logits, grad_out)
-    ref = lad_reference(logits.cpu(), target.cpu(), grad_out.cpu().double(), **options)
+    ref = lad_reference(logits.cpu(), target.cpu(), grad_out.cpu().double(),
+                        **{k: v.cpu() if isinstance(v, torch.Tensor) else v
+                           for k, v in options.items()})
 
     assert loss.dtype == dtype and loss.shape == ref.loss.shape
     assert grad.dtype == dtype and grad.shape == logits.shape

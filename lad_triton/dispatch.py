@@ -1,6 +1,9 @@
-"""Which implementation computes the loss. One capability check for the fused kernels serves
+"""Which implementation computes the costs. One capability check for the fused kernels serves
 ``backend="auto"`` (which falls back to PyTorch, logging why) and ``backend="triton"`` (which
-raises that same reason)."""
+raises that same reason).
+
+(Not named backends.py: torch.compile skips every file whose path contains "triton/backends",
+which lad_triton/backends.py does.)"""
 
 import logging
 

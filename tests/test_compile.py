@@ -1,0 +1,118 @@
+"""torch.compile (issue 5): a training step with the loss compiles with fullgraph=True and no
+graph break on both backends (the fused kernels are custom operators; on a CPU they run in
+Triton's interpreter), gives eager's loss and gradients, still rejects bad labels; every custom
+operator passes torch.library.opcheck."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch.library import opcheck
+
+from cases import BACKENDS, DEVICE, make_labels, make_logits
+from lad_triton import LocallyAdaptiveLoss
+from lad_triton.validation import check_labels
+
+
+def model_and_batch(device, spatial=(9, 11), classes=5):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d if len(spatial) == 2 else torch.nn.Conv3d
+    model = conv(3, classes, 3, padding=1).to(device)
+    images = torch.randn(2, 3, *spatial, device=device)
+    target = make_labels(2, spatial, classes, n_labels=3, device=device)
+    return model, images, target
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(reduction="none", stride=2),
+                                     dict(weight=True, kernel_size=3)])
+def test_training_step_compiles_without_graph_breaks(backend, options):
+    device = DEVICE if backend == "triton" else "cpu"
+    model, images, target = model_and_batch(device)
+    options = dict(options)  # parametrize shares the dict between cases
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(5, device=device)
+    criterion = LocallyAdaptiveLoss(backend=backend, **options)
+
+    def step(images, target):
+        return criterion(model(images), target).sum()
+
+    explained = torch._dynamo.explain(step)(images, target)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+        explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(images, target)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    eager = step(images, target)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-7)
+    for got, expected in zip(grads, eager_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_volumes_compile(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    model, images, target = model_and_batch(device, spatial=(3, 4, 5), classes=4)
+    criterion = LocallyAdaptiveLoss(backend=backend, kernel_size=3)
+    step = lambda x, t: criterion(model(x), t)  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.allclose(compiled(images, target), step(images, target), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_still_rejects_bad_labels(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    model, images, target = model_and_batch(device)
+    criterion = LocallyAdaptiveLoss(backend=backend)
+    compiled = torch.compile(lambda x, t: criterion(model(x), t), fullgraph=True)
+    compiled(images, target)
+    bad = target.clone()
+    bad[1, 2, 3] = 9
+    with pytest.raises(ValueError, match=r"got target\[1, 2, 3\]=9"):
+        compiled(images, bad)
+
+
+def fused_cases():
+    logits = make_logits((2, 5, 6, 7), device=DEVICE).requires_grad_(True)
+    target = make_labels(2, (6, 7), 5, n_labels=3, device=DEVICE)
+    volume = make_logits((1, 3, 3, 4, 5), device=DEVICE).requires_grad_(True)
+    labels3 = make_labels(1, (3, 4, 5), 3, device=DEVICE)
+    weight = torch.rand(5, device=DEVICE)
+    common = (3, 3.0, 1, 255, 1e-5, 2.0)
+    return [
+        (logits, target, None) + common + ("count", True, True),
+        (logits, target, weight) + common + ("weight", False, True),
+        (logits.detach(), target, None) + common + ("count", True, False),
+        (logits, target, None, 5, 2.3, 2, 255, 1e-5, 1.5, "count", True, True),
+        (volume, labels3, None) + common + ("count", True, True),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck_fused_costs(case):
+    from lad_triton.fused import fused_costs
+
+    opcheck(fused_costs, fused_cases()[case])
+
+
+def test_opcheck_fused_costs_backward():
+    from lad_triton.fused import fused_costs, fused_costs_backward
+
+    args = fused_cases()[0]
+    L, _, P, mean, rstd = fused_costs(*args)
+    opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, mean, rstd,
+                                   3, 1, 2.0, True))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_check_labels(weighted):
+    target = make_labels(2, (4, 5), 5, dtype=torch.uint8)
+    opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255))
