@@ -2,6 +2,7 @@
 
 import os as _os
 
+from .counterparts import CenterLoss, FocalLoss, focal_loss
 from .functional import locally_adaptive_loss
 from .module import LocallyAdaptiveLoss
 
@@ -10,5 +11,6 @@ from .module import LocallyAdaptiveLoss
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
     __path__.append(_os.path.dirname(__path__[0]))
 
-__all__ = ["LocallyAdaptiveLoss", "locally_adaptive_loss"]
+__all__ = ["CenterLoss", "FocalLoss", "LocallyAdaptiveLoss", "focal_loss",
+           "locally_adaptive_loss"]
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The paper's comparison (its Tables 1 and 2) in miniature: ``python -m examples.paper``."""

@@ -1,0 +1,136 @@
+"""The comparison harness (issue 6, examples/paper): its data, augmentation and metric are what
+they claim, and one command runs end to end, on the procedural set and on a VOC directory."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples.paper import __main__ as harness  # noqa: E402
+from examples.paper.data import IGNORE, Shapes, render  # noqa: E402
+from examples.paper.train import Run, batches, mean_iou  # noqa: E402
+
+
+def test_samples_are_deterministic_and_boundaries_are_ignored():
+    image, label = render(123, 40)
+    again, label_again = render(123, 40)
+    assert torch.equal(image, again) and torch.equal(label, label_again)
+    assert not torch.equal(render(124, 40)[1], label)
+    # Every pair of 4-neighbours with different labels has the ignore label on both sides.
+    for a, b in ((label[1:, :], label[:-1, :]), (label[:, 1:], label[:, :-1])):
+        differ = (a != b) & (a != IGNORE) & (b != IGNORE)
+        assert not differ.any()
+    classes = set(torch.cat([render(s, 40)[1].unique() for s in range(40)]).tolist())
+    assert classes == set(range(Shapes.classes)) | {IGNORE}
+
+
+class LabelImages:
+    """Images whose first channel is the label: augmentation must keep the two aligned."""
+    classes, size = 6, 32
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        _, label = render(index, self.size)
+        return label.float().unsqueeze(0).expand(3, -1, -1).clone(), label
+
+
+def test_augmentation_keeps_images_and_labels_aligned():
+    # Pixels whose labels agree within 2 pixels: there the bilinear image (first channel = the
+    # label) must equal the nearest-resampled label. A flip, crop or pad applied to one and not
+    # the other breaks most of them; thin structures may break a few.
+    gen = torch.Generator().manual_seed(0)
+    data = batches(LabelImages(), Run("ce", 0, batch=4), gen)
+    checked = 0
+    for _ in range(10):
+        images, labels = next(data)
+        assert images.shape == (4, 3, 32, 32) and labels.shape == (4, 32, 32)
+        interior = labels != IGNORE
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                interior &= labels.roll((dy, dx), dims=(1, 2)) == labels
+        inside = interior[:, 2:-2, 2:-2]
+        pixels = images[:, 0, 2:-2, 2:-2][inside]
+        match = (pixels - labels[:, 2:-2, 2:-2][inside].float()).abs() < 1e-4
+        assert match.float().mean() > 0.99
+        checked += int(inside.sum())
+    assert checked > 5000
+
+
+class Oracle(torch.nn.Module):
+    """Predicts from the labels it is given: ``shift`` 0 is perfect, 1 mislabels every pixel."""
+
+    def __init__(self, dataset, shift):
+        super().__init__()
+        self.lookup = {render_key(img): lbl for img, lbl in (dataset[i] for i in range(len(dataset)))}
+        self.shift = shift
+
+    def forward(self, images):
+        labels = torch.stack([self.lookup[render_key(img)] for img in images]).long()
+        pred = (labels.clamp(max=5) + self.shift) % 6
+        return torch.nn.functional.one_hot(pred, 6).permute(0, 3, 1, 2).float(), None
+
+
+def render_key(image):
+    return float(image.double().sum())
+
+
+def test_mean_iou():
+    dataset = Shapes(6, 24, seed=5)
+    assert mean_iou(Oracle(dataset, 0), dataset, 6, "cpu")[0] == 1.0
+    miou, per_class = mean_iou(Oracle(dataset, 1), dataset, 6, "cpu")
+    assert miou == 0.0 and all(iou == 0.0 for iou in per_class)
+
+
+def tiny(out):
+    return ["--seeds", "2", "--iterations", "2", "--size", "24", "--batch", "2",
+            "--train-count", "8", "--val-count", "4", "--width", "8", "--out", str(out)]
+
+
+def test_harness_runs_every_config_end_to_end(tmp_path, capsys):
+    assert harness.main(tiny(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "Table 1." in printed and "Table 2." in printed and "Focal loss" in printed
+    (result,) = tmp_path.glob("shapes-*.json")
+    report = json.loads(result.read_text())
+    assert sorted({r["name"] for r in report["runs"]}) == sorted(harness.CONFIGS)
+    assert len(report["runs"]) == 2 * len(harness.CONFIGS)
+    assert all(0.0 <= r["miou"] <= 1.0 for r in report["runs"])
+    assert report["summary"]["lad-k5"]["seeds"] == 2
+
+
+def test_harness_reads_a_voc_directory(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    names = [f"2007_{i:06d}" for i in range(5)]
+    for i, name in enumerate(names):
+        h, w = 30 + 3 * i, 40 - 2 * i  # VOC images differ in size
+        rgb = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(rgb.numpy()).save(root / "JPEGImages" / f"{name}.jpg")
+        label = torch.randint(0, 21, (h, w), generator=gen, dtype=torch.uint8)
+        label[::7] = 255
+        mask = Image.fromarray(label.numpy(), mode="P")
+        mask.putpalette([v for c in range(256) for v in (c, c, c)])
+        mask.save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(names[:3]))
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names[3:]))
+    out = tmp_path / "out"
+    assert harness.main(tiny(out)[:4] + ["--size", "32", "--batch", "2", "--width", "8",
+                                         "--voc", str(root), "--only", "ce,lad-k3",
+                                         "--out", str(out)]) == 0
+    report = json.loads(next(out.glob("voc-*.json")).read_text())
+    assert {r["name"] for r in report["runs"]} == {"ce", "lad-k3"}
+
+
+def test_unknown_config_is_refused():
+    with pytest.raises(SystemExit):
+        harness.main(["--only", "ce,softmax"])
