@@ -20,11 +20,17 @@ def centre_weights(target, weight, classes, ignore_index, stride):
     """w_p on the centre grid: weight[y_p] (True without weights) at valid centres, 0 (False)
     elsewhere. Labels outside [0, C) (check_target=False) are clamped: unspecified, in bounds."""
     centres = (slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)
-    y = target[centres].long()
-    valid = y != ignore_index
+    y = target[centres]  # a view: no copy of the labels
+    info = torch.iinfo(y.dtype)
+    # Compare in the labels' own dtype (torch would wrap an ignore_index it cannot hold).
+    if info.min <= ignore_index <= info.max:
+        valid = y != ignore_index
+    else:
+        valid = torch.ones_like(y, dtype=torch.bool)
     if weight is None:
         return valid
-    return torch.where(valid, weight[y.clamp(0, classes - 1)], 0)
+    # int64 indices: a uint8 index tensor would be read as a boolean mask.
+    return torch.where(valid, weight[y.long().clamp(0, classes - 1)], 0)
 
 
 def cost_map(L, w, stride, spatial_shape):

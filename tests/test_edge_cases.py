@@ -172,11 +172,17 @@ def test_output_dtype_and_gradient_layout(dtype, layout, backend):
         assert grad.stride() == logits.stride()
 
 
-def test_target_gets_no_gradient_and_is_not_modified():
-    logits = make_logits((1, 3, 4, 4)).requires_grad_(True)
-    target = make_target(1, 4, 4, 3, dtype=torch.uint8)
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_target_gets_no_gradient_and_is_not_modified(backend, target_dtype, weighted):
+    device = DEVICE if backend == "triton" else "cpu"
+    logits = make_logits((1, 3, 4, 4), device=device).requires_grad_(True)
+    target = make_target(1, 4, 4, 3, dtype=target_dtype, device=device)
+    target[0, 0, 0] = 7  # out of range, allowed with check_target=False: clamped, not rewritten
     before = target.clone()
-    locally_adaptive_loss(logits, target, backend="torch").backward()
+    weight = torch.ones(3, device=device) if weighted else None
+    locally_adaptive_loss(logits, target, backend=backend, weight=weight,
+                          check_target=False).backward()
     assert torch.equal(target, before) and logits.grad is not None
 
 
