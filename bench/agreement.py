@@ -37,9 +37,10 @@ def sample_batch(batch, classes, size, device, seed=0):
     return logits.to(device), target.to(device)
 
 
-# float16 gradients of a mean over ~30k pixels sit in float16's subnormal range (LAD's are ~100x
-# smaller than cross-entropy's: the 1/M, 1/xi and 1/sigma factors), so float16 training scales
-# the loss (GradScaler) and so does this check; the gradient is unscaled in float64.
+# float16 gradients of a mean over ~30k pixels sit in float16's subnormal range (below 6.1e-5;
+# the demo prints the median magnitudes of LAD's and cross-entropy's), so float16 training
+# scales the loss (GradScaler) and so does this check, by --fp16-scale; the gradient is unscaled
+# in float64.
 GRAD_SCALE = {torch.float16: 1024.0}
 
 
@@ -62,7 +63,10 @@ def main():
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--size", type=int, default=129)
     parser.add_argument("--kernel-size", type=int, default=5)
+    parser.add_argument("--fp16-scale", type=float, default=GRAD_SCALE[torch.float16],
+                        help="loss scale of the float16 check (1: none)")
     args = parser.parse_args()
+    GRAD_SCALE[torch.float16] = args.fp16_scale
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logits, target = sample_batch(args.batch, args.classes, args.size, device)
@@ -73,8 +77,13 @@ def main():
           f"kernel_size={args.kernel_size}, power=3")
 
     ref_loss, ref_grad = loss_and_grad(logits.double(), target, backend="torch", **options)
-    ce = F.cross_entropy(logits.float(), target.long(), ignore_index=255)
-    print(f"float64 reference loss {ref_loss.item():.8f}   (F.cross_entropy: {ce.item():.6f})\n")
+    x = logits.double().requires_grad_(True)
+    ce = F.cross_entropy(x, target.long(), ignore_index=255)
+    (ce_grad,) = torch.autograd.grad(ce, x)
+    print(f"float64 reference loss {ref_loss.item():.8f}   (F.cross_entropy: {ce.item():.6f})")
+    print(f"median |gradient|: {ref_grad.abs().median().item():.2g} "
+          f"(F.cross_entropy: {ce_grad.abs().median().item():.2g}); float16 loss scale "
+          f"{GRAD_SCALE[torch.float16]:g}\n")
     print(f"{'backend':8} {'dtype':9} {'loss':>12} {'loss err':>9} {'grad err':>9} "
           f"{'fwd+bwd ms':>11}  verdict")
 
