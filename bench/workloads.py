@@ -99,9 +99,13 @@ def flops_per_pixel(w, pass_):
 
 def design_bytes_per_pixel(w, pass_):
     """DRAM bytes of the fused kernels as their docstrings count them (kernels/forward.py,
-    kernels/backward.py), zscore=True, stride 1: each direction 2*C*E + 4C + Y + 20."""
+    kernels/backward.py), zscore=True, stride 1: each direction 2*C*E + C*E_P + Y + 20, E_P the
+    bytes of P's dtype (the logits', but float32 for half-precision logits with C > 32)."""
+    from lad_triton.kernels.forward import p_dtype
+
     e = torch.finfo(w.dtype).bits // 8
-    one = 2 * w.classes * e + 4 * w.classes + 8 + 20
+    e_p = torch.finfo(p_dtype(w.dtype, w.classes)).bits // 8
+    one = 2 * w.classes * e + w.classes * e_p + 8 + 20
     return one if pass_ == "forward" else 2 * one
 
 

@@ -11,20 +11,22 @@ G_q: one pass when C fits the class chunk (C <= 256), else a first pass for the 
 and a second that recomputes G chunk by chunk. 2-D images run as volumes of depth 1.
 
 Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, labels of Y bytes:
-reads P and dL of its K^2 neighbour centres (4C + 4 B from DRAM, K^2 times that through L1),
+reads P and dL of its K^2 neighbour centres (C*E + 4 B from DRAM, K^2 times that through L1),
 labels (Y), its logits (C*E) and stats (8 B); writes dx (C*E); the reduction's dL costs 8 B per
 centre. ~2*K^2*C flops for the gather (a multiply-add per neighbour and class) and ~8C for the
-Jacobian. For C=21 float32 logits and uint8 labels: 273 B per pixel; forward + backward 546 B,
-6.5x the 84 B of logits, against 2x for the floor (logits read once, gradient written once,
-labels once: 169 B) and ~5x for PERF_NOTES' store estimate, which had no separate statistics
-pass. In 3-D the window holds K^3 neighbours: K^3 in place of K^2 above.
+Jacobian. P is E bytes per class except for half-precision logits with C > 32 (4 B, see
+``forward.p_dtype``). For C=21 float32 logits and uint8 labels: 273 B per pixel; forward +
+backward 546 B, 6.5x the 84 B of logits (bfloat16: 294 B, 7x the 42 B), against 2x for the floor
+(logits read once, gradient written once, labels once: 169 B) and ~5x for PERF_NOTES' store
+estimate, which had no separate statistics pass. In 3-D the window holds K^3 neighbours: K^3 in
+place of K^2 above.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .forward import as_volume
+from .forward import accumulation_dtype, as_volume
 from .tiling import (class_lanes, launch_config, needs_wide_index, scalar, span, split_scalar,
                      tile_pixels, window_weight)
 
@@ -59,7 +61,7 @@ def _gathered_chunk(
                 s = tl.load(s_img + centre_plane + centre, mask=same, other=0.0)
                 beta = tl.where(same, window_weight(dd, du, dv, weight_base, inv_base) * s, 0.0)
                 P = tl.load(P_img + centre_plane + cls[:, None] * class_plane + centre[None, :],
-                            mask=cmask[:, None] & same[None, :], other=0.0)
+                            mask=cmask[:, None] & same[None, :], other=0.0).to(ACC)
                 G += beta[None, :] * P
     return G
 
@@ -83,7 +85,7 @@ def _backward_kernel(
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
     mean_ptr,    # (B, D, H, W) contiguous, ACC (read only if ZSCORE)
     rstd_ptr,    # (B, D, H, W) contiguous, ACC (read only if ZSCORE)
-    P_ptr,       # (B, C, Dc, Hc, Wc) contiguous, ACC: (softmax(f) - onehot(y)) / xi
+    P_ptr,       # (B, C, Dc, Hc, Wc) contiguous, p_dtype(): (softmax(f) - onehot(y)) / xi
     s_ptr,       # (B, Dc, Hc, Wc) contiguous, ACC: d loss / d L_p
     dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
     C, D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
@@ -94,7 +96,7 @@ def _backward_kernel(
     ZSCORE: tl.constexpr, SINGLE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    ACC: tl.constexpr = P_ptr.dtype.element_ty
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
     BLOCK_P: tl.constexpr = TILE_H * TILE_W
     weight_base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / weight_base
@@ -151,8 +153,9 @@ def backward(dL, logits, target, P, mean, rstd, *, kernel_size, stride, weight_b
     x, y, dxv = as_volume(logits, 4), as_volume(target, 3), as_volume(dx, 4)
     batch, classes, depth, height, width = x.shape
     d_c, h_c, w_c = P.shape[2:]
-    s = dL.to(P.dtype).reshape(batch, d_c, h_c, w_c).contiguous()
-    cfg = launch_config("backward", classes, P.dtype)
+    acc = accumulation_dtype(logits.dtype)
+    s = dL.to(acc).reshape(batch, d_c, h_c, w_c).contiguous()
+    cfg = launch_config("backward", classes, acc)
     tiles_h, tiles_w = triton.cdiv(height, cfg.tile_h), triton.cdiv(width, cfg.tile_w)
     wide = needs_wide_index(span(x.shape[1:], x.stride()[1:]),
                             span(dxv.shape[1:], dxv.stride()[1:]),

@@ -16,25 +16,26 @@ The partials (12 bytes per tile) are combined into the loss by ``lad_triton/redu
 fixed order, with no atomics: bitwise repeatable, and across processes when synchronised.
 
 Why this design ("store", SPEC's "The gradient, written out"): the backward needs g_p over a
-window of every pixel, and only the Minkowski factor is global. Storing P costs one float32
-buffer of the centres (C x 4 B per centre) and makes the backward a single gather; recomputing f
-in the backward would instead redo the K^2-neighbour pooling over a halo of radius 2r
-(K^2 x C more multiply-adds per pixel) and need the recomputed g of the halo in on-chip memory,
-which Triton only offers through the experimental Gluon API. The price is memory: during the
-backward, P and the gradient coexist, about 2x float32 logits (3x for bfloat16) over the inputs,
-where a recompute design would hold ~1.2x.
+window of every pixel, and only the Minkowski factor is global. Storing P costs one buffer of
+the centres (C x E B per centre, see ``p_dtype``) and makes the backward a single gather;
+recomputing f in the backward would instead redo the K^2-neighbour pooling over a halo of
+radius 2r (K^2 x C more multiply-adds per pixel) and need the recomputed g of the halo in
+on-chip memory, which Triton only offers through the experimental Gluon API. The price is
+memory: during the backward, P and the gradient coexist, about 2x the logits over the inputs (3x
+half-precision logits with C > 32, whose P is float32), where a recompute design would hold
+~1.2x.
 
-Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, labels of Y bytes,
-float32 buffers (DRAM bytes assume a tile's halo is served from L1/L2, as neighbouring tiles
-read the same rows):
+Traffic and arithmetic per pixel, stride 1, logits and P of E bytes per element (P: 4 B for
+half-precision logits with C > 32), labels of Y bytes, float32 statistics (DRAM bytes assume
+a tile's halo is served from L1/L2, as neighbouring tiles read the same rows):
 
 - stats: reads C*E, writes 8 B (mean, rstd); ~5C flops.
 - forward: reads C*E of logits, Y of labels and 8 B of stats from DRAM, but K^2*(C*E + Y + 8) B
-  through L1 (every neighbour of every centre); writes P (4C B) and L (4 B). ~4*K^2*C flops for
+  through L1 (every neighbour of every centre); writes P (C*E B) and L (4 B). ~4*K^2*C flops for
   the pooling (z = (x - m) * rstd, then a multiply-add per neighbour and class) and ~6C for the
   softmax and P.
-- total forward DRAM: 2*C*E + 4C + Y + 20 B: for C=21 float32 logits and uint8 labels, 273 B
-  per pixel, 3.3x the 84 B of logits.
+- total forward DRAM: 3*C*E + Y + 20 B: for C=21 float32 logits and uint8 labels, 273 B
+  per pixel, 3.3x the 84 B of logits (bfloat16: 147 B, 3.5x the 42 B).
 """
 
 import torch
@@ -153,8 +154,8 @@ def _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, c0, C, class_plane,
     cls = class_lanes(c0, BLOCK_C, WIDE)
     P = (tl.exp(f - lse[None, :]) - (cls[:, None] == y_cls[None, :]).to(f.dtype)) * inv_xi[None, :]
     P = tl.where(valid[None, :], P, 0.0)
-    tl.store(P_img + cls[:, None] * class_plane + centre[None, :], P,
-             mask=(cls < C)[:, None] & (centre >= 0)[None, :])
+    tl.store(P_img + cls[:, None] * class_plane + centre[None, :],
+             P.to(P_img.dtype.element_ty), mask=(cls < C)[:, None] & (centre >= 0)[None, :])
 
 
 @triton.jit(do_not_specialize=["C", "D", "H", "W", "Dc", "Hc", "Wc", "tiles_h", "tiles_w",
@@ -165,7 +166,7 @@ def _forward_kernel(
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     mean_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel mean (read only if ZSCORE)
     rstd_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel rstd (read only if ZSCORE)
-    P_ptr,        # out (B, C, Dc, Hc, Wc) contiguous, ACC: (softmax(f) - onehot(y)) / xi (NEED_P)
+    P_ptr,        # out (B, C, Dc, Hc, Wc) contiguous, p_dtype(): (softmax(f) - onehot(y)) / xi
     L_ptr,        # out (B, Dc, Hc, Wc) contiguous, ACC: L_p, 0 at invalid centres
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
     C, D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
@@ -264,6 +265,18 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def p_dtype(dtype, classes):
+    """P's storage dtype for logits of ``dtype`` with ``classes`` classes: the logits' own, P
+    being rounded once, as the gradient it becomes is; but the accumulation dtype when the
+    forward loops over class chunks, as it parks the pooled logits f in P's slots until their
+    logsumexp is known and f in bfloat16 would cost |f| * 2^-9 absolutely (~1% relative error in
+    softmax(f)). For bfloat16 logits with C <= 32 (VOC, Cityscapes) this roughly doubles the
+    gradient's error (to ~7e-3 of its norm, SPEC allows 2e-2) and saves a third of the backward's
+    peak memory and a fifth of the DRAM traffic."""
+    acc = accumulation_dtype(dtype)
+    return dtype if launch_config("forward", classes, acc).single_chunk else acc
+
+
 def as_volume(t, dims):
     """A (B, [C,] H, W) image as a (B, [C,] 1, H, W) volume view; volumes unchanged."""
     return t if t.dim() == dims + 1 else t.unsqueeze(-3)
@@ -284,9 +297,10 @@ def allocate(logits, *, stride, zscore, need_grad):
     cfg = launch_config("forward", int(classes), acc)
     n_tiles = batch * d_c * -(-h_c // cfg.tile_h) * -(-w_c // cfg.tile_w)
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
-    new = lambda *shape: logits.new_empty(shape, dtype=acc)  # noqa: E731
+    new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
+    p_shape = (batch, classes, d_c, h_c, w_c) if need_grad else (0,)
     return (new(*centres), new(n_tiles, 3),
-            new(batch, classes, d_c, h_c, w_c) if need_grad else new(0),
+            new(*p_shape, dtype=p_dtype(logits.dtype, int(classes))),
             new(batch, depth, height, width) if zscore else new(0),
             new(batch, depth, height, width) if zscore else new(0))
 

@@ -3,9 +3,10 @@
 
 ``lad_triton::fused_costs`` maps logits to the costs L on the centre grid and the per-tile
 Minkowski partials; its autograd formula is ``lad_triton::fused_costs_backward``. Between the
-two it keeps the caller's logits and target (no copies), P (C floats per centre: one float32
-buffer of the logits' size at stride 1, float64 for float64 logits) and the z-score mean and
-rstd (one float each per pixel): nothing K*K-sized, and neither pass syncs with the host.
+two it keeps the caller's logits and target (no copies), P (C values per centre: one buffer of
+the logits' size and dtype at stride 1; float32 for half-precision logits with C > 32, see
+``kernels.forward.p_dtype``) and the z-score mean and rstd (one float each per pixel): nothing
+K*K-sized, and neither pass syncs with the host.
 """
 
 from typing import Optional

@@ -188,7 +188,7 @@ def test_target_gets_no_gradient_and_is_not_modified(backend, target_dtype, weig
 
 def test_evaluation_does_not_build_what_only_the_backward_needs(backend, monkeypatch):
     # Under no_grad a Function still sees needs_input_grad=True; the functional must not ask the
-    # backend for the backward's tensors (P: a float32 buffer of the logits' size).
+    # backend for the backward's tensors (P: a buffer of the logits' size).
     import lad_triton.kernels.forward as fused_forward
     import lad_triton.unfused as unfused
 

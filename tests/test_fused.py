@@ -112,11 +112,15 @@ def test_offsets_past_2_to_the_31(shape, strides):
     assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 
-def test_saved_tensors_are_bounded():
-    # SPEC/issue: between forward and backward, at most the logits, one float32 buffer of their
-    # size and O(1) floats per pixel; nothing K*K-sized.
-    batch, classes, height, width = 2, 5, 9, 11
-    logits = make_logits((batch, classes, height, width), device=DEVICE).requires_grad_(True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("classes", [5, 40])
+def test_saved_tensors_are_bounded(dtype, classes):
+    # README "Memory": between forward and backward, besides the logits and target, one buffer of
+    # the logits' size and dtype (float32 for half-precision logits with C > 32) and O(1) floats
+    # per pixel; nothing K*K-sized.
+    batch, height, width = 2, 9, 11
+    logits = make_logits((batch, classes, height, width), dtype=dtype,
+                         device=DEVICE).requires_grad_(True)
     target = make_target(batch, height, width, classes, device=DEVICE)
     saved = []
 
@@ -129,8 +133,9 @@ def test_saved_tensors_are_bounded():
     extra = {t.untyped_storage().data_ptr(): t for t in saved
              if t.data_ptr() not in (logits.data_ptr(), target.data_ptr())}.values()
     pixels = batch * height * width
+    p_bytes = logits.element_size() if classes <= 32 else 4
     extra_bytes = sum(t.untyped_storage().nbytes() for t in extra)
-    assert extra_bytes <= 4 * classes * pixels + 4 * 4 * pixels + 64
+    assert extra_bytes <= p_bytes * classes * pixels + 4 * 4 * pixels + 64
     assert all(t.numel() <= classes * pixels for t in extra)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
