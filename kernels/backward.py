@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import accumulation_dtype, as_volume
+from ..unfused import accumulation_dtype
+from .forward import as_volume
 from .tiling import (class_lanes, launch_config, needs_wide_index, scalar, span, split_scalar,
                      tile_pixels, window_weight)
 

@@ -45,3 +45,8 @@ def test_traffic_model_is_the_kernels_documented_one():
     assert wl.design_bytes_per_pixel(w, "forward+backward") == 546 + 2 * 7
     assert wl.min_bytes_per_pixel(w, "forward+backward") == 2 * 84 + 8
     assert wl.min_bytes_per_pixel(w, "forward") == 84 + 8
+    # bfloat16: P in the logits' dtype ("bfloat16: 294 B"), but float32 when C > 32.
+    w = wl.Workload("voc", 8, 21, 513, 513, 5, torch.bfloat16, slow=True)
+    assert wl.design_bytes_per_pixel(w, "forward+backward") == 294 + 2 * 7
+    w = wl.Workload("ade", 8, 150, 512, 512, 5, torch.bfloat16, slow=True)
+    assert wl.design_bytes_per_pixel(w, "forward") == 2 * 150 * 2 + 150 * 4 + 8 + 20
