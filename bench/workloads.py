@@ -69,7 +69,7 @@ class Workload:
 
 
 def workloads():
-    """PERF_NOTES' shapes (VOC, Cityscapes, ADE20K) and a small one a 2-core CPU times in seconds."""
+    """VOC-, Cityscapes- and ADE20K-like shapes and a small one a 2-core CPU times in seconds."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         out.append(Workload("small", 2, 21, 129, 129, 5, dtype, slow=False))
@@ -101,7 +101,7 @@ def design_bytes_per_pixel(w, pass_):
     """DRAM bytes of the fused kernels as their docstrings count them (kernels/forward.py,
     kernels/backward.py), zscore=True, stride 1: each direction 2*C*E + C*E_P + Y + 20, E_P the
     bytes of P's dtype (the logits', but float32 for half-precision logits with C > 32)."""
-    from lad_triton.kernels.forward import p_dtype
+    from lad_triton.kernels.config import p_dtype
 
     e = torch.finfo(w.dtype).bits // 8
     e_p = torch.finfo(p_dtype(w.dtype, w.classes)).bits // 8

@@ -15,10 +15,10 @@ reads P and dL of its K^2 neighbour centres (C*E + 4 B from DRAM, K^2 times that
 labels (Y), its logits (C*E) and stats (8 B); writes dx (C*E); the reduction's dL costs 8 B per
 centre. ~2*K^2*C flops for the gather (a multiply-add per neighbour and class) and ~8C for the
 Jacobian. P is E bytes per class except for half-precision logits with C > 32 (4 B, see
-``forward.p_dtype``). For C=21 float32 logits and uint8 labels: 273 B per pixel; forward +
+``config.p_dtype``). For C=21 float32 logits and uint8 labels: 273 B per pixel; forward +
 backward 546 B, 6.5x the 84 B of logits (bfloat16: 294 B, 7x the 42 B), against 2x for the floor
-(logits read once, gradient written once, labels once: 169 B) and ~5x for PERF_NOTES' store
-estimate, which had no separate statistics pass. In 3-D the window holds K^3 neighbours: K^3 in
+(logits read once, gradient written once, labels once: 169 B) and ~5x for a store design
+without a separate statistics pass. In 3-D the window holds K^3 neighbours: K^3 in
 place of K^2 above.
 """
 
@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..unfused import accumulation_dtype
 from .forward import as_volume
-from .tiling import (class_lanes, launch_config, needs_wide_index, scalar, span, split_scalar,
-                     tile_pixels, window_weight)
+from .config import accumulation_dtype, launch_config, needs_wide_index, span, split_scalar
+from .tiling import class_lanes, scalar, tile_pixels, window_weight
 
 
 @triton.jit
@@ -38,8 +37,8 @@ def _gathered_chunk(
     syd, syh, syw, stride, radius, radius_d, weight_base, inv_base,
     ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """G for classes [c0, c0 + BLOCK_C) of the pixels (qd, qi, qj) of one image: SPEC's adjoint
-    pooling, gathering omega * dL_p * P_p from the same-class centres p whose window holds q."""
+    """G for classes [c0, c0 + BLOCK_C) of the pixels (qd, qi, qj) of one image: the adjoint
+    pooling of docs/math.md, gathering omega * dL_p * P_p from the same-class centres p whose window holds q."""
     cls = class_lanes(c0, BLOCK_C, WIDE)
     cmask = cls < C
     class_plane = Dc * Hc * Wc

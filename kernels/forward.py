@@ -1,6 +1,6 @@
 """Forward kernels of the locally adaptive loss and their launch helper.
 
-Two launches (names as in SPEC and docs/math.md), for 2-D images (B, C, H, W) and 3-D volumes
+Two launches (names as in docs/contract.md and docs/math.md), for 2-D images (B, C, H, W) and 3-D volumes
 (B, C, D, H, W) alike (an image is a volume of depth 1 and a depth radius of 0):
 
 1. ``_zscore_stats_kernel`` (zscore=True only): per pixel, mean and rstd = 1/sqrt(var + eps)
@@ -15,9 +15,9 @@ Two launches (names as in SPEC and docs/math.md), for 2-D images (B, C, H, W) an
 The partials (12 bytes per tile) are combined into the loss by ``lad_triton/reduction.py`` in a
 fixed order, with no atomics: bitwise repeatable, and across processes when synchronised.
 
-Why this design ("store", SPEC's "The gradient, written out"): the backward needs g_p over a
+Why this design ("store", docs/contract.md's "The gradient, written out"): the backward needs g_p over a
 window of every pixel, and only the Minkowski factor is global. Storing P costs one buffer of
-the centres (C x E B per centre, see ``p_dtype``) and makes the backward a single gather;
+the centres (C x E B per centre, see ``config.p_dtype``) and makes the backward a single gather;
 recomputing f in the backward would instead redo the K^2-neighbour pooling over a halo of
 radius 2r (K^2 x C more multiply-adds per pixel) and need the recomputed g of the halo in
 on-chip memory, which Triton only offers through the experimental Gluon API. The price is
@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..unfused import accumulation_dtype
-from .tiling import (class_lanes, launch_config, needs_wide_index, power_of, scalar, span,
-                     split_scalar, tile_pixels, window_weight)
+from .config import (accumulation_dtype, launch_config, needs_wide_index, p_dtype, span,
+                     split_scalar)
+from .tiling import class_lanes, power_of, scalar, tile_pixels, window_weight
 
 
 # Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
@@ -98,7 +98,7 @@ def _pooled_chunk(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """f and xi for classes [c0, c0 + BLOCK_C) of the centres at (pd, pi, pj) of one image:
-    f = (1 / xi) sum over same-class neighbours q of omega(d) * z_q (SPEC steps 1-6)."""
+    f = (1 / xi) sum over same-class neighbours q of omega(d) * z_q (steps 1-6 of docs/contract.md)."""
     cls = class_lanes(c0, BLOCK_C, WIDE)
     cmask = cls < C
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
@@ -260,19 +260,6 @@ def _forward_kernel(
                             mask=(cls < C)[:, None] & live[None, :], other=0.0)
                 _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, c0, C, class_plane,
                          WIDE, BLOCK_C)
-
-
-def p_dtype(dtype, classes):
-    """P's storage dtype for logits of ``dtype`` with ``classes`` classes: the logits' own, P
-    being rounded once, as the gradient it becomes is; but the accumulation dtype when the
-    forward loops over class chunks, as it parks the pooled logits f in P's slots until their
-    logsumexp is known and f in bfloat16 would cost |f| * 2^-9 absolutely (~1% relative error in
-    softmax(f)). For bfloat16 logits with C <= 32 (VOC, Cityscapes) it saves a third of the
-    backward's peak memory and a fifth of the DRAM traffic, and adds P's rounding to the
-    gradient's error: 5.9e-3 of its norm against 1.7e-3 for the PyTorch backend, whose P is
-    float32 (``TRITON_INTERPRET=1 python -m bench.agreement --size 33``; SPEC allows 2e-2)."""
-    acc = accumulation_dtype(dtype)
-    return dtype if launch_config("forward", classes, acc).single_chunk else acc
 
 
 def as_volume(t, dims):

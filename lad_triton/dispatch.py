@@ -21,7 +21,7 @@ def fused_unavailable(logits):
     from . import kernels
 
     if logits.device.type == "cpu":
-        if kernels.INTERPRETED:
+        if kernels.interpreted():
             return None
         return ("the logits are on the CPU and Triton's interpreter is off (set "
                 "TRITON_INTERPRET=1 before lad_triton's kernels are first used)")

@@ -2,7 +2,7 @@
 baseline the benchmarks measure the fused kernels against (the reduction to the loss is shared:
 ``lad_triton/reduction.py``). 2-D images (B, C, H, W) and 3-D volumes (B, C, D, H, W).
 
-It follows SPEC step by step with SPEC's names (z, omega, xi, f, L, g, G, a); the gradient is
+It follows docs/contract.md step by step with its names (z, omega, xi, f, L, g, G, a); the gradient is
 derived in ``docs/math.md``. To be a fair baseline it is vectorised the way one would write it by
 hand in PyTorch: every pixel at once, one loop over the K*K window offsets, each offset a pair
 of shifted *views* (no copies, no ``F.unfold``) accumulated in place. The backward is written by
@@ -41,10 +41,7 @@ import itertools
 import torch
 from torch.autograd.function import once_differentiable
 
-
-def accumulation_dtype(dtype):
-    """float64 stays float64; float32, float16 and bfloat16 accumulate in float32 (SPEC)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .kernels.config import accumulation_dtype
 
 
 def _grid_pair(size, stride, delta):

@@ -1,5 +1,5 @@
-"""The fused Triton backend (``backend="triton"``) against the float64 oracle, SPEC's every
-parameter, and the kernels' own guarantees (class chunking, int64 offsets, saved tensors,
+"""The fused Triton backend (``backend="triton"``) against the float64 oracle, every parameter
+of the contract, and the kernels' own guarantees (class chunking, int64 offsets, saved tensors,
 specialisation). Runs under Triton's interpreter on CPU, compiled when CUDA is present."""
 
 import os
@@ -15,7 +15,7 @@ import lad_triton
 from cases import (DEVICE, LAYOUTS, TARGET_DTYPES, check_against_oracle, lad_problems,
                    make_logits, make_target)
 from lad_triton import locally_adaptive_loss
-import lad_triton.kernels.tiling as tiling
+import lad_triton.kernels.config as kernel_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses import the lad_triton this test process imported (installed, or a source tree).
@@ -71,7 +71,7 @@ def test_class_counts(classes):
 ])
 def test_class_chunk_paths(block_c, options, monkeypatch):
     # Force several class chunks at C=7: the forward parks f in P, the backward recomputes G.
-    monkeypatch.setattr(tiling, "MAX_BLOCK_C", {"forward": block_c, "backward": block_c})
+    monkeypatch.setattr(kernel_config, "MAX_BLOCK_C", {"forward": block_c, "backward": block_c})
     check_against_oracle((2, 7, 6, 7), options, backend="triton", n_labels=3)
 
 

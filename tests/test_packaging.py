@@ -1,13 +1,48 @@
-"""A regular (non-editable) install of the wheel holds lad_triton.kernels and no top-level
-`kernels` package (that import name belongs to another PyPI project)."""
+"""What is imported and what is installed: the tests run this checkout's code, a source checkout
+exposes kernels/ (and nothing else of the repository) as lad_triton.kernels, and a regular
+install of the wheel holds lad_triton.kernels and no top-level `kernels` package (that import
+name belongs to another PyPI project)."""
 
+import importlib
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_tests_import_this_checkout():
+    # An installed copy (pip install without -e) must not be what the tests exercise: an edited
+    # source would go untested without a word.
+    import lad_triton
+    import lad_triton.kernels
+    import lad_triton.kernels.config
+
+    assert Path(lad_triton.__file__).resolve() == ROOT / "lad_triton" / "__init__.py"
+    assert Path(lad_triton.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
+    assert Path(lad_triton.kernels.config.__file__).resolve() == ROOT / "kernels" / "config.py"
+
+
+@pytest.mark.parametrize("name", ["bench", "examples", "tests", "pyproject"])
+def test_only_kernels_of_the_repository_is_under_lad_triton(name):
+    with pytest.raises(ImportError):
+        importlib.import_module(f"lad_triton.{name}")
+
+
+def test_import_lad_triton_imports_neither_triton_nor_the_kernels():
+    # The PyTorch path (and the benchmark's traffic model) work on machines without Triton.
+    probe = ("import sys; sys.modules['triton'] = None; import lad_triton, torch; "
+             "import lad_triton.kernels.config; "
+             "x = torch.randn(1, 3, 4, 4, requires_grad=True); "
+             "lad_triton.locally_adaptive_loss(x, torch.zeros(1, 4, 4, dtype=torch.long)).backward(); "
+             "print(sorted(m for m in sys.modules if m.startswith('lad_triton.kernels')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "['lad_triton.kernels', 'lad_triton.kernels.config']"
 
 
 def test_wheel_installs_kernels_as_lad_triton_kernels(tmp_path):
