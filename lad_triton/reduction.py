@@ -1,4 +1,4 @@
-"""From the costs L on the centre grid to the loss: SPEC step 9 with class weights, shared by
+"""From the costs L on the centre grid to the loss: step 9 of docs/contract.md with class weights, shared by
 both backends, synchronised across processes on request (docs/math.md derives the formulas).
 
 With w_p the class weight of a valid centre (1 without weights, 0 at invalid centres):

@@ -1,4 +1,4 @@
-"""Every rule of SPEC "Bad input" (and of class weights and process groups), checked once,
+"""Every rule of "Bad input" in docs/contract.md (and of class weights and process groups), checked once,
 before any computation.
 
 Messages have one shape: ``<argument> must be <what was expected>, got <argument>=<value>``.
@@ -42,7 +42,7 @@ def _positive_finite(value):
 
 def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
                   zscore, reduction, backend, check_target, sync=False, process_group=None):
-    """Raise ``ValueError`` for any hyper-parameter outside SPEC's domain."""
+    """Raise ``ValueError`` for any hyper-parameter outside the contract's domain."""
     if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
     if not (_is_real(power) and math.isfinite(power) and power >= 1):

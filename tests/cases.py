@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
 
-# SPEC "Output dtype and accuracy": (loss, gradient) relative error against float64.
+# docs/contract.md, "Output dtype and accuracy": (loss, gradient) relative error against float64.
 TOLERANCE = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
@@ -84,8 +84,8 @@ def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64
                          n_labels=None, seed=0, apply=None):
     """Loss and gradient of one backend against the float64 oracle, on fresh random inputs.
 
-    float64 is held to SPEC's 1e-10 plus float64's rounding of terms that cancel (see oracle.py);
-    other dtypes to SPEC's table. ``apply(logits, target)`` replaces the public function (tests
+    float64 is held to the contract's 1e-10 plus float64's rounding of terms that cancel (see oracle.py);
+    other dtypes to the contract's table. ``apply(logits, target)`` replaces the public function (tests
     of internal paths)."""
     from lad_triton import locally_adaptive_loss
     from oracle import lad_reference, within
@@ -127,7 +127,7 @@ def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64
 
 @st.composite
 def lad_problems(draw, max_side=11, max_classes=8, kernel_sizes=(1, 3, 5, 7, 9)):
-    """(shape, options, data) of one random problem: every SPEC parameter, layouts, target
+    """(shape, options, data) of one random problem: every parameter of the contract, layouts, target
     dtypes and ignore patterns."""
     shape = (draw(st.integers(1, 2)), draw(st.integers(2, max_classes)),
              draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))

@@ -1,8 +1,8 @@
-"""An obviously-correct float64 evaluation of SPEC, for tests only.
+"""An obviously-correct float64 evaluation of docs/contract.md, for tests only.
 
-Explicit Python loops over pixels (or voxels) and window offsets, written from SPEC's text
-(docs/math.md for class weights and volumes); autograd gives
-the gradient (SPEC step 10: the derivative of a float64 autograd evaluation is the ground
+Explicit Python loops over pixels (or voxels) and window offsets, written from the text of
+docs/contract.md; autograd gives
+the gradient (the contract's step 10: the derivative of a float64 autograd evaluation is the ground
 truth). It shares no code with lad_triton. Slow: tiny inputs only.
 
 Besides the loss and the gradient it returns their *rounding floors*: the magnitudes of the
@@ -94,7 +94,7 @@ def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, st
         weights = sum(w[3] for w in windows.values())
         total = sum((windows[p][3] * c ** power for p, c in costs.items()),
                     torch.zeros((), dtype=torch.float64))
-        if weights == 0 or total.item() == 0.0:  # SPEC: M == 0 or S == 0 gives exactly 0
+        if weights == 0 or total.item() == 0.0:  # the contract: M == 0 or S == 0 gives exactly 0
             loss = torch.zeros((), dtype=torch.float64)
         else:
             loss = (total / weights) ** (1.0 / power)

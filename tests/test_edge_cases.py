@@ -1,4 +1,4 @@
-"""SPEC's edge cases: exact zeros, NaN propagation, the degenerate case, determinism."""
+"""The contract's edge cases: exact zeros, NaN propagation, the degenerate case, determinism."""
 
 import pytest
 import torch
@@ -105,7 +105,7 @@ def test_non_finite_logits_propagate(bad, reduction, backend):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_degenerate_case_is_cross_entropy(dtype, reduction, backend):
-    # SPEC: kernel_size=1, zscore=False, normalizer="weight", power=1 is F.cross_entropy.
+    # docs/contract.md: kernel_size=1, zscore=False, normalizer="weight", power=1 is F.cross_entropy.
     logits = make_logits((2, 7, 9, 11), dtype=dtype, seed=3)
     target = make_target(2, 9, 11, 7, ignore_frac=0.3, seed=3)
     options = dict(kernel_size=1, zscore=False, normalizer="weight", power=1.0,

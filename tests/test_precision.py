@@ -1,4 +1,4 @@
-"""SPEC's tolerance table: low-precision logits against the float64 definition, every backend."""
+"""The contract's tolerance table: low-precision logits against the float64 definition, every backend."""
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ def test_tolerance_table(backend, dtype, classes, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_error_is_at_most_about_twice_pytorchs(dtype):
     # flash-attention's rule: the kernel may be at most ~2x as far from float64 as PyTorch itself
-    # is in the same dtype (plus a quarter of SPEC's tolerance, for errors near rounding level).
+    # is in the same dtype (plus a quarter of the contract's tolerance, for errors near rounding level).
     loss_tol, grad_tol = TOLERANCE[dtype]
     for seed in range(3):
         fused = errors("triton", dtype, 21, "mean", seed)

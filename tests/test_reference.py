@@ -1,4 +1,4 @@
-"""The torch backend against the independent float64 oracle: SPEC's definition, both passes.
+"""The torch backend against the independent float64 oracle: the contract's definition, both passes.
 (tests/test_fused.py holds the same checks for the fused kernels.)"""
 
 import pytest

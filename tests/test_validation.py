@@ -1,4 +1,4 @@
-"""SPEC "Bad input": every misuse raises the stated exception, naming the argument, what was
+""""Bad input" of docs/contract.md: every misuse raises the stated exception, naming the argument, what was
 expected and what it got."""
 
 import pytest
