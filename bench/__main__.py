@@ -3,9 +3,11 @@
 table: rows workload x pass; per implementation the median time, throughput and peak memory;
 the ratios of the fused kernels' time to cross-entropy's, the unfused baseline's and its
 ``torch.compile``d version's; and the fused kernels' efficiencies against the copy bandwidth.
-Writes ``bench/results/<device>-<date>.json`` and, with matplotlib, a PNG beside it.
+Writes ``<device>-<date>.{json,md,png}`` to ``bench/runs/`` (git-ignored) or ``--out DIR``;
+``--save-reference`` writes them to ``bench/results/`` instead, the committed results that the
+README quotes.
 
-    python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--out DIR]
+    python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--out DIR | --save-reference]
 
 Columns: ``ms`` median time of one call (CUDA synchronised); ``Mpx/s`` pixels per second;
 ``MiB`` peak memory the call allocates beyond its inputs (CUDA: max_memory_allocated; CPU: the
@@ -54,12 +56,34 @@ def environment(device):
                 date=datetime.date.today().isoformat())
 
 
+def missing_requirements(device):
+    """One line naming what this machine lacks for the suite on ``device``, with the command
+    that installs it, or None."""
+    import importlib.util
+
+    for module, package in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark")):
+        if importlib.util.find_spec(module) is None:
+            return (f"{package} is not installed; from the repository: "
+                    "pip install -e '.[bench]'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return ("--device cuda, but this torch sees no CUDA device (torch "
+                    f"{torch.__version__}); run on a CUDA machine or drop --device")
+        if importlib.util.find_spec("triton") is None:
+            return ("Triton is not installed, so the fused kernels cannot be timed: "
+                    "pip install -e '.[bench,triton]' (CUDA builds of torch on Linux bring it)")
+    return None
+
+
 def run_suite(args, json_path):
     import lad_triton
 
-    command = [sys.executable, "-m", "pytest", str(HERE / "test_throughput.py"), "-q",
-               "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
-               f"--device={args.device}", "--benchmark-disable-gc"]
+    # -qq and --tb=short: the suite prints its own progress line per benchmark (conftest.py);
+    # a failure shows its message, not pages of source.
+    command = [sys.executable, "-m", "pytest", str(HERE / "test_throughput.py"), "-qq",
+               "--tb=short", "-rfE", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+               f"--device={args.device}", "--benchmark-disable-gc", "--benchmark-quiet",
+               "-W", "ignore::DeprecationWarning", "-W", "ignore::UserWarning"]
     command += ["--quick"] if args.quick else []
     command += ["--run-slow"] if args.run_slow else []
     # The suite imports the lad_triton this process imported (installed, or this source tree).
@@ -67,7 +91,6 @@ def run_suite(args, json_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     env.pop("TRITON_INTERPRET", None)
-    print("$", " ".join(command), flush=True)
     result = subprocess.run(command, env=env, cwd=HERE.parent)
     if result.returncode not in (0, 5):
         raise SystemExit(f"the benchmark suite failed (exit {result.returncode})")
@@ -204,10 +227,18 @@ def main(argv=None):
                         help="K=5, forward+backward, VOC-like (CUDA) or small (CPU), fewer rounds")
     parser.add_argument("--run-slow", action="store_true",
                         help="also the full-size workloads on a CPU")
-    parser.add_argument("--out", default=str(HERE / "results"),
-                        help="folder for the JSON and PNG (default bench/results)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=str(HERE / "runs"),
+                       help="folder for the table, JSON and PNG (default bench/runs, git-ignored)")
+    where.add_argument("--save-reference", action="store_true",
+                       help="write to bench/results/, the committed results the README quotes")
     args = parser.parse_args(argv)
+    if args.save_reference:
+        args.out = str(HERE / "results")
     device = torch.device(args.device)
+    problem = missing_requirements(device)
+    if problem:
+        raise SystemExit(f"python -m bench: {problem}")
     env = environment(device)
     print(", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     bandwidth = wl.copy_bandwidth_gbps(device)

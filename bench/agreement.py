@@ -1,6 +1,13 @@
 """``python -m bench.agreement``: the loss and its gradient of one VOC-like sample batch by every
-backend usable here, in each dtype, against the float64 definition, with SPEC's tolerance as the
-verdict. Exits 1 if any backend disagrees. (The main job, ``python -m bench``, times them.)
+backend usable here, in each dtype, against an independent float64 reference, with the
+contract's tolerance (docs/contract.md) as the verdict. Exits 1 if any backend disagrees. (The
+main job, ``python -m bench``, times them.)
+
+The reference is ``bench/workloads.py``'s ``lad_unfold`` evaluated in float64 with autograd's
+gradient: the ``F.unfold`` formulation, which shares no code with lad_triton and which
+``tests/test_bench.py`` checks against the tests' loop-by-loop oracle (too slow for this batch).
+It also prints how far the cross-entropy settings of the loss (kernel_size=1, zscore=False,
+normalizer="weight", power=1) are from ``F.cross_entropy`` in float32.
 
 On a CPU the fused kernels only run under Triton's interpreter, slowly:
 ``TRITON_INTERPRET=1 python -m bench.agreement --size 33``."""
@@ -13,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import lad_triton
+from bench.workloads import lad_unfold
 from lad_triton import locally_adaptive_loss
+from lad_triton.dispatch import fused_unavailable
 
-# SPEC "Output dtype and accuracy": (loss, gradient) relative tolerance.
+# The contract's "Output dtype and accuracy": (loss, gradient) relative tolerance.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3),
              torch.bfloat16: (1e-2, 2e-2)}
 
@@ -44,8 +53,15 @@ def sample_batch(batch, classes, size, device, seed=0):
 GRAD_SCALE = {torch.float16: 1024.0}
 
 
-def loss_and_grad(logits, target, **options):
+def loss_and_grad(logits, target, reference=False, **options):
+    """The loss and its gradient by lad_triton, or (reference=True) by the float64 F.unfold
+    formulation on the same values."""
     x = logits.detach().requires_grad_(True)
+    if reference:
+        x = logits.detach().double().requires_grad_(True)
+        loss = lad_unfold(x, target.long(), options["kernel_size"])
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
     loss = locally_adaptive_loss(x, target, **options)
     scale = GRAD_SCALE.get(x.dtype, 1.0)
     (loss * scale).backward()
@@ -76,11 +92,12 @@ def main():
     print(f"batch {tuple(logits.shape)} logits, uint8 target with 255 = ignore, "
           f"kernel_size={args.kernel_size}, power=3")
 
-    ref_loss, ref_grad = loss_and_grad(logits.double(), target, backend="torch", **options)
+    ref_loss, ref_grad = loss_and_grad(logits, target, reference=True, **options)
     x = logits.double().requires_grad_(True)
     ce = F.cross_entropy(x, target.long(), ignore_index=255)
     (ce_grad,) = torch.autograd.grad(ce, x)
-    print(f"float64 reference loss {ref_loss.item():.8f}   (F.cross_entropy: {ce.item():.6f})")
+    print(f"float64 reference (F.unfold) loss {ref_loss.item():.8f}   "
+          f"(F.cross_entropy: {ce.item():.6f})")
     print(f"median |gradient|: {ref_grad.abs().median().item():.2g} "
           f"(F.cross_entropy: {ce_grad.abs().median().item():.2g}); float16 loss scale "
           f"{GRAD_SCALE[torch.float16]:g}\n")
@@ -101,8 +118,8 @@ def main():
             except (NotImplementedError, RuntimeError) as err:
                 print(f"{backend:8} {str(dtype)[6:]:9} unavailable here: {err}")
                 break
-            # Against the float64 definition on the same rounded logits (SPEC's table).
-            loss64, grad64 = loss_and_grad(x.double(), target, backend="torch", **options)
+            # Against the float64 reference on the same rounded logits (the contract's table).
+            loss64, grad64 = loss_and_grad(x, target, reference=True, **options)
             loss_err, grad_err = rel(loss, loss64), rel(grad, grad64)
             ok = loss_err <= loss_tol and grad_err <= grad_tol
             failures += not ok
@@ -110,7 +127,24 @@ def main():
             timing = "interp." if backend == "triton" and device == "cpu" else f"{ms:.1f}"
             print(f"{backend:8} {str(dtype)[6:]:9} {loss.item():12.6f} {loss_err:9.1e} "
                   f"{grad_err:9.1e} {timing:>11}  {'agrees' if ok else 'DISAGREES'}")
+    print()
+    cross_entropy_settings(logits, target, device)
     return 1 if failures else 0
+
+
+def cross_entropy_settings(logits, target, device):
+    """kernel_size=1, zscore=False, normalizer="weight", power=1 is F.cross_entropy in exact
+    arithmetic; print how far apart the two are computed in float32."""
+    x = logits.float()
+    ce = F.cross_entropy(x, target.long(), ignore_index=255)
+    for backend in ("torch", "triton"):
+        if backend == "triton" and fused_unavailable(x) is not None:
+            continue
+        lad = locally_adaptive_loss(x, target, kernel_size=1, zscore=False, normalizer="weight",
+                                    power=1.0, backend=backend)
+        print(f"cross-entropy settings, {backend} float32: {lad.item():.8f} against "
+              f"F.cross_entropy {ce.item():.8f}, relative difference "
+              f"{abs(lad.item() - ce.item()) / abs(ce.item()):.1e}")
 
 
 if __name__ == "__main__":

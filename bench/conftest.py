@@ -1,10 +1,13 @@
-"""Options of the benchmark suite: ``pytest bench/ [--device cuda|cpu] [--quick] [--run-slow]``.
+"""Options of the benchmark suite: ``pytest bench/ [--device cuda|cpu] [--quick] [--run-slow]``,
+and its progress: one line per timed benchmark (what runs, then its median), not pytest's dots.
 
 No TRITON_INTERPRET here: interpreter timings mean nothing, so the fused kernels are timed only
 where they compile (CUDA)."""
 
 import pytest
 import torch
+
+from workloads import unavailable
 
 
 def pytest_addoption(parser):
@@ -28,19 +31,62 @@ def quick(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    on_cpu = config.getoption("--device") == "cpu"
+    device = torch.device(config.getoption("--device"))
+    on_cpu = device.type == "cpu"
     quick = config.getoption("--quick")
     keep = []
     for item in items:
         case = getattr(item, "callspec", None)
         case = case.params.get("case") if case else None
         if case is not None:
-            workload, _, pass_ = case
+            workload, impl, pass_ = case
             if quick and (workload.kernel_size != 5 or pass_ != "forward+backward"
                           or workload.name not in (("small",) if on_cpu else ("voc",))):
                 continue
+            reason = unavailable(impl, workload, device)
             if on_cpu and workload.slow and not config.getoption("--run-slow"):
-                item.add_marker(pytest.mark.skip(
-                    reason="full-size workload on a CPU: pass --run-slow to time it"))
+                reason = "full-size workload on a CPU: pass --run-slow to time it"
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
         keep.append(item)
     items[:] = keep
+    config.stash[TIMED] = [item.nodeid for item in keep if not item.get_closest_marker("skip")]
+
+
+TIMED = pytest.StashKey[list]()
+
+
+def _label(nodeid):
+    return nodeid.split("[", 1)[-1].rstrip("]")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    config = _CONFIG[0]
+    timed = config.stash.get(TIMED, [])
+    if nodeid in timed:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write(f"[{timed.index(nodeid) + 1:2}/{len(timed)}] {_label(nodeid):42} ",
+                       flush=True)
+
+
+def pytest_runtest_logreport(report):
+    config = _CONFIG[0]
+    if report.when != "call" or report.nodeid not in config.stash.get(TIMED, []):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    median = dict(report.user_properties).get("median_ms")
+    reporter.write_line(f"{median:.3g} ms" if report.passed and median is not None
+                        else report.outcome.upper())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_teststatus(report, config):
+    category, _, _ = yield
+    return category, "", ""  # no dots or words: the lines above are the progress
+
+
+_CONFIG = []
+
+
+def pytest_configure(config):
+    _CONFIG[:] = [config]

@@ -29,7 +29,7 @@ def check_numerics(fn, logits, target, w):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_loss(benchmark, case, device, quick):
+def test_loss(benchmark, case, device, quick, request):
     w, impl, pass_ = case
     reason = unavailable(impl, w, device)
     if reason:
@@ -51,6 +51,7 @@ def test_loss(benchmark, case, device, quick):
     rounds = (10 if quick else 30) if device.type == "cuda" else (5 if quick else 10)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
     median = benchmark.stats.stats.median
+    request.node.user_properties.append(("median_ms", 1e3 * median))
     benchmark.extra_info.update(
         impl=impl, workload=w.name, device=torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", dtype=str(w.dtype)[6:], shape=list(w.shape),

@@ -4,8 +4,9 @@ Trains the small DeepLab of ``model.py`` with softmax cross-entropy, center loss
 the locally adaptive loss (K = 3, 5, 7; and the Minkowski exponent k = 1, 2, 3, 5 at K = 5) over
 several seeds, evaluates mean IoU on a held-out split, and prints tables shaped like the paper's
 Table 1 (the exponent) and Table 2 (the losses), mean and spread over seeds. Writes
-``examples/paper/results/<data>-<date>.json`` (every run), a markdown copy of the tables and,
-with matplotlib, a PNG.
+``<data>-<date>.json`` (every run), a markdown copy of the tables and, with matplotlib, a PNG to
+``examples/paper/runs/`` (git-ignored), or with ``--save-reference`` to
+``examples/paper/results/``, the committed results the README quotes.
 
     python -m examples.paper                      # procedural shapes, ~6 minutes on 2 CPU cores
     python -m examples.paper --voc ~/VOCdevkit/VOC2012 --size 321 --iterations 20000 --batch 2
@@ -112,8 +113,14 @@ def main(argv=None):
     parser.add_argument("--voc", help="a Pascal VOC directory (train.txt / val.txt splits)")
     parser.add_argument("--only", help="comma-separated configs, of: " + ", ".join(CONFIGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=str(HERE / "runs"),
+                       help="folder for the results (default examples/paper/runs, git-ignored)")
+    where.add_argument("--save-reference", action="store_true",
+                       help="write to examples/paper/results/, the results the README quotes")
     args = parser.parse_args(argv)
+    if args.save_reference:
+        args.out = str(HERE / "results")
 
     device = torch.device(args.device)
     if args.voc:
