@@ -1,10 +1,13 @@
 """``locally_adaptive_loss``: validate once, pick a backend for the costs, reduce them."""
 
+import warnings
+
 import torch
 
 from .dispatch import select_backend
 from .reduction import centre_weights, cost_map, minkowski_mean
-from .unfused import UnfusedCosts, accumulation_dtype
+from .kernels.config import accumulation_dtype
+from .unfused import UnfusedCosts
 from .validation import check_labels, check_options, check_tensors, check_values, sync_group
 
 
@@ -24,7 +27,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         L_p  = logsumexp(f_p) - f_p[y_p]
         loss = (sum_{valid p} w_p L_p ** k / sum_{valid p} w_p) ** (1 / k)   (w_p = 1 unweighted)
 
-    ``shared/SPEC.md`` is the exact definition; ``docs/math.md`` adds weights and volumes.
+    ``docs/contract.md`` is the exact definition (every parameter, dtype, tolerance and error);
+    ``docs/math.md`` derives the gradient.
 
     Args:
         logits: ``(B, C, H, W)`` images or ``(B, C, D, H, W)`` volumes, float16, bfloat16,
@@ -79,6 +83,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     check_tensors(logits, target, weight)
     chosen = select_backend(backend, logits)
     classes = logits.shape[1]
+    if classes == 2 and zscore:
+        _warn_binary_zscore()
     guard = None
     if check_target and target.numel() > 0:
         if torch.compiler.is_compiling():
@@ -110,3 +116,18 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         group = sync_group(sync, process_group)
         out = minkowski_mean(L, w, partials, float(power), group).to(logits.dtype)
     return out if guard is None else out + guard.to(out.dtype)
+
+
+_WARNED = set()
+
+
+def _warn_binary_zscore():
+    """Once per process: with two classes the z-score leaves each pixel +-1 (docs/contract.md)."""
+    if "binary" in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add("binary")
+    warnings.warn(
+        "locally_adaptive_loss with C=2 classes and zscore=True: each pixel's z-scored logits "
+        "are +-1 up to eps/variance, so the loss only responds to pixels whose two logits nearly "
+        "tie and the gradient vanishes elsewhere. For binary segmentation pass zscore=False.",
+        UserWarning, stacklevel=3)
