@@ -17,4 +17,6 @@ settings.register_profile("explore", deadline=None, max_examples=3000, print_blo
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(4, torch.get_num_threads()))
+# pytest -n N runs N worker processes: one torch thread each, not N times the cores.
+workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, torch.get_num_threads() // workers)))
