@@ -1,18 +1,30 @@
-"""Compile every kernel ahead of time for sm_80 and sm_90 and report its resources; needs no GPU.
+"""Compile every kernel ahead of time for sm_80 and sm_90 and report its resources, or model its
+H100 time from the compiled code; needs no GPU.
 
-    python bench/kernel_report.py [--quick] [--json FILE]
+    python -m bench.kernel_report [--quick] [--json FILE]           # registers, spills, shared
+    python -m bench.kernel_report --model [--quick] [--json FILE]   # the performance model
 
-The launch helpers run for real on ``meta`` tensors with the kernels replaced by recorders, so
-the report compiles exactly what the dispatcher launches: the same arguments, block sizes and
-num_warps, with Triton's launch-time specialisation reproduced (16-byte aligned pointers, ints
-equal to 1 or divisible by 16 unless marked do_not_specialize). Each cubin goes through the
-``cuobjdump --dump-resource-usage`` that Triton's wheel carries; one line per kernel, arch and
-config: ``regs=N spills=N shared=N`` (spills = local memory + stack bytes per thread).
+The launch helpers run for real with the kernels replaced by recorders, so both compile exactly
+what the dispatcher launches: the same arguments, block sizes and num_warps, with Triton's
+launch-time specialisation reproduced (16-byte aligned pointers, ints equal to 1 or divisible by
+16 unless marked do_not_specialize). Each cubin goes through the ``cuobjdump`` that Triton's
+wheel carries.
 
-Configs: the dispatcher's defaults for C in {19, 21, 150, 1024}, K in {3, 5, 7}, float32 and
-bfloat16 logits (K is a runtime argument: the three K share one binary), then every other
-compile-time path once (no z-score, weight normaliser, no gradient, class weights, float64, a
-3-D volume). Every binary must compile and spill nothing: exit status 1 otherwise.
+Resources: one line per kernel, arch and config, ``regs=N spills=N shared=N`` (spills = local
+memory + stack bytes per thread). Configs: the dispatcher's defaults for C in {19, 21, 150,
+1024}, K in {3, 5, 7}, float32 and bfloat16 logits, then every other compile-time path once (no
+z-score, weight normaliser, no gradient, class weights, stride 2, float64, a 3-D volume). Every
+binary must compile and spill nothing: exit status 1 otherwise.
+
+Model (``--model``, bench/perf_model.py explains the three bounds): for each workload the whole
+loss runs forward and backward through the public API on CPU tensors of the full size, with the
+kernels recorded instead of launched and every PyTorch operator outside them recorded too (the
+glue). Per kernel launch: programs, warps, registers, spills, SASS instructions one warp
+executes (loops times their trip counts), global loads and stores, the design's DRAM bytes, and
+the issue-, L1- and DRAM-bound times on an H100; the kernel's time is their maximum. The
+workload's modelled time is the sum over kernels, plus the glue's DRAM traffic, plus
+``perf_model.LAUNCH_S`` per launch. It is a model: the GPU's own measurement replaces it
+whenever one is lent (bench/gpu.py).
 """
 
 import argparse
@@ -21,25 +33,34 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 
 # Compiling is the point: the kernels must be JIT functions, not interpreted ones.
 os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import perf_model  # noqa: E402
+import lad_triton  # noqa: E402
+from lad_triton import dispatch  # noqa: E402
 from lad_triton.kernels import backward as kb  # noqa: E402
+from lad_triton.kernels import config as kernel_config  # noqa: E402
 from lad_triton.kernels import forward as kf  # noqa: E402
+from lad_triton.kernels import labels as kl  # noqa: E402
 
 ARCHS = (80, 90)
 TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
               torch.int32: "i32", torch.int64: "i64"}
-KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_backward_kernel": kb}
-DEFAULTS = dict(kernel_size=5, power=3.0, stride=1, ignore_index=255, eps=1e-5, weight_base=2.0,
-                normalizer="count", zscore=True)
+KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_kernel": kf,
+           "_backward_kernel": kb, "_count_bad_labels_kernel": kl}
 
 
 class Recorder:
@@ -49,36 +70,65 @@ class Recorder:
         self.name, self.fn, self.calls = name, fn, []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), **overrides):
-    """Run the forward and backward launch helpers on meta tensors of spatial ``shape`` ((H, W)
-    images or (D, H, W) volumes, batch first) with C = classes; return the recorded launches as
-    (kernel name, jit function, args, kwargs). Overrides: the forward's options, plus
-    ``need_grad`` and ``weighted``."""
-    options = dict(DEFAULTS, kernel_size=kernel_size)
+@contextmanager
+def recording(arch=90):
+    """Replace every kernel by a Recorder and let the fused backend run on any device, planning
+    launches for sm_<arch>; yields the list that fills with (name, jit function, grid, args,
+    kwargs) in launch order."""
+    launches = []
+    kernel_config.TARGET_ARCH = arch
+    saved = {name: getattr(mod, name) for name, mod in KERNELS.items()}
+    unavailable = dispatch.fused_unavailable
+
+    class InOrder(Recorder):
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((self.name, self.fn, grid, a, k))
+
+    for name, mod in KERNELS.items():
+        setattr(mod, name, InOrder(name, saved[name]))
+    dispatch.fused_unavailable = lambda logits: None
+    try:
+        yield launches
+    finally:
+        for name, mod in KERNELS.items():
+            setattr(mod, name, saved[name])
+        dispatch.fused_unavailable = unavailable
+        kernel_config.TARGET_ARCH = None
+
+
+def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
+                    labels=torch.uint8, **overrides):
+    """The launches of one forward and backward on ``meta`` tensors of spatial ``shape`` ((H, W)
+    images or (D, H, W) volumes, batch first) with C = classes, uint8 labels: (kernel name, jit
+    function, args, kwargs). Overrides: the loss's options, plus ``need_grad`` and
+    ``weighted``."""
+    options = dict(kernel_size=kernel_size, power=3.0, stride=1, ignore_index=255, eps=1e-5,
+                   weight_base=2.0, normalizer="count", zscore=True)
     options.update(overrides)
     need_grad = options.pop("need_grad", True)
     weighted = options.pop("weighted", False)
     acc = kf.accumulation_dtype(dtype)
-    recorders = {name: Recorder(name, getattr(mod, name)) for name, mod in KERNELS.items()}
-    for name, mod in KERNELS.items():
-        setattr(mod, name, recorders[name])
-    try:
-        batch, spatial = shape[0], tuple(shape[1:])
-        logits = torch.empty((batch, classes) + spatial, dtype=dtype, device="meta")
-        target = torch.empty((batch,) + spatial, dtype=torch.uint8, device="meta")
-        weight = torch.empty(classes, dtype=acc, device="meta") if weighted else None
-        L, _, P, mean, rstd = kf.forward(logits, target, weight, need_grad=need_grad, **options)
-        if need_grad:
-            kb.backward(torch.empty_like(L), logits, target, P, mean, rstd,
-                        **{k: options[k] for k in ("kernel_size", "stride", "weight_base",
-                                                   "zscore")})
-    finally:
-        for name, mod in KERNELS.items():
-            setattr(mod, name, recorders[name].fn)
-    return [(r.name, r.fn, a, k) for r in recorders.values() for a, k in r.calls]
+    batch, spatial = shape[0], tuple(shape[1:])
+    logits = torch.empty((batch, classes) + spatial, dtype=dtype, device="meta")
+    target = torch.empty((batch,) + spatial, dtype=labels, device="meta")
+    weight = torch.empty(classes, dtype=acc, device="meta") if weighted else None
+    mean = options.pop("reduction", "mean") == "mean"
+    backward_options = {k: options[k] for k in ("kernel_size", "stride", "eps", "weight_base",
+                                                "zscore")}
+    with recording(arch) as launches:
+        kl.count_bad_labels(target, classes, options["ignore_index"])
+        L, partials, P = kf.forward(logits, target, weight, need_grad=need_grad, mean=mean,
+                                    **options)
+        _, _, scales = kf.combine(partials, options["power"], dtype)
+        if need_grad and mean:
+            kb.backward(scales, logits, target, P, weighted=weighted,
+                        grad=torch.empty((), dtype=dtype, device="meta"), **backward_options)
+        elif need_grad:
+            kb.backward(L, logits, target, P, **backward_options)
+    return [(name, fn, args, kwargs) for name, fn, _, args, kwargs in launches]
 
 
 def compile_source(fn, args, kwargs):
@@ -115,16 +165,17 @@ def compile_source(fn, args, kwargs):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
-def resources(cubin):
+def cuobjdump(cubin, flag):
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    path = f"/tmp/lad_triton_report_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
-    try:
-        out = subprocess.run([tool, "--dump-resource-usage", path], check=True,
-                             capture_output=True, text=True).stdout
-    finally:
-        os.remove(path)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def resources(cubin):
+    out = cuobjdump(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     regs, stack, shared, local = map(int, found.groups())
     # A per-thread stack frame is local memory too (a register array the compiler could not keep
@@ -132,11 +183,27 @@ def resources(cubin):
     return dict(regs=regs, stack=stack, shared=shared, spills=local + stack)
 
 
+_COMPILED = {}
+
+
+def compiled(fn, args, kwargs, arch):
+    """(resources, cubin) of one launch for sm_<arch>, compiled once per distinct binary."""
+    src, options = compile_source(fn, args, kwargs)
+    key = (src.hash(), str(options), arch)
+    if key not in _COMPILED:
+        try:
+            binary = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            _COMPILED[key] = (resources(binary.asm["cubin"]), binary.asm["cubin"])
+        except Exception as err:  # report every failure, then exit 1
+            _COMPILED[key] = (dict(error=f"{type(err).__name__}: {err}"[:300]), None)
+    return _COMPILED[key]
+
+
 def describe(name, args, kwargs):
     shown = {k: v for k, v in kwargs.items()
-             if k in ("BLOCK_C", "TILE_H", "TILE_W", "BLOCK_P", "BLOCK", "num_warps", "maxnreg")}
-    flags = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
-    return " ".join(f"{k}={v}" for k, v in shown.items()), flags
+             if k in ("C", "CLASS_TILE", "ROWS", "RADIUS", "STRIDE", "TILE_W", "BLOCK",
+                      "num_warps")}
+    return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def configs(quick):
@@ -148,8 +215,9 @@ def configs(quick):
             for k in sizes:
                 yield f"C={c} {TYPE_CODES[dtype]} K={k}", c, dtype, k, {}, True
     variants = [dict(zscore=False, normalizer="weight"), dict(need_grad=False),
-                dict(need_grad=False, zscore=False), dict(weighted=True)]
-    for c in ((21,) if quick else (21, 1024)):
+                dict(need_grad=False, zscore=False), dict(weighted=True), dict(stride=2),
+                dict(reduction="none"), dict(labels=torch.int64)]
+    for c in ((21,) if quick else (19, 21, 1024)):
         for v in variants:
             yield f"C={c} fp32 K=5 {v}", c, torch.float32, 5, v, False
     yield "C=21 fp64 K=5", 21, torch.float64, 5, {}, False
@@ -158,44 +226,220 @@ def configs(quick):
                dict(shape=(2, 96, 128, 128)), False)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer configs (tests)")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args(argv)
+def report(args):
     print(f"triton {triton.__version__}, torch {torch.__version__}; "
           f"logits (8, C, 513, 513), uint8 target")
-    compiled, rows, failures = {}, [], 0
+    rows, failures, binaries = [], 0, set()
     for label, classes, dtype, k, overrides, default in configs(args.quick):
-        for name, fn, a, kw in record_launches(classes, dtype, k, **overrides):
-            src, options = compile_source(fn, a, kw)
-            for arch in ARCHS:
-                key = (src.hash(), str(options), arch)
-                if key not in compiled:
-                    try:
-                        binary = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                                options=options)
-                        compiled[key] = resources(binary.asm["cubin"])
-                    except Exception as err:  # report every failure, then exit 1
-                        compiled[key] = dict(error=f"{type(err).__name__}: {err}"[:300])
-                res = compiled[key]
-                block, flags = describe(name, a, kw)
-                row = dict(kernel=name, arch=f"sm_{arch}", config=label, default=default,
-                           block=block, **res)
-                rows.append(row)
+        for arch in ARCHS:
+            for name, fn, a, kw in record_launches(classes, dtype, k, arch=arch, **overrides):
+                res, _ = compiled(fn, a, kw, arch)
+                binaries.add((compile_source(fn, a, kw)[0].hash(), arch))
+                block = describe(name, a, kw)
+                rows.append(dict(kernel=name, arch=f"sm_{arch}", config=label, default=default,
+                                 block=block, **res))
                 if "error" in res:
                     failures += 1
-                    print(f"{name:26} sm_{arch} {label:34} FAILED {res['error']}")
+                    print(f"{name:22} sm_{arch} {label:34} FAILED {res['error']}")
                     continue
                 verdict = "" if res["spills"] == 0 else "  SPILLS"
                 failures += res["spills"] > 0
-                print(f"{name:26} sm_{arch} {label:34} regs={res['regs']} spills={res['spills']} "
-                      f"shared={res['shared']}  {block}{verdict}")
-    print(f"{len(compiled)} distinct binaries, {len(rows)} rows, "
+                print(f"{name:22} sm_{arch} {label:34} regs={res['regs']} "
+                      f"spills={res['spills']} shared={res['shared']}  {block}{verdict}")
+    print(f"{len(binaries)} distinct binaries, {len(rows)} rows, "
           f"{'all compile with zero spills' if not failures else f'{failures} FAILED or spilled'}")
+    return dict(triton=triton.__version__, rows=rows), failures
+
+
+# --- the performance model ------------------------------------------------------------------
+
+# name, (B, C, H, W), K, dtype, the issue's target in ms (None: within 3x of its DRAM time).
+WORKLOADS = [
+    ("voc", (8, 21, 513, 513), 3, torch.float32, 0.30),
+    ("voc", (8, 21, 513, 513), 5, torch.float32, 0.45),
+    ("voc", (8, 21, 513, 513), 5, torch.bfloat16, 0.35),
+    ("voc", (8, 21, 513, 513), 7, torch.float32, 0.80),
+    ("voc", (8, 21, 513, 513), 3, torch.bfloat16, None),
+    ("voc", (8, 21, 513, 513), 7, torch.bfloat16, None),
+    ("cityscapes", (4, 19, 512, 1024), 5, torch.float32, 0.45),
+    ("cityscapes", (4, 19, 512, 1024), 5, torch.bfloat16, None),
+    ("ade", (8, 150, 512, 512), 5, torch.bfloat16, "3x DRAM"),
+    ("ade", (8, 150, 512, 512), 5, torch.float32, None),
+]
+# Pointer arguments each kernel streams through DRAM once (read or written); the rest are
+# scalars or tables that stay in cache.
+STREAMED = {
+    "_zscore_stats_kernel": ("x_ptr", "mean_ptr", "rstd_ptr"),
+    "_forward_kernel": ("x_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "P_ptr", "L_ptr", "part_ptr"),
+    "_combine_kernel": ("part_ptr", "scale_ptr"),
+    "_count_bad_labels_kernel": ("y_ptr",),
+    "_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
+}
+# Operators that move no data (or a handful of bytes on the host's side of the launch).
+_NO_TRAFFIC = re.compile(r"^(empty|empty_strided|new_empty|new_empty_strided|view|_unsafe_view|"
+                         r"as_strided|unsqueeze|squeeze|expand|t|transpose|permute|slice|select|"
+                         r"alias|detach|lift_fresh|_to_copy_noop|sym_size|sym_stride|"
+                         r"sym_numel|sym_storage_offset|is_same_size|_local_scalar_dense)(\.|$)")
+
+
+def loop_trips(name, values):
+    """The trip counts of a kernel's run-time loops, outermost first in program order (see the
+    kernels: depth offsets, column offsets, class chunks; the combine's rounds)."""
+    if name == "_combine_kernel":
+        return [values["rounds"]] * 3
+    if name == "_count_bad_labels_kernel":
+        return []
+    if name == "_zscore_stats_kernel":
+        return [values["chunks"]]
+    window = [2 * values["radius_d"] + 1, 2 * values["radius"] + 1]
+    if values["ROWS"] == 1:  # one row per lane: the window's rows are a loop too
+        window.append(2 * values["radius"] + 1)
+    if values["C"] <= values["CLASS_TILE"]:
+        return window
+    if name == "_forward_kernel":
+        return ([values["chunks"]] + window) * (2 if values["NEED_P"] else 1)
+    if values["ZSCORE"]:  # the pixels' statistics (one loop per row of the lane), 2 passes
+        return [values["chunks"]] * values["ROWS"] + ([values["chunks"]] + window) * 2
+    return [values["chunks"]] + window
+
+
+class GlueRecorder(TorchDispatchMode):
+    """Every PyTorch operator the loss runs outside the kernels, with the bytes it touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        if not _NO_TRAFFIC.match(name) and getattr(func, "namespace", "") != "lad_triton":
+            tensors = [t for t in _flat((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            moved = sum(t.numel() * t.element_size() for t in tensors)
+            self.ops.append((str(func), moved))
+        return out
+
+
+def _flat(tree):
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _flat(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _flat(item)
+    else:
+        yield tree
+
+
+def model_workload(shape, kernel_size, dtype, check_target=False):
+    """(kernel models, glue ops) of one forward + backward of the default loss."""
+    batch, classes, height, width = shape
+    logits = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    target = torch.zeros((batch, height, width), dtype=torch.int64)
+    glue = GlueRecorder()
+    with recording() as launches, glue:
+        loss = lad_triton.locally_adaptive_loss(logits, target, kernel_size=kernel_size,
+                                                backend="triton", check_target=check_target)
+        loss.backward()
+    models = []
+    for name, fn, grid, args, kwargs in launches:
+        values = dict(zip(fn.arg_names, args))
+        values.update(kwargs)
+        resources_, cubin = compiled(fn, args, kwargs, 90)
+        if cubin is None:
+            raise RuntimeError(f"{name} does not compile: {resources_['error']}")
+        moved, seen = 0, set()
+        for arg in STREAMED[name]:
+            t = values[arg]
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                moved += t.numel() * t.element_size()
+        models.append(perf_model.model_kernel(
+            name, cuobjdump(cubin, "--dump-sass"), loop_trips(name, values), grid[0],
+            kwargs.get("num_warps", 4), moved, resources_["regs"], resources_["spills"]))
+    return models, glue.ops
+
+
+def model(args):
+    rows = []
+    workloads = WORKLOADS[:3] if args.quick else WORKLOADS
+    print(f"Performance model of one forward + backward on an H100 SXM, read from the sm_90 "
+          f"SASS (triton {triton.__version__}): {perf_model.SMS} SMs x {perf_model.SCHEDULERS} "
+          f"schedulers x {perf_model.CLOCK_HZ / 1e9:.3f} GHz, L1 {perf_model.L1_BYTES_PER_CLOCK} "
+          f"B/clock/SM, DRAM {perf_model.DRAM_BYTES_PER_S / 1e12:.1f} TB/s, "
+          f"{perf_model.LAUNCH_S * 1e6:.0f} us per launch; int64 labels; a model, not a "
+          "measurement.\n")
+    for name, shape, k, dtype, target in workloads:
+        kernels, glue = model_workload(shape, k, dtype)
+        glue_s = sum(b for _, b in glue) / perf_model.DRAM_BYTES_PER_S
+        launches = len(kernels) + len(glue)
+        total = sum(m.time_s for m in kernels) + glue_s + launches * perf_model.LAUNCH_S
+        dram = sum(m.dram_s for m in kernels) + glue_s
+        label = f"{name} {'x'.join(map(str, shape))} K={k} {str(dtype)[6:]}"
+        print(f"== {label}: modelled {total * 1e3:.3f} ms (DRAM alone {dram * 1e3:.3f} ms)"
+              + (f", target {target if isinstance(target, str) else f'{target} ms'}"
+                 if target else ""))
+        print(f"   {'kernel':22} {'programs':>8} {'warps':>5} {'regs':>4} {'spill':>5} "
+              f"{'instr/warp':>10} {'LDG':>6} {'STG':>5} {'DRAM MB':>8} {'issue us':>8} "
+              f"{'L1 us':>7} {'DRAM us':>7}  bound")
+        for m in kernels:
+            print(f"   {m.name:22} {m.programs:8d} {m.warps:5d} {m.registers:4d} {m.spills:5d} "
+                  f"{m.instructions:10d} {m.memory_instructions.get('LDG', 0):6d} "
+                  f"{m.memory_instructions.get('STG', 0):5d} {m.dram_bytes / 1e6:8.1f} "
+                  f"{m.issue_s * 1e6:8.1f} {m.l1_s * 1e6:7.1f} {m.dram_s * 1e6:7.1f}  {m.bound}")
+        print(f"   glue: {len(glue)} PyTorch operators, {sum(b for _, b in glue) / 1e6:.2f} MB"
+              + (": " + ", ".join(sorted({op.split('.')[1] if '.' in op else op
+                                         for op, _ in glue})) if glue else ""))
+        rows.append(dict(workload=name, shape=list(shape), kernel_size=k, dtype=str(dtype)[6:],
+                         target=target, modelled_ms=total * 1e3, dram_ms=dram * 1e3,
+                         launches=launches, glue=[dict(op=o, bytes=b) for o, b in glue],
+                         kernels=[dict(name=m.name, programs=m.programs, warps=m.warps,
+                                       registers=m.registers, spills=m.spills,
+                                       instructions_per_warp=m.instructions,
+                                       memory_instructions=m.memory_instructions,
+                                       wavefronts_per_warp=m.wavefronts, loops=m.loops,
+                                       dram_bytes=m.dram_bytes, issue_us=m.issue_s * 1e6,
+                                       l1_us=m.l1_s * 1e6, dram_us=m.dram_s * 1e6,
+                                       bound=m.bound) for m in kernels]))
+    print()
+    print(summary_table(rows))
+    return dict(triton=triton.__version__, torch=torch.__version__,
+                constants=dict(sms=perf_model.SMS, schedulers=perf_model.SCHEDULERS,
+                               clock_hz=perf_model.CLOCK_HZ,
+                               l1_bytes_per_clock=perf_model.L1_BYTES_PER_CLOCK,
+                               dram_bytes_per_s=perf_model.DRAM_BYTES_PER_S,
+                               launch_s=perf_model.LAUNCH_S), rows=rows), 0
+
+
+def summary_table(rows):
+    """The model's figures as the README shows them: one line per workload."""
+    short = {"_zscore_stats_kernel": "stats", "_forward_kernel": "forward",
+             "_combine_kernel": "combine", "_backward_kernel": "backward"}
+    lines = ["| workload (fwd+bwd) | modelled | DRAM alone | target | per kernel: time, bound |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        target = r["target"]
+        target = (f"{target} ms" if isinstance(target, float) else
+                  f"<= {3 * r['dram_ms']:.2f} ms (3x DRAM)" if target else "-")
+        kernels = ", ".join(f"{short.get(k['name'], k['name'])} "
+                            f"{max(k['issue_us'], k['l1_us'], k['dram_us']):.0f} us {k['bound']}"
+                            for k in r["kernels"])
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"| {r['workload']} {shape} K={r['kernel_size']} {r['dtype']} | "
+                     f"{r['modelled_ms']:.3f} ms | {r['dram_ms']:.3f} ms | {target} | {kernels} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="store_true", help="the performance model")
+    parser.add_argument("--quick", action="store_true", help="fewer configs or workloads")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    result, failures = (model if args.model else report)(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
+            json.dump(result, f, indent=1)
     return 1 if failures else 0
 
 

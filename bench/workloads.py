@@ -98,15 +98,15 @@ def flops_per_pixel(w, pass_):
 
 
 def design_bytes_per_pixel(w, pass_):
-    """DRAM bytes of the fused kernels as their docstrings count them (kernels/forward.py,
-    kernels/backward.py), zscore=True, stride 1: each direction 2*C*E + C*E_P + Y + 20, E_P the
-    bytes of P's dtype (the logits', but float32 for half-precision logits with C > 32)."""
-    from lad_triton.kernels.config import p_dtype
-
+    """DRAM bytes of the fused kernels per pixel, as kernels/forward.py and kernels/backward.py
+    count them (zscore=True, stride 1, reduction="mean"): the statistics pass reads the logits
+    and writes 8 B; the forward reads the logits, the labels and the 8 B, and writes P (the
+    logits' size and dtype); the backward reads P, the logits and the labels and writes the
+    gradient. The per-tile partials and scales are a few bytes per 128 pixels."""
     e = torch.finfo(w.dtype).bits // 8
-    e_p = torch.finfo(p_dtype(w.dtype, w.classes)).bits // 8
-    one = 2 * w.classes * e + w.classes * e_p + 8 + 20
-    return one if pass_ == "forward" else 2 * one
+    y = 8  # int64 labels
+    forward = (w.classes * e + 8) + (2 * w.classes * e + y + 8)
+    return forward if pass_ == "forward" else forward + 3 * w.classes * e + y
 
 
 # --- implementations --------------------------------------------------------------------------

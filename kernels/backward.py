@@ -1,170 +1,374 @@
 """Backward kernel of the locally adaptive loss and its launch helper.
 
-With P_p = (softmax(f_p) - onehot(y_p)) / xi_p saved by the forward (0 at invalid centres) and
-dL_p = d loss / d L_p from the reduction (``lad_triton/reduction.py``: the Minkowski factor,
-class weights, or the upstream map), ``_backward_kernel`` computes the gradient of docs/math.md:
-per tile of pixels q, it gathers G_q = sum over the centres p whose window holds q, with
-y_p == y_q, of omega(d) * dL_p * P_p (the window is symmetric, so this is the forward's pooling
-read backwards: a gather, never a scatter, no atomics), then applies the z-score Jacobian
-dx_q = rstd_q * (G_q - mean_c G_q - z_q * mean_c(G_q z_q)). The Jacobian needs every class of
-G_q: one pass when C fits the class chunk (C <= 256), else a first pass for the two class means
-and a second that recomputes G chunk by chunk. 2-D images run as volumes of depth 1.
+``_backward_kernel`` computes the gradient of docs/math.md from what the forward stored per
+centre: P_p = (softmax(f_p) - onehot(y_p)) / xi_p, 0 at invalid centres. Per tile of ROWS x 32
+pixels q it gathers G_q = sum over the centres p whose window holds q, with y_p == y_q, of
+omega(d) * dL_p * P_p (the window is symmetric, so this is the forward's pooling read
+backwards: a gather, never a scatter, no atomics; a centre row loaded once serves every pixel of
+the lane whose window holds it), then applies the z-score Jacobian
+dx_q = rstd_q * (G_q - mean_c G_q - z_q * mean_c(G_q z_q)).
 
-Traffic and arithmetic per pixel, stride 1, logits of E bytes per element, labels of Y bytes:
-reads P and dL of its K^2 neighbour centres (C*E + 4 B from DRAM, K^2 times that through L1),
-labels (Y), its logits (C*E) and stats (8 B); writes dx (C*E); the reduction's dL costs 8 B per
-centre. ~2*K^2*C flops for the gather (a multiply-add per neighbour and class) and ~8C for the
-Jacobian. P is E bytes per class except for half-precision logits with C > 32 (4 B, see
-``config.p_dtype``). For C=21 float32 logits and uint8 labels: 273 B per pixel; forward +
-backward 546 B, 6.5x the 84 B of logits (bfloat16: 294 B, 7x the 42 B), against 2x for the floor
-(logits read once, gradient written once, labels once: 169 B) and ~5x for a store design
-without a separate statistics pass. In 3-D the window holds K^3 neighbours: K^3 in
-place of K^2 above.
+dL_p = d loss / d L_p is never written as a map for the Minkowski mean (MEAN): the forward
+stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile, and the combine wrote
+each tile's a * (t / max L)^(k-1), so the kernel multiplies by the upstream gradient and one
+number per forward tile. Otherwise (reduction="none", and any reduction computed in PyTorch) the
+caller passes the map dL.
+
+The Jacobian needs every class of G_q and the pixel's z-score statistics, which the kernel
+recomputes from the logits it loads for the Jacobian (the forward's statistics were a
+temporary): in registers when a lane holds every class (C <= CLASS_TILE); beyond, a first pass
+over class chunks merges the statistics, a second accumulates the Jacobian's two class means and
+a third recomputes G chunk by chunk. 2-D images run as volumes of depth 1.
+
+DRAM traffic per pixel at stride 1 (C classes of E bytes, labels of Y bytes): reads P (C*E), the
+logits (C*E) and labels (Y), writes the gradient (C*E); dL (4 B) only for the map.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .forward import as_volume
-from .config import accumulation_dtype, launch_config, needs_wide_index, span, split_scalar
-from .tiling import class_lanes, scalar, tile_pixels, window_weight
+from .config import arch_of, launch_config, needs_wide_index, span, split_scalar
+from .forward import as_volume, chan_update, grid_of
+from .tiling import also, clamp, omega_at, omega_of, scalar, tile_coordinates
 
 
 @triton.jit
-def _gathered_chunk(
-    P_img, s_img, y_img, c0, C, D, H, W, Dc, Hc, Wc, qd, qi, qj, y_q, live,
-    syd, syh, syw, stride, radius, radius_d, weight_base, inv_base,
-    ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """G for classes [c0, c0 + BLOCK_C) of the pixels (qd, qi, qj) of one image: the adjoint
-    pooling of docs/math.md, gathering omega * dL_p * P_p from the same-class centres p whose window holds q."""
-    cls = class_lanes(c0, BLOCK_C, WIDE)
+def _add(G, P, same, omega, s):
+    return G + tl.where(same, omega * s, 0.0)[None, :] * P
+
+
+@triton.jit
+def _centre_row(P_img, s_ptr, s_img, y_img, cls, cmask, cd, pi, pj, cj, col_in, col_ok, tile_plane,
+                H, Hc, Wc, class_plane, syd, syh, syw, grad, ftiles_w, ACC: tl.constexpr,
+                STRIDE: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr,
+                MEAN: tl.constexpr):
+    """One row of the lanes' window centres (pixel row pi, columns pj): (P, dL, label, a centre
+    in the image and on the stride grid)."""
+    ci = clamp(pi // STRIDE, Hc - 1)
+    ok = also(col_ok, (pi >= 0) & (pi < H) & (pi % STRIDE == 0))
+    y_p = tl.load(y_img + (cd * STRIDE) * syd + (ci * STRIDE) * syh
+                  + (cj * STRIDE) * syw).to(tl.int32)
+    centre = (cd * Hc + ci) * Wc + cj
+    if MEAN:
+        s = grad * tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
+    else:
+        s = tl.load(s_img + centre)
+    # P at the unclamped column, masked: offsets visibly consecutive across the lanes, as
+    # forward._neighbour_row explains.
+    P = tl.load(P_img + cls[:, None] * class_plane + (centre - cj + pj // STRIDE)[None, :],
+                mask=cmask[:, None] & col_in[None, :], other=0.0).to(ACC)
+    return P, s, y_p, ok
+
+
+@triton.jit
+def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, class_plane, qd, row0,
+            qj, yq0, yq1, yq2, yq3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w,
+            base, inv_base,
+            ACC: tl.constexpr, C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr,
+            STRIDE: tl.constexpr, ROWS: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr,
+            MEAN: tl.constexpr, WIDE: tl.constexpr):
+    """G of the ROWS pixels of each lane (rows row0 + RADIUS + o, column qj, depth qd; labels
+    yq0..yq3) for classes [c0, c0 + CLASS_TILE): the adjoint pooling of docs/math.md. With
+    ROWS > 1, centre row t (pixel row row0 + t) is loaded once and added to each pixel o whose
+    window holds it; with one row the rows are a run-time loop (see forward._pool). MEAN: dL_p =
+    grad * the scale of p's forward tile (FROWS x TILE_W centres) times the factor already in
+    P; else dL_p from the map."""
+    cls = c0 + tl.arange(0, CLASS_TILE)
+    if WIDE:
+        cls = cls.to(tl.int64)
     cmask = cls < C
-    class_plane = Dc * Hc * Wc
-    G = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    G0 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    G1 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    G2 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    G3 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
     for dd in range(-radius_d, radius_d + 1):
         pd = qd - dd
-        # tl.where, not &: the interpreter types (block mask & scalar condition) as an int.
-        plane_ok = tl.where((pd >= 0) & (pd < D) & (pd % stride == 0), live, False)
-        y_plane = y_img + pd * syd
-        centre_plane = (pd // stride) * Hc * Wc
-        for du in range(-radius, radius + 1):
-            pi = qi - du
-            row_ok = plane_ok & (pi >= 0) & (pi < H) & (pi % stride == 0)
-            for dv in range(-radius, radius + 1):
-                pj = qj - dv
-                same = row_ok & (pj >= 0) & (pj < W) & (pj % stride == 0)
-                y_p = tl.load(y_plane + pi * syh + pj * syw, mask=same, other=0)
-                same = same & (y_p == y_q)
-                centre = (pi // stride) * Wc + pj // stride
-                s = tl.load(s_img + centre_plane + centre, mask=same, other=0.0)
-                beta = tl.where(same, window_weight(dd, du, dv, weight_base, inv_base) * s, 0.0)
-                P = tl.load(P_img + centre_plane + cls[:, None] * class_plane + centre[None, :],
-                            mask=cmask[:, None] & same[None, :], other=0.0).to(ACC)
-                G += beta[None, :] * P
-    return G
+        cd = clamp(pd // STRIDE, Dc - 1)
+        plane_ok = (pd >= 0) & (pd < D) & (pd % STRIDE == 0)
+        tile_plane = (image * Dc + cd) * ftiles_h
+        for dv in range(-radius, radius + 1):
+            pj = qj - dv
+            col_in = (pj >= 0) & (pj < W) & (pj % STRIDE == 0)
+            col_ok = also(col_in, plane_ok)
+            cj = clamp(pj // STRIDE, Wc - 1)
+            far = tl.maximum(tl.abs(dv), tl.abs(dd))
+            if ROWS == 1:
+                for t in range(0, 2 * radius + 1):
+                    P, s, y_p, ok = _centre_row(
+                        P_img, s_ptr, s_img, y_img, cls, cmask, cd, row0 + t, pj, cj, col_in,
+                        col_ok, tile_plane, H, Hc, Wc, class_plane, syd, syh, syw, grad,
+                        ftiles_w, ACC, STRIDE, FROWS, TILE_W, MEAN)
+                    omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
+                                     RADIUS)
+                    G0 = _add(G0, P, ok & (y_p == yq0), omega, s)
+            else:
+                far_omega = omega_of(far, base, inv_base, RADIUS)
+                for t in tl.static_range(ROWS + 2 * RADIUS):
+                    P, s, y_p, ok = _centre_row(
+                        P_img, s_ptr, s_img, y_img, cls, cmask, cd, row0 + t, pj, cj, col_in,
+                        col_ok, tile_plane, H, Hc, Wc, class_plane, syd, syh, syw, grad,
+                        ftiles_w, ACC, STRIDE, FROWS, TILE_W, MEAN)
+                    if t <= 2 * RADIUS:
+                        G0 = _add(G0, P, ok & (y_p == yq0),
+                                  omega_at(t - RADIUS, far, far_omega, base, inv_base), s)
+                    if ROWS > 1 and t >= 1 and t <= 2 * RADIUS + 1:
+                        G1 = _add(G1, P, ok & (y_p == yq1),
+                                  omega_at(t - 1 - RADIUS, far, far_omega, base, inv_base), s)
+                    if ROWS > 2 and t >= 2 and t <= 2 * RADIUS + 2:
+                        G2 = _add(G2, P, ok & (y_p == yq2),
+                                  omega_at(t - 2 - RADIUS, far, far_omega, base, inv_base), s)
+                    if ROWS > 3 and t >= 3 and t <= 2 * RADIUS + 3:
+                        G3 = _add(G3, P, ok & (y_p == yq3),
+                                  omega_at(t - 3 - RADIUS, far, far_omega, base, inv_base), s)
+    return G0, G1, G2, G3
 
 
 @triton.jit
-def _z_chunk(x_plane, c0, C, sxc, x_pix, live, m_q, r_q,
-             ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """z for classes [c0, c0 + BLOCK_C) of the pixels at offsets x_pix, 0 on padded classes (so
-    that a NaN pixel's padding cannot reach the class means)."""
-    cls = class_lanes(c0, BLOCK_C, WIDE)
-    cmask = cls < C
-    x = tl.load(x_plane + cls[:, None] * sxc + x_pix[None, :],
-                mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-    return tl.where(cmask[:, None], (x - m_q[None, :]) * r_q[None, :], 0.0)
+def _pixel(y_img, qd, qi, qj, H, W, sxh, sxw, sdh, sdw, syd, syh, syw):
+    """Label (int32, as the forward compares them), live flag, logits offset and gradient offset
+    of the pixels (qd, qi, qj)."""
+    live = also(qj < W, qi < H)
+    y = tl.load(y_img + qd * syd + qi * syh + qj * syw, mask=live, other=0).to(tl.int32)
+    return y, live, qi * sxh + qj * sxw, qi * sdh + qj * sdw
 
 
-@triton.jit(do_not_specialize=["C", "D", "H", "W", "Dc", "Hc", "Wc", "tiles_h", "tiles_w",
-                               "stride", "radius", "radius_d"])
+@triton.jit
+def _logits(x_plane, cls, cmask, pix, live, sxc, ACC: tl.constexpr):
+    return tl.load(x_plane + cls[:, None] * sxc + pix[None, :], mask=cmask[:, None] & live[None, :],
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, live, sdc,
+              ZSCORE: tl.constexpr):
+    """dx = rstd * (G - mean_c G - z * mean_c(G z)), z = (x - m) * rstd (G with no z-score)."""
+    dx = G
+    if ZSCORE:
+        z = tl.where(cmask[:, None], (x - m[None, :]) * r[None, :], 0.0)
+        dx = r[None, :] * (G - mean_G[None, :] - z * mean_Gz[None, :])
+    tl.store(dx_plane + cls[:, None] * sdc + dpix[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=cmask[:, None] & live[None, :])
+
+
+@triton.jit
+def _finish(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, eps, sxc, sdc,
+            ACC: tl.constexpr, C: tl.constexpr, ZSCORE: tl.constexpr):
+    """Every class in the lane: the pixel's statistics, the Jacobian and the store."""
+    x = G
+    m = tl.zeros([G.shape[1]], dtype=ACC)
+    r = m
+    mean_G = m
+    mean_Gz = m
+    if ZSCORE:
+        x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+        m = tl.sum(x, axis=0) / C
+        dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
+        mean_G = tl.sum(G, axis=0) / C
+        mean_Gz = tl.sum(G * dev, axis=0) * r / C
+    _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, live, sdc, ZSCORE)
+
+
+@triton.jit
+def _stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.constexpr,
+           CLASS_TILE: tl.constexpr, TILE_W: tl.constexpr, WIDE: tl.constexpr):
+    """Mean and rstd of the pixels at ``pix`` over every class, chunk by chunk."""
+    count = tl.zeros([TILE_W], dtype=ACC)
+    mean = tl.zeros([TILE_W], dtype=ACC)
+    m2 = tl.zeros([TILE_W], dtype=ACC)
+    for chunk in range(chunks):
+        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+        if WIDE:
+            cls = cls.to(tl.int64)
+        cmask = cls < C
+        count, mean, m2 = chan_update(_logits(x_plane, cls, cmask, pix, live, sxc, ACC), cmask,
+                                      count, mean, m2)
+    return mean, 1.0 / tl.sqrt(m2 / C + eps)
+
+
+@triton.jit
+def _means(x_plane, G, cls, cmask, pix, live, m, r, mean_G, mean_Gz, sxc, ACC: tl.constexpr,
+           C: tl.constexpr):
+    """One class chunk into the Jacobian's two class means of a pixel."""
+    x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+    z = tl.where(cmask[:, None], (x - m[None, :]) * r[None, :], 0.0)
+    return mean_G + tl.sum(G, axis=0) / C, mean_Gz + tl.sum(G * z, axis=0) / C
+
+
+@triton.jit
+def _finish_chunk(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, m, r, mean_G,
+                  mean_Gz, sxc, sdc, ACC: tl.constexpr, ZSCORE: tl.constexpr):
+    x = G
+    if ZSCORE:
+        x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+    _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, live, sdc, ZSCORE)
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "Dc", "Hc", "Wc", "tiles_h", "tiles_w", "ftiles_h",
+                               "ftiles_w", "radius", "radius_d", "chunks"])
 def _backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
-    mean_ptr,    # (B, D, H, W) contiguous, ACC (read only if ZSCORE)
-    rstd_ptr,    # (B, D, H, W) contiguous, ACC (read only if ZSCORE)
-    P_ptr,       # (B, C, Dc, Hc, Wc) contiguous, p_dtype(): (softmax(f) - onehot(y)) / xi
-    s_ptr,       # (B, Dc, Hc, Wc) contiguous, ACC: d loss / d L_p
+    P_ptr,       # (B, C, Dc, Hc, Wc) contiguous, logits dtype: P (scaled for MEAN)
+    s_ptr,       # MEAN: (forward tiles,) ACC, per tile a * (t / max L)^(k-1); else (B, Dc, Hc,
+                 # Wc) contiguous ACC, the map dL = d output / d L
+    grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
     dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
-    C, D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
+    D, H, W, Dc, Hc, Wc, tiles_h, tiles_w, ftiles_h, ftiles_w,
     sxb, sxc, sxd, sxh, sxw,
     syb, syd, syh, syw,
     sdb, sdc, sdd, sdh, sdw,
-    stride, radius, radius_d, base_hi, base_lo,
-    ZSCORE: tl.constexpr, SINGLE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    radius, radius_d, chunks,
+    eps_hi, eps_lo, base_hi, base_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, STRIDE: tl.constexpr,
+    ROWS: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr,
+    MEAN: tl.constexpr, WIDE: tl.constexpr,
 ):
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    BLOCK_P: tl.constexpr = TILE_H * TILE_W
-    weight_base = scalar(base_hi, base_lo, ACC)
-    inv_base = 1.0 / weight_base
-    image, qd, qi, qj = tile_pixels(tiles_h, tiles_w, D, TILE_H, TILE_W, WIDE)
-    live = (qi < H) & (qj < W)
+    SINGLE: tl.constexpr = C <= CLASS_TILE
+    eps = scalar(eps_hi, eps_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    image, qd, q0, qj = tile_coordinates(tiles_h, tiles_w, D, ROWS, TILE_W, WIDE)
+    if not WIDE:
+        qd = qd.to(tl.int32)
+    row0 = q0 - RADIUS  # the first centre row any pixel of the tile gathers from
+    grad = tl.zeros([], dtype=ACC)
+    if MEAN:
+        grad = tl.load(grad_ptr).to(ACC)
     x_plane = x_ptr + image * sxb + qd * sxd
-    y_img = y_ptr + image * syb
     dx_plane = dx_ptr + image * sdb + qd * sdd
-    P_img = P_ptr + image * C * Dc * Hc * Wc
-    s_img = s_ptr + image * Dc * Hc * Wc
-    y_q = tl.load(y_img + qd * syd + qi * syh + qj * syw, mask=live, other=0)
-    x_pix = qi * sxh + qj * sxw
-    d_pix = qi * sdh + qj * sdw
-    m_q = tl.zeros([BLOCK_P], dtype=ACC)
-    r_q = tl.zeros([BLOCK_P], dtype=ACC)
-    if ZSCORE:
-        q = (image * D + qd) * H * W + qi * W + qj
-        m_q = tl.load(mean_ptr + q, mask=live, other=0.0)
-        r_q = tl.load(rstd_ptr + q, mask=live, other=0.0)
+    y_img = y_ptr + image * syb
+    if WIDE:
+        class_plane = Dc.to(tl.int64) * Hc * Wc
+    else:
+        class_plane = Dc * Hc * Wc
+    P_img = P_ptr + image * C * class_plane
+    s_img = s_ptr + image * class_plane
 
-    mean_G = tl.zeros([BLOCK_P], dtype=ACC)
-    mean_Gz = tl.zeros([BLOCK_P], dtype=ACC)
-    if ZSCORE and not SINGLE_CHUNK:
-        # First pass: the two class means of the Jacobian; G is recomputed below.
-        for c0 in range(0, C, BLOCK_C):
-            G = _gathered_chunk(P_img, s_img, y_img, c0, C, D, H, W, Dc, Hc, Wc, qd, qi, qj,
-                                y_q, live, syd, syh, syw, stride, radius, radius_d, weight_base,
-                                inv_base, ACC, WIDE, BLOCK_C, BLOCK_P)
-            z = _z_chunk(x_plane, c0, C, sxc, x_pix, live, m_q, r_q, ACC, WIDE, BLOCK_C)
-            mean_G += tl.sum(G, axis=0) / C
-            mean_Gz += tl.sum(G * z, axis=0) / C
+    y0, live0, pix0, dpix0 = _pixel(y_img, qd, q0, qj, H, W, sxh, sxw, sdh, sdw, syd, syh, syw)
+    y1, live1, pix1, dpix1 = _pixel(y_img, qd, q0 + 1, qj, H, W, sxh, sxw, sdh, sdw, syd, syh,
+                                    syw)
+    y2, live2, pix2, dpix2 = _pixel(y_img, qd, q0 + 2, qj, H, W, sxh, sxw, sdh, sdw, syd, syh,
+                                    syw)
+    y3, live3, pix3, dpix3 = _pixel(y_img, qd, q0 + 3, qj, H, W, sxh, sxw, sdh, sdw, syd, syh,
+                                    syw)
 
-    for c0 in range(0, C, BLOCK_C):
-        G = _gathered_chunk(P_img, s_img, y_img, c0, C, D, H, W, Dc, Hc, Wc, qd, qi, qj, y_q,
-                            live, syd, syh, syw, stride, radius, radius_d, weight_base,
-                            inv_base, ACC, WIDE, BLOCK_C, BLOCK_P)
-        dx = G
+    if SINGLE:
+        cls = tl.arange(0, CLASS_TILE)
+        if WIDE:
+            cls = cls.to(tl.int64)
+        cmask = cls < C  # compile-time per register: padded lanes fold away
+        G0, G1, G2, G3 = _gather(
+            P_img, s_ptr, s_img, y_img, 0, image, D, H, W, Dc, Hc, Wc, class_plane, qd, row0,
+            qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w, base,
+            inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
+        _finish(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, eps, sxc, sdc,
+                ACC, C, ZSCORE)
+        if ROWS > 1:
+            _finish(x_plane, dx_plane, dx_ptr, G1, cls, cmask, pix1, dpix1, live1, eps, sxc,
+                    sdc, ACC, C, ZSCORE)
+        if ROWS > 2:
+            _finish(x_plane, dx_plane, dx_ptr, G2, cls, cmask, pix2, dpix2, live2, eps, sxc,
+                    sdc, ACC, C, ZSCORE)
+        if ROWS > 3:
+            _finish(x_plane, dx_plane, dx_ptr, G3, cls, cmask, pix3, dpix3, live3, eps, sxc,
+                    sdc, ACC, C, ZSCORE)
+    else:
+        zero = tl.zeros([TILE_W], dtype=ACC)
+        m0, m1, m2, m3, r0, r1, r2, r3 = zero, zero, zero, zero, zero, zero, zero, zero
+        mG0, mG1, mG2, mG3 = zero, zero, zero, zero
+        mGz0, mGz1, mGz2, mGz3 = zero, zero, zero, zero
         if ZSCORE:
-            z = _z_chunk(x_plane, c0, C, sxc, x_pix, live, m_q, r_q, ACC, WIDE, BLOCK_C)
-            if SINGLE_CHUNK:
-                mean_G = tl.sum(G, axis=0) / C
-                mean_Gz = tl.sum(G * z, axis=0) / C
-            dx = r_q[None, :] * (G - mean_G[None, :] - z * mean_Gz[None, :])
-        cls = class_lanes(c0, BLOCK_C, WIDE)
-        tl.store(dx_plane + cls[:, None] * sdc + d_pix[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=(cls < C)[:, None] & live[None, :])
+            # First the pixels' statistics, then the Jacobian's two class means; G is
+            # recomputed below.
+            m0, r0 = _stats(x_plane, pix0, live0, eps, sxc, chunks, ACC, C, CLASS_TILE, TILE_W,
+                            WIDE)
+            if ROWS > 1:
+                m1, r1 = _stats(x_plane, pix1, live1, eps, sxc, chunks, ACC, C, CLASS_TILE,
+                                TILE_W, WIDE)
+            if ROWS > 2:
+                m2, r2 = _stats(x_plane, pix2, live2, eps, sxc, chunks, ACC, C, CLASS_TILE,
+                                TILE_W, WIDE)
+            if ROWS > 3:
+                m3, r3 = _stats(x_plane, pix3, live3, eps, sxc, chunks, ACC, C, CLASS_TILE,
+                                TILE_W, WIDE)
+            for chunk in range(chunks):
+                cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+                if WIDE:
+                    cls = cls.to(tl.int64)
+                cmask = cls < C
+                G0, G1, G2, G3 = _gather(
+                    P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
+                    class_plane, qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
+                    grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
+                    STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
+                mG0, mGz0 = _means(x_plane, G0, cls, cmask, pix0, live0, m0, r0, mG0, mGz0, sxc,
+                                   ACC, C)
+                if ROWS > 1:
+                    mG1, mGz1 = _means(x_plane, G1, cls, cmask, pix1, live1, m1, r1, mG1, mGz1,
+                                       sxc, ACC, C)
+                if ROWS > 2:
+                    mG2, mGz2 = _means(x_plane, G2, cls, cmask, pix2, live2, m2, r2, mG2, mGz2,
+                                       sxc, ACC, C)
+                if ROWS > 3:
+                    mG3, mGz3 = _means(x_plane, G3, cls, cmask, pix3, live3, m3, r3, mG3, mGz3,
+                                       sxc, ACC, C)
+        for chunk in range(chunks):
+            cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+            if WIDE:
+                cls = cls.to(tl.int64)
+            cmask = cls < C
+            G0, G1, G2, G3 = _gather(
+                P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
+                class_plane, qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
+                grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE,
+                ROWS, FROWS, TILE_W, MEAN, WIDE)
+            _finish_chunk(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, m0, r0,
+                          mG0, mGz0, sxc, sdc, ACC, ZSCORE)
+            if ROWS > 1:
+                _finish_chunk(x_plane, dx_plane, dx_ptr, G1, cls, cmask, pix1, dpix1, live1, m1,
+                              r1, mG1, mGz1, sxc, sdc, ACC, ZSCORE)
+            if ROWS > 2:
+                _finish_chunk(x_plane, dx_plane, dx_ptr, G2, cls, cmask, pix2, dpix2, live2, m2,
+                              r2, mG2, mGz2, sxc, sdc, ACC, ZSCORE)
+            if ROWS > 3:
+                _finish_chunk(x_plane, dx_plane, dx_ptr, G3, cls, cmask, pix3, dpix3, live3, m3,
+                              r3, mG3, mGz3, sxc, sdc, ACC, ZSCORE)
 
 
-def backward(dL, logits, target, P, mean, rstd, *, kernel_size, stride, weight_base, zscore):
-    """Launch the backward: d loss / d logits from dL = d loss / d L (the centre grid's shape),
-    in the logits' dtype and memory format."""
+def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore,
+             weighted=False, grad=None):
+    """Launch the backward: d output / d logits in the logits' dtype and memory format. With
+    ``grad`` (d output / d loss, 0-dim) ``s`` is the combine's per-tile scales and P the
+    forward's scaled P (the Minkowski mean); without, ``s`` is the map dL on the centre grid.
+    ``weighted``: the forward had class weights (its tiling depends on it)."""
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     x, y, dxv = as_volume(logits, 4), as_volume(target, 3), as_volume(dx, 4)
     batch, classes, depth, height, width = x.shape
     d_c, h_c, w_c = P.shape[2:]
-    acc = accumulation_dtype(logits.dtype)
-    s = dL.to(acc).reshape(batch, d_c, h_c, w_c).contiguous()
-    cfg = launch_config("backward", classes, acc)
-    tiles_h, tiles_w = triton.cdiv(height, cfg.tile_h), triton.cdiv(width, cfg.tile_w)
+    mean = grad is not None
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cfg = launch_config(classes, stride, kernel_size, acc, weighted, arch_of(logits))
+    tiles_h, tiles_w, programs = grid_of(cfg.backward_rows, cfg.tile_w,
+                                         (batch, depth, height, width))
+    forward_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
+    if not mean:
+        s = s.to(acc).contiguous()
     wide = needs_wide_index(span(x.shape[1:], x.stride()[1:]),
                             span(dxv.shape[1:], dxv.stride()[1:]),
-                            span(y.shape[1:], y.stride()[1:]), classes * d_c * h_c * w_c)
-    _backward_kernel[(batch * depth * tiles_h * tiles_w,)](
-        x, y, mean, rstd, P, s, dxv,
-        classes, depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w,
+                            span(y.shape[1:], y.stride()[1:]), classes * d_c * h_c * w_c,
+                            depth * height * width)
+    radius = kernel_size // 2
+    _backward_kernel[(programs,)](
+        x, y, P, s, grad if mean else s, dxv,
+        depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
         *x.stride(), *y.stride(), *dxv.stride(),
-        stride, kernel_size // 2, kernel_size // 2 if volume else 0, *split_scalar(weight_base),
-        ZSCORE=zscore, SINGLE_CHUNK=cfg.single_chunk, WIDE=wide,
-        BLOCK_C=cfg.block_c, TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, **cfg.launch)
+        radius, radius if volume else 0, cfg.chunks,
+        *split_scalar(eps), *split_scalar(weight_base),
+        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
+        ROWS=cfg.backward_rows, FROWS=cfg.forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
+        MEAN=mean, WIDE=wide, **cfg.backward_launch)
     return dx

@@ -1,10 +1,20 @@
-"""What is known about the kernels without Triton: the accumulation dtype, the launch
-heuristic, P's storage dtype, scalar passing and index widths. Pure Python, so that the package's
+"""What is known about the kernels without Triton: the accumulation dtype, the launch heuristic,
+scalar passing, index widths and the loops each kernel runs. Pure Python, so that the package's
 PyTorch path and the benchmark's traffic model import it on machines without Triton."""
 
+import re
 import struct
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
+
+
+def _has_triton():
+    try:
+        version("triton")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def accumulation_dtype(dtype):
@@ -21,75 +31,123 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-# Elements of a [BLOCK_C, BLOCK_P] register tile per program, warps, and the register cap
-# (maxnreg) per kernel family. Backward: 2048 over 2 warps, so for C <= 32 each thread owns one
-# pixel and all its classes (loads coalesced across the 32 pixels of a warp, the Jacobian's class
-# means inside the thread); it needs 160-250 registers. Forward (and z-score statistics): 1024
-# over 8 warps, 4 per thread, capped at 64 registers (128 when it loops over class chunks,
-# doubled for float64): 4 CTAs of 256 threads per SM. Without an explicit cap ptxas picked 40-64
-# registers on its own and spilled 8-48 bytes, differently under Triton 3.6 and 3.9 and after
-# every code change; with these caps bench/kernel_report.py finds no spill in any kernel under
-# either version. Performance is unmeasured until a GPU run: retune there.
-TILE_ELEMENTS = {"forward": 1024, "backward": 2048}
-NUM_WARPS = {"forward": 8, "backward": 2}
-MAX_REGISTERS = {("forward", True): 64, ("forward", False): 128, ("backward", True): 255,
-                 ("backward", False): 255}
-# The forward loops over class chunks with an online logsumexp, so its chunk only bounds padding
-# and registers: C=150 runs 5 chunks of 32 = 160 lanes (64-class chunks padded to 192 and took
-# 249-254 registers). The backward's z-score Jacobian needs every class
-# of G at once: chunks up to 256 keep it single-pass for VOC (21), Cityscapes (19), ADE20K (150)
-# and COCO-Stuff (171/182); wider C recomputes G in a second pass.
-MAX_BLOCK_C = {"forward": 32, "backward": 256}
-MIN_BLOCK_P, MAX_BLOCK_P = 16, 256
-TILE_W = 32  # up to 32 consecutive pixels of a class row: 128 B of float32 per load
+# Work layout, every kernel: a program is one warp; its 32 lanes hold 32 consecutive pixels of a
+# row (W, the contiguous axis of NCHW logits: each load instruction reads 32 consecutive values,
+# one 128-B line for float32), and each lane holds every class of its pixel in registers (the
+# class tile), so that per neighbour the label, weight and statistics are handled once per pixel
+# and the class reductions (logsumexp, the Jacobian's means) stay inside the thread. Classes are
+# a compile-time constant: the padded lanes of the class tile (C=21 in a 32-wide tile) fold away
+# at compile time, so padding costs registers, not instructions.
+#
+# Rows: a lane owns `rows` vertically adjacent pixels of its column (stride 1). A window row
+# loaded once serves every one of them whose window covers it: per class and pixel,
+# (rows + K - 1) * K / rows loads instead of K^2 (10 instead of 25 at K=5, rows=4), which is
+# what keeps the stencil's instruction count down (python -m bench.kernel_report --model). Each
+# row costs C accumulator registers; the counts below are the most that compile without spills
+# (bench/kernel_report.py checks C = 19, 21, 150, 1024 and K = 3, 5, 7 under Triton 3.6 and
+# 3.9): the backward holds more per row than the forward. With stride > 1 the windows of
+# neighbouring centres barely overlap: one row.
+TILE_W = 32
+NUM_WARPS = 1
+# Up to CLASS_TILE classes a lane holds all of them; beyond, the kernels loop over chunks of
+# CHUNK_TILE classes: the forward pools every chunk twice (once for the logsumexp, once for P),
+# the backward three times (the pixels' statistics, the Jacobian's class means, the gradient).
+CLASS_TILE = 32
+CHUNK_TILE = 16
+# Register caps (maxnreg), each found by bench/kernel_report.py: the ptxas of Triton 3.9 spills
+# least when left to choose for the forward (a cap of 255 made it spill more); the backward, and
+# every kernel under Triton 3.6 (whose ptxas, left alone, stops at 64 registers and spills
+# kilobytes), want the cap.
+NEW_PTXAS = tuple(map(int, re.findall(r"\d+", version("triton"))[:2])) >= (3, 9) \
+    if _has_triton() else True
+FORWARD_MAX_REGISTERS = None if NEW_PTXAS else 255
+BACKWARD_MAX_REGISTERS = 255
 
 
 class LaunchConfig:
-    """Block sizes of one kernel family for one (C, dtype)."""
+    """Block sizes of the forward and backward for one problem."""
 
-    def __init__(self, block_c, tile_h, tile_w, num_warps, single_chunk, max_registers):
-        self.block_c, self.tile_h, self.tile_w = block_c, tile_h, tile_w
-        self.num_warps, self.single_chunk = num_warps, single_chunk
+    def __init__(self, classes, class_tile, forward_rows, backward_rows, max_registers=None):
+        self.classes, self.class_tile = classes, class_tile
         self.max_registers = max_registers
+        self.forward_rows, self.backward_rows = forward_rows, backward_rows
+        self.single_chunk = classes <= class_tile
+        self.chunks = cdiv(classes, class_tile)
+        self.tile_w, self.num_warps = TILE_W, NUM_WARPS
 
     @property
     def launch(self):
-        """Launch options: ``kernel[grid](..., **cfg.launch)``."""
-        return dict(num_warps=self.num_warps, maxnreg=self.max_registers)
+        """Launch options of the forward: ``kernel[grid](..., **cfg.launch)``. One stage: the
+        kernels' loops hold no tl.dot for the pipeliner to overlap, and the model counts loops as
+        written."""
+        options = dict(num_warps=self.num_warps, num_stages=1)
+        return dict(options, maxnreg=self.max_registers) if self.max_registers else options
 
     @property
-    def block_p(self):
-        return self.tile_h * self.tile_w
+    def backward_launch(self):
+        """The backward keeps a 64-bit pointer per class (one multiply-add per load instead of
+        three instructions) and needs the registers: maxnreg=255 keeps ptxas from stopping at
+        168 and spilling."""
+        return dict(self.launch, maxnreg=BACKWARD_MAX_REGISTERS)
 
     def __repr__(self):
-        return (f"BLOCK_C={self.block_c} TILE={self.tile_h}x{self.tile_w} "
-                f"num_warps={self.num_warps} maxnreg={self.max_registers}")
+        return (f"class_tile={self.class_tile} chunks={self.chunks} "
+                f"rows={self.forward_rows}/{self.backward_rows} tile_w={self.tile_w} "
+                f"num_warps={self.num_warps}")
 
 
-def launch_config(family, classes, acc_dtype):
-    """The one launch heuristic: BLOCK_C = C rounded up to a power of two, capped per family;
-    pixels per program = TILE_ELEMENTS[family] / BLOCK_C (halved for float64, whose registers
-    are twice as wide) within [MIN_BLOCK_P, MAX_BLOCK_P]; a tile larger than that (a 256-class
-    backward chunk) gets more warps rather than more elements per thread; the register cap of
-    MAX_REGISTERS. Depends on C and
-    dtype only, never on B, D, H or W. (Tests lower MAX_BLOCK_C to exercise the multi-chunk
-    paths at small C.)"""
-    block_c = min(next_power_of_2(classes), MAX_BLOCK_C[family])
-    elements = TILE_ELEMENTS[family] // (2 if acc_dtype == torch.float64 else 1)
-    block_p = max(MIN_BLOCK_P, min(MAX_BLOCK_P, elements // block_c))
-    tile_w = min(TILE_W, block_p)
-    num_warps = NUM_WARPS[family] * max(1, block_c * block_p // elements)
-    single_chunk = classes <= block_c
-    registers = MAX_REGISTERS[family, single_chunk] * (2 if acc_dtype == torch.float64 else 1)
-    return LaunchConfig(block_c, block_p // tile_w, tile_w, num_warps, single_chunk,
-                        min(255, registers))
+# The architecture the launch heuristic plans for when the tensors do not say (CPU tensors under
+# the interpreter, meta tensors in bench/kernel_report.py, which sets it per compile target).
+DEFAULT_ARCH = 90
+TARGET_ARCH = None
+
+
+def arch_of(tensor):
+    """sm_XY as the integer XY: the tensor's CUDA device, else TARGET_ARCH or DEFAULT_ARCH."""
+    if TARGET_ARCH is not None:
+        return TARGET_ARCH
+    if tensor.is_cuda:
+        major, minor = torch.cuda.get_device_capability(tensor.device)
+        return 10 * major + minor
+    return DEFAULT_ARCH
+
+
+def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
+                  arch=DEFAULT_ARCH):
+    """The one launch heuristic, shared by the forward and the backward (the backward indexes
+    the forward's tiles). Depends on C, K, the stride, the accumulation dtype, class weights, the
+    architecture and Triton's ptxas (sm_80's and Triton 3.6's spill at fewer rows than sm_90's
+    under Triton 3.9), never on B, D, H or W. The row counts are the most that compile without
+    spills in bench/kernel_report.py's configurations."""
+    classes = int(classes)
+    if classes > CLASS_TILE:  # chunks of classes, one row
+        return LaunchConfig(classes, CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2, 1, 1,
+                            FORWARD_MAX_REGISTERS)
+    class_tile = next_power_of_2(max(classes, 2))
+    if acc_dtype == torch.float64:  # registers twice as wide: a quarter of the classes
+        return LaunchConfig(classes, min(class_tile, CHUNK_TILE // 2), 1, 1,
+                            FORWARD_MAX_REGISTERS)
+    if stride > 1:
+        rows = (1, 1)
+    elif NEW_PTXAS:
+        if classes <= 24:
+            rows = (4 if kernel_size <= 5 and not weighted else 3, 2)
+        else:
+            rows = (2, 1)
+        if arch < 90:
+            rows = (max(1, rows[0] // 2), 1)
+    elif classes <= 24 and arch >= 90:
+        rows = {3: (2, 2), 5: (3, 1)}.get(kernel_size, (2, 1))
+    else:
+        rows = (1, 1)
+    return LaunchConfig(classes, class_tile, *rows, FORWARD_MAX_REGISTERS)
 
 
 def split_scalar(value):
     """A float as a (hi, lo) pair of float32 values with hi + lo == value to ~2^-48: Triton's
     interpreter passes Python floats to kernels as float32 whatever the annotation, and float64
     kernels need eps, power and weight_base to float64 precision. Kernels rebuild the value with
-    :func:`scalar`."""
+    ``tiling.scalar``."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     lo = struct.unpack("f", struct.pack("f", value - hi))[0]
     return hi, lo
@@ -97,25 +155,11 @@ def split_scalar(value):
 
 def needs_wide_index(*spans):
     """Whether offsets *inside one image* can reach 2^30 (half of int32's range, leaving room
-    for window offsets past the edge, which are masked but still computed). Each span is the
-    largest such offset of one tensor, e.g. sum((size - 1) * |stride|) over its C, H, W axes.
-    Image base offsets are int64 regardless (B * C * H * W may exceed 2^31 elements)."""
+    for the arithmetic around them). Each span is the largest such offset of one tensor, e.g.
+    sum((size - 1) * |stride|) over its C, D, H, W axes. Image base offsets are int64 regardless
+    (B * C * H * W may exceed 2^31 elements)."""
     return max(spans) >= 2**30
 
 
 def span(shape, strides):
     return sum((n - 1) * abs(s) for n, s in zip(shape, strides) if n > 0)
-
-
-def p_dtype(dtype, classes):
-    """P's storage dtype for logits of ``dtype`` with ``classes`` classes: the logits' own, P
-    being rounded once, as the gradient it becomes is; but the accumulation dtype when the
-    forward loops over class chunks, as it parks the pooled logits f in P's slots until their
-    logsumexp is known and f in bfloat16 would cost |f| * 2^-9 absolutely (~1% relative error in
-    softmax(f)). For bfloat16 logits with C <= 32 (VOC, Cityscapes) it saves a third of the
-    backward's peak memory and a fifth of the DRAM traffic, and adds P's rounding to the
-    gradient's error: 5.9e-3 of its norm against 1.7e-3 for the PyTorch backend, whose P is
-    float32 (``TRITON_INTERPRET=1 python -m bench.agreement --size 33``; the contract allows
-    2e-2)."""
-    acc = accumulation_dtype(dtype)
-    return dtype if launch_config("forward", classes, acc).single_chunk else acc

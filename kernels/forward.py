@@ -1,265 +1,543 @@
 """Forward kernels of the locally adaptive loss and their launch helper.
 
-Two launches (names as in docs/contract.md and docs/math.md), for 2-D images (B, C, H, W) and 3-D volumes
-(B, C, D, H, W) alike (an image is a volume of depth 1 and a depth radius of 0):
+Names as in docs/contract.md and docs/math.md. For 2-D images (B, C, H, W) and 3-D volumes
+(B, C, D, H, W) alike (an image is a volume of depth 1 with a depth radius of 0):
 
-1. ``_zscore_stats_kernel`` (zscore=True only): per pixel, mean and rstd = 1/sqrt(var + eps)
-   over the classes, chunks merged with Chan's formula.
-2. ``_forward_kernel``: per tile of centres, for each class chunk and each window offset, the
-   same-class weighted sum of the neighbours' z; then xi, f, an online logsumexp over chunks,
-   L = lse(f) - f[y], the tile's Minkowski partials (max L, sum w (L / max L)^k, sum w, with w
-   the class weight of each valid centre) and P = (softmax(f) - onehot(y)) / xi for the
-   backward (0 at invalid centres). With several class chunks, f is parked in P's own slots
-   until lse is known, then rewritten as P by the same program.
+1. ``_zscore_stats_kernel`` (zscore=True): per pixel the mean and rstd = 1 / sqrt(var + eps)
+   over classes, into a buffer that lives only until the forward kernel has read it.
+2. ``_forward_kernel``: per tile of ROWS x 32 centres, the pooled vector f of every centre, the
+   cost L = logsumexp(f) - f[y], the tile's Minkowski partials (max L, sum w (L / max L)^k,
+   sum w, with w the class weight of each valid centre) and P = (softmax(f) - onehot(y)) / xi for
+   the backward (0 at invalid centres).
+3. ``_combine_kernel``: one program adds the partials in a fixed order into the loss and the two
+   numbers the backward needs (max L and the Minkowski factor a): no atomics, bitwise repeatable.
 
-The partials (12 bytes per tile) are combined into the loss by ``lad_triton/reduction.py`` in a
-fixed order, with no atomics: bitwise repeatable, and across processes when synchronised.
+The z-score is folded into the pooling: with dev_q = x_q - m_q and rstd_q,
+``f_p = (1 / xi_p) sum_q (omega * [y_q == y_p] * rstd_q) * dev_q``, a multiply-add per
+neighbour and class with a coefficient computed once per neighbour. When a lane holds all the
+classes (C <= CLASS_TILE) it computes m_q and rstd_q of each neighbour it loads from the values
+it loaded (two passes in registers, no cancellation), so the forward reads the logits once from
+DRAM and there is no statistics pass; the backward recomputes its own pixels' statistics the
+same way. Beyond CLASS_TILE classes the statistics come from ``_zscore_stats_kernel``.
 
-Why this design ("store", docs/contract.md's "The gradient, written out"): the backward needs g_p over a
-window of every pixel, and only the Minkowski factor is global. Storing P costs one buffer of
-the centres (C x E B per centre, see ``config.p_dtype``) and makes the backward a single gather;
-recomputing f in the backward would instead redo the K^2-neighbour pooling over a halo of
-radius 2r (K^2 x C more multiply-adds per pixel) and need the recomputed g of the halo in
-on-chip memory, which Triton only offers through the experimental Gluon API. The price is
-memory: during the backward, P and the gradient coexist, about 2x the logits over the inputs (3x
-half-precision logits with C > 32, whose P is float32), where a recompute design would hold
-~1.2x.
+Neighbour coordinates are clamped into the image, so every load is in bounds without a
+per-element mask; a neighbour outside the window, the image or the centre's class has
+coefficient 0, and its values are replaced by 0 when they are not finite (a where per element),
+so that a NaN in a pixel that takes part nowhere (ignored, another class) stays out of the loss,
+as in F.cross_entropy; a non-finite pixel that takes part makes its coefficient NaN.
 
-Traffic and arithmetic per pixel, stride 1, logits and P of E bytes per element (P: 4 B for
-half-precision logits with C > 32), labels of Y bytes, float32 statistics (DRAM bytes assume
-a tile's halo is served from L1/L2, as neighbouring tiles read the same rows):
+Why this design ("store", docs/contract.md's "The gradient, written out"): the backward needs
+g_p over a window of every pixel and only the Minkowski factor is global, so the forward stores
+P (C values per centre in the logits' dtype) and the backward is one gather. Recomputing f in the
+backward would pool over a halo of radius 2r and exchange P between lanes, which Triton offers
+only through the experimental Gluon API. The price is memory: P and the gradient coexist during
+the backward, 2x the logits at stride 1.
 
-- stats: reads C*E, writes 8 B (mean, rstd); ~5C flops.
-- forward: reads C*E of logits, Y of labels and 8 B of stats from DRAM, but K^2*(C*E + Y + 8) B
-  through L1 (every neighbour of every centre); writes P (C*E B) and L (4 B). ~4*K^2*C flops for
-  the pooling (z = (x - m) * rstd, then a multiply-add per neighbour and class) and ~6C for the
-  softmax and P.
-- total forward DRAM: 3*C*E + Y + 20 B: for C=21 float32 logits and uint8 labels, 273 B
-  per pixel, 3.3x the 84 B of logits (bfloat16: 147 B, 3.5x the 42 B).
+DRAM traffic per pixel at stride 1 (C classes of E bytes, labels of Y bytes; a tile's halo comes
+from L1/L2, as neighbouring tiles read the same rows): the forward reads the logits (C*E) and
+labels (Y) and writes P (C*E) and L (4 B); beyond CLASS_TILE classes the statistics pass adds a
+read of the logits and writes 8 B that the forward and backward read. ``kernel_traffic`` counts
+it per launch for the performance model.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .config import (accumulation_dtype, launch_config, needs_wide_index, p_dtype, span,
+from .config import (accumulation_dtype, arch_of, cdiv, launch_config, needs_wide_index, span,
                      split_scalar)
-from .tiling import class_lanes, power_of, scalar, tile_pixels, window_weight
+from .tiling import also, clamp, omega_at, omega_of, power_of, scalar, tile_coordinates
 
 
 # Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
-# divisible-by-16 specialisations, which decide vectorised loads.
-@triton.jit(do_not_specialize=["C", "D", "H", "W", "tiles_h", "tiles_w"])
+# divisible-by-16 specialisations. The window radii are run-time loop bounds (the loops stay
+# loops: their trip counts are what the performance model multiplies by) and compile-time
+# constants (RADIUS: the rows unrolled per loop iteration).
+@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "chunks"])
 def _zscore_stats_kernel(
-    x_ptr,        # logits (B, C, D, H, W), any strides, float16/bfloat16/float32/float64
-    mean_ptr,     # out (B, D, H, W) contiguous, accumulation dtype: mean over classes
-    rstd_ptr,     # out (B, D, H, W) contiguous, accumulation dtype: 1 / sqrt(var + eps)
-    C, D, H, W, tiles_h, tiles_w,
+    x_ptr,        # logits (B, C, D, H, W), any strides
+    mean_ptr,     # out (B, D, H, W) contiguous, ACC: mean over classes
+    rstd_ptr,     # out (B, D, H, W) contiguous, ACC: 1 / sqrt(var + eps)
+    D, H, W, tiles_h, tiles_w, chunks,
     sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
     eps_hi, eps_lo,           # eps as split_scalar()
-    WIDE: tl.constexpr, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, ROWS: tl.constexpr, TILE_W: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    BLOCK_P: tl.constexpr = TILE_H * TILE_W
-    image, qd, qi, qj = tile_pixels(tiles_h, tiles_w, D, TILE_H, TILE_W, WIDE)
-    live = (qi < H) & (qj < W)
-    x_plane = x_ptr + image * sxb + qd * sxd
-    pix = qi * sxh + qj * sxw
-    # Chan et al.'s pairwise update: each chunk's mean and squared deviations are exact two-pass
-    # sums in registers, merged without the cancellation of E[x^2] - E[x]^2.
-    count = tl.zeros([BLOCK_P], dtype=ACC)
-    mean = tl.zeros([BLOCK_P], dtype=ACC)
-    m2 = tl.zeros([BLOCK_P], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cls = class_lanes(c0, BLOCK_C, WIDE)
+    image, plane, row0, cols = tile_coordinates(tiles_h, tiles_w, D, ROWS, TILE_W, WIDE)
+    live = also(cols < W, row0 < H)
+    pix = row0 * sxh + cols * sxw
+    x_plane = x_ptr + image * sxb + plane * sxd
+    count = tl.zeros([TILE_W], dtype=ACC)
+    mean = tl.zeros([TILE_W], dtype=ACC)
+    m2 = tl.zeros([TILE_W], dtype=ACC)
+    for chunk in range(chunks):
+        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+        if WIDE:
+            cls = cls.to(tl.int64)
         cmask = cls < C
         x = tl.load(x_plane + cls[:, None] * sxc + pix[None, :],
                     mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-        n_chunk = tl.sum(cmask.to(ACC), axis=0)
-        mean_chunk = tl.sum(x, axis=0) / n_chunk
-        dev = tl.where(cmask[:, None], x - mean_chunk[None, :], 0.0)
-        m2_chunk = tl.sum(dev * dev, axis=0)
-        total = count + n_chunk
-        delta = mean_chunk - mean
-        mean += delta * (n_chunk / total)
-        m2 += m2_chunk + delta * delta * (count * n_chunk / total)
-        count = total
+        count, mean, m2 = chan_update(x, cmask, count, mean, m2)
     rstd = 1.0 / tl.sqrt(m2 / C + scalar(eps_hi, eps_lo, ACC))
-    q = (image * D + qd) * H * W + qi * W + qj
+    q = (image * D + plane) * H * W + row0 * W + cols
     tl.store(mean_ptr + q, mean, mask=live)
     tl.store(rstd_ptr + q, rstd, mask=live)
 
 
 @triton.jit
-def _pooled_chunk(
-    x_img, y_img, mean_img, rstd_img, c0, C, D, H, W, pd, pi, pj, y_p, live,
-    sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, weight_base, inv_base,
-    ACC: tl.constexpr, ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """f and xi for classes [c0, c0 + BLOCK_C) of the centres at (pd, pi, pj) of one image:
-    f = (1 / xi) sum over same-class neighbours q of omega(d) * z_q (steps 1-6 of docs/contract.md)."""
-    cls = class_lanes(c0, BLOCK_C, WIDE)
+def chan_update(x, cmask, count, mean, m2):
+    """Merge one chunk of classes into a running (count, mean, sum of squared deviations), Chan
+    et al.'s pairwise update: the chunk's mean and deviations are exact two-pass sums in
+    registers, merged without the cancellation of E[x^2] - E[x]^2."""
+    n_chunk = tl.sum(cmask.to(x.dtype), axis=0)
+    mean_chunk = tl.sum(x, axis=0) / n_chunk
+    dev = tl.where(cmask[:, None], x - mean_chunk[None, :], 0.0)
+    total = count + n_chunk
+    delta = mean_chunk - mean
+    mean += delta * (n_chunk / total)
+    m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_chunk / total)
+    return total, mean, m2
+
+
+@triton.jit
+def _standardised(x, m_q, r_q, col_in, ZSCORE: tl.constexpr):
+    """(dev, scale) of one loaded neighbour, [CLASS_TILE, TILE_W] and [TILE_W]: z = dev * scale,
+    with m_q and r_q from the statistics pass. dev is 0 where the pixel is not finite (and
+    where its column is outside the image: not loaded), and scale NaN, so that the coefficient
+    (not the values) carries a non-finite pixel's NaN to the centres it takes part in, and a
+    pixel that takes part nowhere contributes exact zeros."""
+    if ZSCORE:
+        finite = r_q == r_q  # a NaN or infinite logit makes the pixel's rstd NaN
+        dev = x - m_q[None, :]
+        scale = r_q
+    else:
+        total = tl.sum(x, axis=0)
+        finite = (total - total) == 0
+        dev = x
+        scale = tl.where(finite, 1.0, float("nan"))
+    return tl.where((finite & col_in)[None, :], dev, 0.0), scale
+
+
+@triton.jit
+def _take(acc, xi, dev, same, omega, scale, WEIGHT_NORM: tl.constexpr):
+    """Add one neighbour to one centre: acc += omega * rstd_q * dev_q where it takes part; xi
+    counts it (or its weight)."""
+    acc += tl.where(same, omega * scale, 0.0)[None, :] * dev
+    if WEIGHT_NORM:
+        xi += tl.where(same, omega, 0.0)
+    else:
+        xi += same.to(xi.dtype)
+    return acc, xi
+
+
+@triton.jit
+def _neighbour_row(x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, qi, qj, qjc, col_in,
+                   col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC: tl.constexpr,
+                   ZSCORE: tl.constexpr):
+    """One window row of the lanes' neighbours (row qi, columns qj): (dev, scale, label, in the
+    window's image)."""
+    qic = clamp(qi, H - 1)
+    ok = also(col_ok, (qi >= 0) & (qi < H))
+    y_q = tl.load(y_plane + qic * syh + qjc * syw).to(tl.int32)
+    # The logits at the unclamped column, masked: the offsets stay visibly consecutive across
+    # the lanes, which is what makes Triton 3.6 lay the lanes along the pixels (not the
+    # classes); masked values are zeroed by _standardised.
+    x = tl.load(x_plane + (cls[:, None] * sxc + (qic * sxh + qj * sxw)[None, :]),
+                mask=cmask[:, None] & col_in[None, :]).to(ACC)
+    if ZSCORE:
+        q = (qdc * H + qic) * W + qjc
+        m_q = tl.load(mean_img + q)
+        r_q = tl.load(rstd_img + q)
+    dev, scale = _standardised(x, m_q, r_q, col_in, ZSCORE)
+    return dev, scale, y_q, ok
+
+
+@triton.jit
+def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y2, y3,
+          sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base, inv_base,
+          ACC: tl.constexpr, C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr,
+          ROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr,
+          WEIGHT_NORM: tl.constexpr, WIDE: tl.constexpr):
+    """Pooled sums (times xi) and xi of the ROWS centres of each lane, for classes
+    [c0, c0 + CLASS_TILE): the centres sit at pixel rows row0 + RADIUS + o (o < ROWS; row0 is the
+    first window row), column pj, depth pd; y0..y3 their labels. With ROWS > 1, window row t
+    (0 <= t < ROWS + 2 RADIUS) is loaded once and added to each centre o whose window holds it
+    (o <= t <= o + 2 RADIUS, decided at compile time). With one row the rows are a run-time
+    loop: unrolled, ptxas would hoist every row's loads at once and spill."""
+    cls = c0 + tl.arange(0, CLASS_TILE)
+    if WIDE:
+        cls = cls.to(tl.int64)
     cmask = cls < C
-    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    xi = tl.zeros([BLOCK_P], dtype=ACC)
+    acc0 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    acc1 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    acc2 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    acc3 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
+    xi0 = tl.zeros([TILE_W], dtype=ACC)
+    xi1 = tl.zeros([TILE_W], dtype=ACC)
+    xi2 = tl.zeros([TILE_W], dtype=ACC)
+    xi3 = tl.zeros([TILE_W], dtype=ACC)
+    m_q = tl.zeros([TILE_W], dtype=ACC)
+    r_q = tl.zeros([TILE_W], dtype=ACC)
     for dd in range(-radius_d, radius_d + 1):
         qd = pd + dd
-        # tl.where, not &: the interpreter types (block mask & scalar condition) as an int.
-        plane_ok = tl.where((qd >= 0) & (qd < D), live, False)
-        x_plane = x_img + qd * sxd
-        y_plane = y_img + qd * syd
-        stat_plane = qd * H * W
-        for du in range(-radius, radius + 1):
-            qi = pi + du
-            row_ok = plane_ok & (qi >= 0) & (qi < H)
-            for dv in range(-radius, radius + 1):
-                qj = pj + dv
-                same = row_ok & (qj >= 0) & (qj < W)
-                y_q = tl.load(y_plane + qi * syh + qj * syw, mask=same, other=0)
-                same = same & (y_q == y_p)
-                w = window_weight(dd, du, dv, weight_base, inv_base)
-                x_q = tl.load(x_plane + cls[:, None] * sxc + (qi * sxh + qj * sxw)[None, :],
-                              mask=cmask[:, None] & same[None, :], other=0.0).to(ACC)
-                if ZSCORE:
-                    q = stat_plane + qi * W + qj
-                    m_q = tl.load(mean_img + q, mask=same, other=0.0)
-                    r_q = tl.load(rstd_img + q, mask=same, other=0.0)
-                    x_q = (x_q - m_q[None, :]) * r_q[None, :]
-                acc += tl.where(same, w, 0.0)[None, :] * x_q
-                if WEIGHT_NORM:
-                    xi += tl.where(same, w, 0.0)
-                else:
-                    xi += same.to(ACC)
-    # xi >= 1 at every centre in the image; lanes past its edge have xi = 0 and are never stored.
-    return acc * (1.0 / tl.where(xi > 0, xi, 1.0))[None, :], xi
+        qdc = clamp(qd, D - 1)
+        x_plane = x_img + qdc * sxd
+        y_plane = y_img + qdc * syd
+        for dv in range(-radius, radius + 1):
+            qj = pj + dv
+            col_in = (qj >= 0) & (qj < W)
+            col_ok = also(col_in, (qd >= 0) & (qd < D))
+            qjc = clamp(qj, W - 1)
+            far = tl.maximum(tl.abs(dv), tl.abs(dd))
+            if ROWS == 1:
+                for t in range(0, 2 * radius + 1):
+                    dev, scale, y_q, ok = _neighbour_row(
+                        x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
+                        qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
+                        ZSCORE)
+                    omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
+                                     RADIUS)
+                    acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0), omega, scale,
+                                      WEIGHT_NORM)
+            else:
+                far_omega = omega_of(far, base, inv_base, RADIUS)
+                for t in tl.static_range(ROWS + 2 * RADIUS):
+                    dev, scale, y_q, ok = _neighbour_row(
+                        x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
+                        qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
+                        ZSCORE)
+                    if t <= 2 * RADIUS:
+                        acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0),
+                                          omega_at(t - RADIUS, far, far_omega, base, inv_base),
+                                          scale, WEIGHT_NORM)
+                    if ROWS > 1 and t >= 1 and t <= 2 * RADIUS + 1:
+                        acc1, xi1 = _take(acc1, xi1, dev, ok & (y_q == y1),
+                                          omega_at(t - 1 - RADIUS, far, far_omega, base,
+                                                   inv_base), scale, WEIGHT_NORM)
+                    if ROWS > 2 and t >= 2 and t <= 2 * RADIUS + 2:
+                        acc2, xi2 = _take(acc2, xi2, dev, ok & (y_q == y2),
+                                          omega_at(t - 2 - RADIUS, far, far_omega, base,
+                                                   inv_base), scale, WEIGHT_NORM)
+                    if ROWS > 3 and t >= 3 and t <= 2 * RADIUS + 3:
+                        acc3, xi3 = _take(acc3, xi3, dev, ok & (y_q == y3),
+                                          omega_at(t - 3 - RADIUS, far, far_omega, base,
+                                                   inv_base), scale, WEIGHT_NORM)
+    return acc0, acc1, acc2, acc3, xi0, xi1, xi2, xi3
 
 
 @triton.jit
-def _lse_update(f, c0, C, y_cls, m_run, s_run, f_y, WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Online logsumexp over class chunks: the running max and sum of exp, and f[y] once the
-    chunk holding y passes."""
-    cls = class_lanes(c0, BLOCK_C, WIDE)
-    f_lse = tl.where((cls < C)[:, None], f, float("-inf"))
-    m_new = tl.maximum(m_run, tl.max(f_lse, axis=0))
-    s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(f_lse - m_new[None, :]), axis=0)
-    f_y += tl.sum(tl.where(cls[:, None] == y_cls[None, :], f, 0.0), axis=0)
-    return m_new, s_run, f_y
+def _centre(y_img, pd, ci, cj, Hc, Wc, syd, syh, syw, ignore_index, C: tl.constexpr,
+            STRIDE: tl.constexpr):
+    """Label (as int32: labels are only compared, and int64 ones would take two registers each),
+    live (in the centre grid) and valid (live and not ignored) of the centres (ci, cj), and the
+    label clamped into [0, C) wherever it selects a class. Labels outside [0, C) only get here
+    with check_target=False: the loss is then unspecified, every access stays in bounds."""
+    live = also(cj < Wc, ci < Hc)
+    y = tl.load(y_img + pd * syd + (ci * STRIDE) * syh + (cj * STRIDE) * syw, mask=live,
+                other=0)
+    valid = live & (y.to(tl.int64) != ignore_index)
+    y = y.to(tl.int32)
+    return y, live, valid, tl.minimum(tl.maximum(y, 0), C - 1)
 
 
 @triton.jit
-def _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, c0, C, class_plane,
-             WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """P = (softmax(f) - onehot(y)) / xi at valid centres, 0 elsewhere (a where, not a product
-    with a mask: a NaN at an invalid centre must not reach the gradient). centre < 0: no centre."""
-    cls = class_lanes(c0, BLOCK_C, WIDE)
-    P = (tl.exp(f - lse[None, :]) - (cls[:, None] == y_cls[None, :]).to(f.dtype)) * inv_xi[None, :]
+def _cost(acc, xi, cmask, cls, y_cls):
+    """f = acc / xi, its max, exp(f - max) and their sum, f[y]: the pieces of L and P."""
+    f = acc * (1.0 / tl.where(xi > 0, xi, 1.0))[None, :]
+    f_lse = tl.where(cmask[:, None], f, float("-inf"))
+    top = tl.max(f_lse, axis=0)
+    e = tl.exp(f_lse - top[None, :])
+    f_y = tl.sum(tl.where(cls[:, None] == y_cls[None, :], f, 0.0), axis=0)
+    return f, top, e, tl.sum(e, axis=0), f_y
+
+
+@triton.jit
+def _loss_of(lse, f_y, valid):
+    L = lse - f_y
+    L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
+    return tl.where(valid, L, 0.0)
+
+
+@triton.jit
+def _store_P(P_ptr, P_img, prob, scale, valid, live, cls, cmask, y_cls, centre, class_plane):
+    """P = (softmax(f) - onehot(y)) * scale at valid centres (scale = 1 / xi, times the centre's
+    share of the Minkowski factor for the mean), 0 elsewhere (a where, not a product with a
+    mask: a NaN at an invalid centre must not reach the gradient)."""
+    P = (prob - (cls[:, None] == y_cls[None, :]).to(prob.dtype)) * scale[None, :]
     P = tl.where(valid[None, :], P, 0.0)
     tl.store(P_img + cls[:, None] * class_plane + centre[None, :],
-             P.to(P_img.dtype.element_ty), mask=(cls < C)[:, None] & (centre >= 0)[None, :])
+             P.to(P_ptr.dtype.element_ty), mask=cmask[:, None] & live[None, :])
 
 
-@triton.jit(do_not_specialize=["C", "D", "H", "W", "Dc", "Hc", "Wc", "tiles_h", "tiles_w",
-                               "stride", "radius", "radius_d", "ignore_index"])
+@triton.jit
+def _weight_of(weight_ptr, y_cls, valid, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """w_p: the class weight of a valid centre (1 without weights), 0 elsewhere."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + y_cls, mask=valid, other=0.0)
+    else:
+        w = valid.to(ACC)
+    return tl.where(valid, w, 0.0)
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "Dc", "Hc", "Wc", "tiles_h", "tiles_w",
+                               "radius", "radius_d", "chunks", "ignore_index"])
 def _forward_kernel(
     x_ptr,        # logits (B, C, D, H, W), any strides
     y_ptr,        # target (B, D, H, W), any integer dtype, any strides
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     mean_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel mean (read only if ZSCORE)
-    rstd_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel rstd (read only if ZSCORE)
-    P_ptr,        # out (B, C, Dc, Hc, Wc) contiguous, p_dtype(): (softmax(f) - onehot(y)) / xi
-    L_ptr,        # out (B, Dc, Hc, Wc) contiguous, ACC: L_p, 0 at invalid centres
+    rstd_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel rstd (likewise)
+    P_ptr,        # out (B, C, Dc, Hc, Wc) contiguous, logits dtype: P, or P scaled (MEAN)
+    L_ptr,        # out (B, Dc, Hc, Wc) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
-    C, D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
+    D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
     sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
     syb, syd, syh, syw,       # target strides of B, D, H, W
-    stride, radius, radius_d, ignore_index,
-    power_hi, power_lo, base_hi, base_lo,  # power k and weight_base as split_scalar()
-    ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    NEED_P: tl.constexpr, SINGLE_CHUNK: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    radius, radius_d, chunks, ignore_index,
+    power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, STRIDE: tl.constexpr,
+    ROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
 ):
-    ACC: tl.constexpr = L_ptr.dtype.element_ty
-    BLOCK_P: tl.constexpr = TILE_H * TILE_W
+    """MEAN (reduction="mean"): P is stored scaled by the centre's share of the Minkowski
+    factor, w_p (L_p / t)^(k-1) with t the tile's max L (so it stays <= 1: no overflow, and the
+    backward needs no L), and L is not stored. Otherwise L is stored and P plain."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    SINGLE: tl.constexpr = C <= CLASS_TILE
     power = scalar(power_hi, power_lo, ACC)
-    weight_base = scalar(base_hi, base_lo, ACC)
-    inv_base = 1.0 / weight_base
-    image, cd, ci, cj = tile_pixels(tiles_h, tiles_w, Dc, TILE_H, TILE_W, WIDE)
-    live = (ci < Hc) & (cj < Wc)
-    pd = cd * stride
-    pi = ci * stride
-    pj = cj * stride
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    image, cd, ci0, cj = tile_coordinates(tiles_h, tiles_w, Dc, ROWS, TILE_W, WIDE)
+    pd = cd * STRIDE
+    if not WIDE:
+        pd = pd.to(tl.int32)
+    pj = cj * STRIDE
+    row0 = ci0 * STRIDE - RADIUS  # the first window row; with ROWS > 1, STRIDE == 1
     x_img = x_ptr + image * sxb
     y_img = y_ptr + image * syb
-    mean_img = mean_ptr + image * D * H * W
-    rstd_img = rstd_ptr + image * D * H * W
-    class_plane = Dc * Hc * Wc  # < 2^31; products with the class lanes are int64 when WIDE
-    P_img = P_ptr + image * C * class_plane + cd * Hc * Wc
-    centre = tl.where(live, ci * Wc + cj, -1)
-    y_p = tl.load(y_img + pd * syd + pi * syh + pj * syw, mask=live, other=0)
-    valid = live & (y_p.to(tl.int64) != ignore_index)
-    # A label outside [0, C) only gets here with check_target=False; it is only ever compared,
-    # and clamped wherever it selects a class (one-hot, class weight).
-    y_cls = tl.minimum(tl.maximum(y_p.to(tl.int32), 0), C - 1)
-
-    if SINGLE_CHUNK:
-        # Straight-line: one [BLOCK_C, BLOCK_P] tile of f lives in registers, nothing is carried.
-        f, xi = _pooled_chunk(x_img, y_img, mean_img, rstd_img, 0, C, D, H, W, pd, pi, pj, y_p,
-                              live, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
-                              weight_base, inv_base, ACC, ZSCORE, WEIGHT_NORM, WIDE, BLOCK_C,
-                              BLOCK_P)
-        m_run, s_run, f_y = _lse_update(f, 0, C, y_cls, tl.full([BLOCK_P], float("-inf"), ACC),
-                                        tl.zeros([BLOCK_P], ACC), tl.zeros([BLOCK_P], ACC),
-                                        WIDE, BLOCK_C)
+    if WIDE:
+        plane = D.to(tl.int64) * H * W
+        class_plane = Dc.to(tl.int64) * Hc * Wc
     else:
-        m_run = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
-        s_run = tl.zeros([BLOCK_P], dtype=ACC)
-        f_y = tl.zeros([BLOCK_P], dtype=ACC)
-        xi = tl.zeros([BLOCK_P], dtype=ACC)
-        for c0 in range(0, C, BLOCK_C):
-            f_c, xi = _pooled_chunk(x_img, y_img, mean_img, rstd_img, c0, C, D, H, W, pd, pi,
-                                    pj, y_p, live, sxc, sxd, sxh, sxw, syd, syh, syw, radius,
-                                    radius_d, weight_base, inv_base, ACC, ZSCORE, WEIGHT_NORM,
-                                    WIDE, BLOCK_C, BLOCK_P)
-            m_run, s_run, f_y = _lse_update(f_c, c0, C, y_cls, m_run, s_run, f_y, WIDE, BLOCK_C)
-            if NEED_P:
-                # Park f in P's slots until lse is known; this program alone owns them.
-                cls = class_lanes(c0, BLOCK_C, WIDE)
-                tl.store(P_img + cls[:, None] * class_plane + centre[None, :], f_c,
-                         mask=(cls < C)[:, None] & live[None, :])
-    lse = m_run + tl.log(s_run)
-    L = lse - f_y
-    L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
-    L = tl.where(valid, L, 0.0)
-    tl.store(L_ptr + (image * Dc + cd) * Hc * Wc + centre, L, mask=live)
+        plane = D * H * W
+        class_plane = Dc * Hc * Wc
+    mean_img = mean_ptr + image * plane
+    rstd_img = rstd_ptr + image * plane
+    P_img = P_ptr + image * C * class_plane + cd * Hc * Wc
+    L_img = L_ptr + (image * Dc + cd) * Hc * Wc
+
+    y0, live0, valid0, c0 = _centre(y_img, pd, ci0, cj, Hc, Wc, syd, syh, syw, ignore_index,
+                                    C, STRIDE)
+    y1, live1, valid1, c1 = _centre(y_img, pd, ci0 + 1, cj, Hc, Wc, syd, syh, syw,
+                                    ignore_index, C, STRIDE)
+    y2, live2, valid2, c2 = _centre(y_img, pd, ci0 + 2, cj, Hc, Wc, syd, syh, syw,
+                                    ignore_index, C, STRIDE)
+    y3, live3, valid3, c3 = _centre(y_img, pd, ci0 + 3, cj, Hc, Wc, syd, syh, syw,
+                                    ignore_index, C, STRIDE)
+
+    if SINGLE:
+        cls = tl.arange(0, CLASS_TILE)
+        cmask = cls < C  # compile-time per register: padded lanes fold away
+        a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
+            x_img, y_img, mean_img, rstd_img, 0, D, H, W, pd, row0, pj, y0, y1, y2, y3,
+            sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base, inv_base,
+            ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, WIDE)
+        _, m0, e0, s0, fy0 = _cost(a0, xi0, cmask, cls, c0)
+        _, m1, e1, s1, fy1 = _cost(a1, xi1, cmask, cls, c1)
+        _, m2, e2, s2, fy2 = _cost(a2, xi2, cmask, cls, c2)
+        _, m3, e3, s3, fy3 = _cost(a3, xi3, cmask, cls, c3)
+    else:
+        # Online logsumexp over class chunks (the running max m and sum s of exp(f - m)).
+        m0 = tl.full([TILE_W], float("-inf"), ACC)
+        m1, m2, m3 = m0, m0, m0
+        s0 = tl.zeros([TILE_W], ACC)
+        s1, s2, s3 = s0, s0, s0
+        fy0, fy1, fy2, fy3 = s0, s0, s0, s0
+        for chunk in range(chunks):
+            cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+            cmask = cls < C
+            a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
+                x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0, pj,
+                y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base,
+                inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, WIDE)
+            m0, s0, fy0 = _merge(a0, xi0, cmask, cls, c0, m0, s0, fy0)
+            if ROWS > 1:
+                m1, s1, fy1 = _merge(a1, xi1, cmask, cls, c1, m1, s1, fy1)
+            if ROWS > 2:
+                m2, s2, fy2 = _merge(a2, xi2, cmask, cls, c2, m2, s2, fy2)
+            if ROWS > 3:
+                m3, s3, fy3 = _merge(a3, xi3, cmask, cls, c3, m3, s3, fy3)
+    # s == 0 only in the rows a lane does not own (ROWS < 4): keep log() finite there.
+    lse0 = m0 + tl.log(s0)
+    lse1 = m1 + tl.log(tl.where(s1 == 0, 1.0, s1))
+    lse2 = m2 + tl.log(tl.where(s2 == 0, 1.0, s2))
+    lse3 = m3 + tl.log(tl.where(s3 == 0, 1.0, s3))
+    L0 = _loss_of(lse0, fy0, valid0)
+    L1 = _loss_of(lse1, fy1, valid1)
+    L2 = _loss_of(lse2, fy2, valid2)
+    L3 = _loss_of(lse3, fy3, valid3)
 
     # Minkowski partials scaled by the tile's max L: L^k never overflows or underflows.
-    if HAS_WEIGHT:
-        w_p = tl.load(weight_ptr + y_cls, mask=valid, other=0.0)
-    else:
-        w_p = valid.to(ACC)
-    w_p = tl.where(valid, w_p, 0.0)
-    has_nan = tl.max((L != L).to(tl.int32), axis=0)
-    l_max = tl.where(has_nan > 0, float("nan"), tl.max(L, axis=0))
-    ratio = L / tl.where(l_max > 0, l_max, 1.0)
+    w0 = _weight_of(weight_ptr, c0, valid0, ACC, HAS_WEIGHT)
+    w1 = _weight_of(weight_ptr, c1, valid1, ACC, HAS_WEIGHT)
+    w2 = _weight_of(weight_ptr, c2, valid2, ACC, HAS_WEIGHT)
+    w3 = _weight_of(weight_ptr, c3, valid3, ACC, HAS_WEIGHT)
+    top = L0
+    nan = L0 != L0
+    if ROWS > 1:
+        top = tl.maximum(top, L1)
+        nan = nan | (L1 != L1)
+    if ROWS > 2:
+        top = tl.maximum(top, L2)
+        nan = nan | (L2 != L2)
+    if ROWS > 3:
+        top = tl.maximum(top, L3)
+        nan = nan | (L3 != L3)
+    l_max = tl.max(top, axis=0)
+    l_max = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("nan"), l_max)
+    unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
+    r0 = power_of(L0 * unit, power - 1.0)
+    r1 = power_of(L1 * unit, power - 1.0)
+    r2 = power_of(L2 * unit, power - 1.0)
+    r3 = power_of(L3 * unit, power - 1.0)
+    scaled = w0 * r0 * L0 * unit
+    weights = w0
+    if ROWS > 1:
+        scaled += w1 * r1 * L1 * unit
+        weights += w1
+    if ROWS > 2:
+        scaled += w2 * r2 * L2 * unit
+        weights += w2
+    if ROWS > 3:
+        scaled += w3 * r3 * L3 * unit
+        weights += w3
     tile = tl.program_id(0).to(tl.int64)
     tl.store(part_ptr + 3 * tile, l_max)
-    tl.store(part_ptr + 3 * tile + 1, tl.sum(w_p * power_of(ratio, power), axis=0))
-    tl.store(part_ptr + 3 * tile + 2, tl.sum(w_p, axis=0))
+    tl.store(part_ptr + 3 * tile + 1, tl.sum(scaled, axis=0))
+    tl.store(part_ptr + 3 * tile + 2, tl.sum(weights, axis=0))
+    if MEAN:
+        # d loss / d L_p = a * w_p * (L_p / max L)^(k-1) = [a * (t / max L)^(k-1)] * [w_p *
+        # (L_p / t)^(k-1)]: the second factor goes into P now, the first (per tile) comes from
+        # the combine.
+        g0, g1, g2, g3 = w0 * r0, w1 * r1, w2 * r2, w3 * r3
+    else:
+        tl.store(L_img + ci0 * Wc + cj, L0, mask=live0)
+        if ROWS > 1:
+            tl.store(L_img + (ci0 + 1) * Wc + cj, L1, mask=live1)
+        if ROWS > 2:
+            tl.store(L_img + (ci0 + 2) * Wc + cj, L2, mask=live2)
+        if ROWS > 3:
+            tl.store(L_img + (ci0 + 3) * Wc + cj, L3, mask=live3)
+        g0 = tl.full([TILE_W], 1.0, ACC)
+        g1, g2, g3 = g0, g0, g0
 
     if NEED_P:
-        inv_xi = tl.where(valid, 1.0 / tl.where(valid, xi, 1.0), 0.0)
-        if SINGLE_CHUNK:
-            _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, 0, C, class_plane, WIDE,
-                     BLOCK_C)
+        if SINGLE:
+            # softmax(f) = exp(f - max) / sum: the exponentials of the logsumexp, reused.
+            _store_P(P_ptr, P_img, e0 * (1.0 / s0)[None, :], g0 / xi0, valid0, live0, cls, cmask,
+                     c0, ci0 * Wc + cj, class_plane)
+            if ROWS > 1:
+                _store_P(P_ptr, P_img, e1 * (1.0 / s1)[None, :], g1 / xi1, valid1, live1, cls,
+                         cmask, c1, (ci0 + 1) * Wc + cj, class_plane)
+            if ROWS > 2:
+                _store_P(P_ptr, P_img, e2 * (1.0 / s2)[None, :], g2 / xi2, valid2, live2, cls,
+                         cmask, c2, (ci0 + 2) * Wc + cj, class_plane)
+            if ROWS > 3:
+                _store_P(P_ptr, P_img, e3 * (1.0 / s3)[None, :], g3 / xi3, valid3, live3, cls,
+                         cmask, c3, (ci0 + 3) * Wc + cj, class_plane)
         else:
-            tl.debug_barrier()  # the parked f of every thread is visible to every thread
-            for c0 in range(0, C, BLOCK_C):
-                cls = class_lanes(c0, BLOCK_C, WIDE)
-                f = tl.load(P_img + cls[:, None] * class_plane + centre[None, :],
-                            mask=(cls < C)[:, None] & live[None, :], other=0.0)
-                _write_P(P_img, f, lse, inv_xi, valid, y_cls, centre, c0, C, class_plane,
-                         WIDE, BLOCK_C)
+            # The logsumexp is known now: pool every chunk again and write its P (no pooled
+            # values parked in memory, so P can be stored in the logits' dtype).
+            for chunk in range(chunks):
+                cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+                cmask = cls < C
+                a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
+                    x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0,
+                    pj, y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
+                    base, inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE,
+                    WEIGHT_NORM, WIDE)
+                _store_P(P_ptr, P_img, _softmax(a0, xi0, lse0), g0 / xi0, valid0, live0, cls,
+                         cmask, c0, ci0 * Wc + cj, class_plane)
+                if ROWS > 1:
+                    _store_P(P_ptr, P_img, _softmax(a1, xi1, lse1), g1 / xi1, valid1, live1,
+                             cls, cmask, c1, (ci0 + 1) * Wc + cj, class_plane)
+                if ROWS > 2:
+                    _store_P(P_ptr, P_img, _softmax(a2, xi2, lse2), g2 / xi2, valid2, live2,
+                             cls, cmask, c2, (ci0 + 2) * Wc + cj, class_plane)
+                if ROWS > 3:
+                    _store_P(P_ptr, P_img, _softmax(a3, xi3, lse3), g3 / xi3, valid3, live3,
+                             cls, cmask, c3, (ci0 + 3) * Wc + cj, class_plane)
+
+
+@triton.jit
+def _softmax(acc, xi, lse):
+    """softmax(f) of one class chunk, f = acc / xi, from the centre's logsumexp."""
+    return tl.exp(acc * (1.0 / tl.where(xi > 0, xi, 1.0))[None, :] - lse[None, :])
+
+
+@triton.jit
+def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
+    """One class chunk into the online logsumexp of a centre."""
+    _, top, _, total, fy_chunk = _cost(acc, xi, cmask, cls, y_cls)
+    m_new = tl.maximum(m_run, top)
+    s_run = s_run * tl.exp(m_run - m_new) + total * tl.exp(top - m_new)
+    return m_new, s_run, f_y + fy_chunk
+
+
+@triton.jit(do_not_specialize=["n", "rounds"])
+def _combine_kernel(
+    part_ptr,     # (n, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
+    out_ptr,      # out (3,) float64: the loss, max L, a
+    scale_ptr,    # out (n,) ACC: per tile a * (tile max L / max L)^(k-1)
+    loss_ptr,     # out 0-dim, the logits' dtype: the loss
+    n, rounds, power_hi, power_lo,
+    BLOCK: tl.constexpr,
+):
+    """The weighted Minkowski mean from the tiles' partials in one program, summed in float64
+    in a fixed order (docs/math.md, "Numerics"): the max first, then the sums rescaled to it, then
+    each tile's share of d loss / d L_p = a * w_p * (L_p / max L)^(k-1) (the forward stored
+    w_p * (L_p / tile max)^(k-1) in P)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    power = scalar(power_hi, power_lo, ACC)
+    offs = tl.arange(0, BLOCK)
+    top = tl.zeros([BLOCK], dtype=ACC)
+    nan = tl.zeros([BLOCK], dtype=tl.int32)
+    for r in range(rounds):
+        i = r * BLOCK + offs
+        l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
+        nan = tl.maximum(nan, (l_max != l_max).to(tl.int32))
+        top = tl.maximum(top, tl.where(l_max == l_max, l_max, 0.0))
+    top = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(top, axis=0))
+    unit = 1.0 / tl.where(top > 0, top, 1.0)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    weights = tl.zeros([BLOCK], dtype=tl.float64)
+    for r in range(rounds):
+        i = r * BLOCK + offs
+        l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
+        scaled = tl.load(part_ptr + 3 * i + 1, mask=i < n, other=0.0)
+        total += (scaled * power_of(l_max * unit, power)).to(tl.float64)
+        weights += tl.load(part_ptr + 3 * i + 2, mask=i < n, other=0.0).to(tl.float64)
+    total = tl.sum(total, axis=0)
+    weights = tl.sum(weights, axis=0)
+    power64 = scalar(power_hi, power_lo, tl.float64)
+    mean_ratio = total / tl.where(weights > 0, weights, 1.0)
+    loss = top.to(tl.float64) * power_of(mean_ratio, 1.0 / power64)
+    a = tl.where((top == 0) | (weights == 0), 0.0,
+                 power_of(mean_ratio, 1.0 / power64 - 1.0) / tl.where(weights > 0, weights, 1.0))
+    tl.store(out_ptr, loss)
+    tl.store(out_ptr + 1, top.to(tl.float64))
+    tl.store(out_ptr + 2, a)
+    if loss_ptr.dtype.element_ty == tl.float64:
+        tl.store(loss_ptr, loss)
+    else:  # via float32: Triton's interpreter casts float64 to bfloat16 wrongly
+        tl.store(loss_ptr, loss.to(tl.float32).to(loss_ptr.dtype.element_ty))
+    a = a.to(ACC)
+    for r in range(rounds):
+        i = r * BLOCK + offs
+        l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
+        tl.store(scale_ptr + i, a * power_of(l_max * unit, power - 1.0), mask=i < n)
 
 
 def as_volume(t, dims):
@@ -271,55 +549,83 @@ def centre_shape(spatial, stride):
     return tuple(-(-n // stride) for n in spatial)
 
 
-def allocate(logits, *, stride, zscore, need_grad):
-    """The forward's outputs (L, partials, P, mean, rstd), allocated with ``new_empty`` so that
-    the fake implementation (torch.compile's shape propagation) shares this one definition."""
+def grid_of(rows, tile_w, centres):
+    """(tiles_h, tiles_w, programs) for tiles of rows x tile_w over a (B, D, H, W) grid of
+    centres or pixels."""
+    batch, depth, height, width = centres
+    tiles_h, tiles_w = cdiv(height, rows), cdiv(width, tile_w)
+    return tiles_h, tiles_w, batch * depth * tiles_h * tiles_w
+
+
+def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted):
+    """The forward's outputs (L, partials, P), allocated with ``new_empty`` so that the fake
+    implementation (torch.compile's shape propagation) shares this one definition. L is empty
+    for the mean (``mean``), P when no gradient is needed."""
     x = as_volume(logits, 4)
     batch, classes, depth, height, width = x.shape
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    # int(): under torch.compile's dynamic shapes C specialises, as the kernel's BLOCK_C does.
-    cfg = launch_config("forward", int(classes), acc)
-    n_tiles = batch * d_c * -(-h_c // cfg.tile_h) * -(-w_c // cfg.tile_w)
+    # int(): under torch.compile's dynamic shapes C specialises, as the kernel's C does.
+    cfg = launch_config(int(classes), stride, kernel_size, acc, weighted, arch_of(logits))
+    n_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))[2]
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
-    p_shape = (batch, classes, d_c, h_c, w_c) if need_grad else (0,)
-    return (new(*centres), new(n_tiles, 3),
-            new(*p_shape, dtype=p_dtype(logits.dtype, int(classes))),
-            new(batch, depth, height, width) if zscore else new(0),
-            new(batch, depth, height, width) if zscore else new(0))
+    return (new(0) if mean else new(*centres), new(n_tiles, 3),
+            new(batch, classes, d_c, h_c, w_c, dtype=logits.dtype) if need_grad
+            else new(0, dtype=logits.dtype))
 
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
-            weight_base, normalizer, zscore, need_grad):
-    """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, P,
-    mean, rstd): the costs on the centre grid (B, *centres), the (n_tiles, 3) Minkowski
-    partials, and what the backward needs (empty tensors when ``need_grad`` is False). ``weight``
-    is None or C class weights in the accumulation dtype. No host sync."""
+            weight_base, normalizer, zscore, need_grad, mean):
+    """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, P):
+    the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3) Minkowski
+    partials, and P for the backward (empty when ``need_grad`` is False; scaled for the mean,
+    see ``_forward_kernel``). ``weight`` is None or C class weights in the accumulation dtype.
+    No host sync; the z-score statistics are a temporary of the forward."""
     volume = logits.dim() == 5
     x, y = as_volume(logits, 4), as_volume(target, 3)
     batch, classes, depth, height, width = x.shape
-    L, partials, P, mean, rstd = allocate(logits, stride=stride, zscore=zscore,
-                                          need_grad=need_grad)
+    L, partials, P = allocate(logits, kernel_size=kernel_size, stride=stride,
+                              need_grad=need_grad, mean=mean, weighted=weight is not None)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    cfg = launch_config("forward", classes, L.dtype)
+    acc = partials.dtype
+    cfg = launch_config(classes, stride, kernel_size, acc, weight is not None, arch_of(logits))
     sx, sy = x.stride(), y.stride()
-    # mean, rstd and L are contiguous per image and no wider than the logits.
     wide = needs_wide_index(span(x.shape[1:], sx[1:]), span(y.shape[1:], sy[1:]),
-                            classes * d_c * h_c * w_c)
+                            classes * d_c * h_c * w_c, depth * height * width)
+    stats = (batch, depth, height, width) if zscore else (0,)
+    mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:
-        tiles_h, tiles_w = triton.cdiv(height, cfg.tile_h), triton.cdiv(width, cfg.tile_w)
-        _zscore_stats_kernel[(batch * depth * tiles_h * tiles_w,)](
-            x, mean, rstd, classes, depth, height, width, tiles_h, tiles_w, *sx,
-            *split_scalar(eps), WIDE=wide, BLOCK_C=cfg.block_c, TILE_H=cfg.tile_h,
-            TILE_W=cfg.tile_w, **cfg.launch)
-    tiles_h, tiles_w = triton.cdiv(h_c, cfg.tile_h), triton.cdiv(w_c, cfg.tile_w)
-    _forward_kernel[(partials.shape[0],)](
-        x, y, partials if weight is None else weight, mean, rstd, P, L, partials,
-        classes, depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
-        stride, kernel_size // 2, kernel_size // 2 if volume else 0, ignore_index,
+        tiles_h, tiles_w, programs = grid_of(1, cfg.tile_w, (batch, depth, height, width))
+        _zscore_stats_kernel[(programs,)](
+            x, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
+            *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
+            TILE_W=cfg.tile_w, WIDE=wide, **cfg.launch)
+    tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
+    radius = kernel_size // 2
+    _forward_kernel[(programs,)](
+        x, y, partials if weight is None else weight, mean_, rstd, P, L, partials,
+        depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
+        radius, radius if volume else 0, cfg.chunks, ignore_index,
         *split_scalar(power), *split_scalar(weight_base),
-        ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight", HAS_WEIGHT=weight is not None,
-        NEED_P=need_grad, SINGLE_CHUNK=cfg.single_chunk, WIDE=wide,
-        BLOCK_C=cfg.block_c, TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, **cfg.launch)
-    return L, partials, P, mean, rstd
+        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
+        ROWS=cfg.forward_rows,
+        TILE_W=cfg.tile_w, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
+        HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide, **cfg.launch)
+    return L, partials, P
+
+
+COMBINE_BLOCK = 1024
+
+
+def combine(partials, power, loss_dtype):
+    """(loss, scalars, scales): the loss (0-dim, ``loss_dtype``), float64 (loss, max L, a) and
+    the per-tile scales of d loss / d L from the forward's partials, in one program. No host
+    sync."""
+    scalars = partials.new_empty(3, dtype=torch.float64)
+    scales = partials.new_empty(partials.shape[0])
+    loss = partials.new_empty((), dtype=loss_dtype)
+    n = partials.shape[0]
+    _combine_kernel[(1,)](partials, scalars, scales, loss, n, cdiv(n, COMBINE_BLOCK),
+                          *split_scalar(power), BLOCK=COMBINE_BLOCK, num_warps=8, num_stages=1)
+    return loss, scalars, scales

@@ -99,13 +99,18 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     # Inside an autograd Function needs_input_grad stays True under no_grad: decide here, so
     # that evaluation neither computes nor keeps what only the backward needs.
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    partials = None
+    group = sync_group(sync, process_group) if reduction == "mean" else None
     if chosen == "triton":
-        from .fused import fused_costs
+        from .fused import fused_costs, fused_mean
 
-        L, partials, _, _, _ = fused_costs(logits, target, weight, kernel_size, float(power),
-                                           stride, ignore_index, float(eps),
-                                           float(weight_base), normalizer, zscore, need_grad)
+        fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
+                         normalizer, zscore)
+        if reduction == "mean":
+            out = fused_mean(logits, target, weight, fused_options, float(power), group,
+                             need_grad)
+            return out if guard is None else out + guard.to(out.dtype)
+        L = fused_costs(logits, target, weight, kernel_size, float(power), *fused_options[1:],
+                        need_grad, False)[0]
     else:
         L = UnfusedCosts.apply(logits, target, *options.values(), need_grad)
 
@@ -113,8 +118,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     if reduction == "none":
         out = cost_map(L, w, stride, target.shape[1:]).to(logits.dtype)
     else:
-        group = sync_group(sync, process_group)
-        out = minkowski_mean(L, w, partials, float(power), group).to(logits.dtype)
+        out = minkowski_mean(L, w, None, float(power), group).to(logits.dtype)
     return out if guard is None else out + guard.to(out.dtype)
 
 

@@ -1,12 +1,18 @@
 """The fused Triton kernels as PyTorch custom operators (``torch.library``), so that
-``torch.compile`` traces each as one node (no graph break) and ``opcheck`` can verify them.
+``torch.compile`` traces each as one node (no graph break) and ``opcheck`` can verify them, and
+the autograd wiring of the fused Minkowski mean.
 
-``lad_triton::fused_costs`` maps logits to the costs L on the centre grid and the per-tile
-Minkowski partials; its autograd formula is ``lad_triton::fused_costs_backward``. Between the
-two it keeps the caller's logits and target (no copies), P (C values per centre: one buffer of
-the logits' size and dtype at stride 1; float32 for half-precision logits with C > 32, see
-``kernels.forward.p_dtype``) and the z-score mean and rstd (one float each per pixel): nothing
-K*K-sized, and neither pass syncs with the host.
+- ``lad_triton::fused_costs`` maps logits to the per-tile Minkowski partials and P for the
+  backward (C values per centre in the logits' dtype: one logits-sized buffer at stride 1),
+  and, unless ``mean``, the costs L on the centre grid. Its autograd formula,
+  ``lad_triton::fused_costs_backward``, takes the map d loss / d L: it serves reduction="none"
+  and any reduction computed in PyTorch.
+- ``FusedMinkowskiMean`` is reduction="mean": the costs with ``mean=True`` (P scaled by each
+  centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (one program
+  adds the partials into the loss and one scale per forward tile; the synchronised mean
+  all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
+  forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
+  materialised for non-differentiable outputs, and neither pass syncs with the host.
 """
 
 from typing import Optional
@@ -16,55 +22,155 @@ from torch import Tensor
 
 from .kernels import backward as kernels_backward
 from .kernels import forward as kernels_forward
+from .reduction import synced_scalars
+
+
+def _on_device(tensor):
+    """Kernels launch on the current CUDA device: make it the tensor's (nothing on the CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else _NoDevice()
+
+
+class _NoDevice:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 @torch.library.custom_op("lad_triton::fused_costs", mutates_args=())
 def fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
                 power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
-                normalizer: str, zscore: bool,
-                need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(L, partials, P, mean, rstd); see kernels/forward.py."""
-    return kernels_forward.forward(
-        logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
-        ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
-        zscore=zscore, need_grad=need_grad)
+                normalizer: str, zscore: bool, need_grad: bool,
+                mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(L, partials, P); see kernels/forward.py."""
+    with _on_device(logits):
+        return kernels_forward.forward(
+            logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
+            ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
+            zscore=zscore, need_grad=need_grad, mean=mean)
 
 
 @fused_costs.register_fake
 def _(logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
-      normalizer, zscore, need_grad):
-    return kernels_forward.allocate(logits, stride=stride, zscore=zscore, need_grad=need_grad)
+      normalizer, zscore, need_grad, mean):
+    return kernels_forward.allocate(logits, kernel_size=kernel_size, stride=stride,
+                                    need_grad=need_grad, mean=mean, weighted=weight is not None)
 
 
 @torch.library.custom_op("lad_triton::fused_costs_backward", mutates_args=())
-def fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor, mean: Tensor,
-                         rstd: Tensor, kernel_size: int, stride: int, weight_base: float,
+def fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
+                         kernel_size: int, stride: int, eps: float, weight_base: float,
                          zscore: bool) -> Tensor:
-    """d loss / d logits from dL = d loss / d L; see kernels/backward.py."""
-    return kernels_backward.backward(dL, logits, target, P, mean, rstd, kernel_size=kernel_size,
-                                     stride=stride, weight_base=weight_base, zscore=zscore)
+    """d output / d logits from the map dL = d output / d L; see kernels/backward.py."""
+    with _on_device(logits):
+        return kernels_backward.backward(dL, logits, target, P, kernel_size=kernel_size,
+                                         stride=stride, eps=eps, weight_base=weight_base,
+                                         zscore=zscore)
 
 
 @fused_costs_backward.register_fake
-def _(dL, logits, target, P, mean, rstd, kernel_size, stride, weight_base, zscore):
+def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, _, kernel_size, _, stride, _, _, weight_base, _, zscore, _ = inputs
-    _, partials, P, mean, rstd = output
-    ctx.save_for_backward(logits, target, P, mean, rstd)
-    ctx.options = (kernel_size, stride, weight_base, zscore)
-    ctx.mark_non_differentiable(partials, P, mean, rstd)
+    (logits, target, _, kernel_size, _, stride, _, eps, weight_base, _, zscore, _,
+     mean) = inputs
+    _, partials, P = output
+    ctx.save_for_backward(logits, target, P)
+    ctx.options = (kernel_size, stride, eps, weight_base, zscore)
+    ctx.mean = mean
+    ctx.mark_non_differentiable(partials, P)
+    # Only L is differentiable: no logits-sized zero gradient for P (nor for the partials).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dL, *_):
-    logits, target, P, mean, rstd = ctx.saved_tensors
-    if P.numel() == 0 and logits.numel() > 0:
-        raise RuntimeError("lad_triton::fused_costs ran with need_grad=False, so it kept nothing "
-                           "to differentiate; call it with need_grad=True")
-    dx = fused_costs_backward(dL, logits, target, P, mean, rstd, *ctx.options)
-    return (dx,) + (None,) * 11
+    logits, target, P = ctx.saved_tensors
+    if ctx.mean or (P.numel() == 0 and logits.numel() > 0):
+        raise RuntimeError("lad_triton::fused_costs ran with need_grad=False or mean=True, so it "
+                           "kept nothing to differentiate L with")
+    if dL is None:
+        return (None,) * 13
+    dx = fused_costs_backward(dL, logits, target, P, *ctx.options)
+    return (dx,) + (None,) * 12
 
 
 fused_costs.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lad_triton::fused_combine", mutates_args=())
+def fused_combine(partials: Tensor, power: float,
+                  loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, scalars, scales): the Minkowski mean, float64 (loss, max L, a) and the per-tile
+    scales of d loss / d L; see kernels/forward.py."""
+    with _on_device(partials):
+        return kernels_forward.combine(partials, power, loss_dtype)
+
+
+@fused_combine.register_fake
+def _(partials, power, loss_dtype):
+    return (partials.new_empty((), dtype=loss_dtype),
+            partials.new_empty(3, dtype=torch.float64), partials.new_empty(partials.shape[0]))
+
+
+@torch.library.custom_op("lad_triton::fused_mean_backward", mutates_args=())
+def fused_mean_backward(grad: Tensor, scales: Tensor, logits: Tensor, target: Tensor,
+                        P: Tensor, kernel_size: int, stride: int, eps: float,
+                        weight_base: float, zscore: bool, weighted: bool) -> Tensor:
+    """d output / d logits of the fused Minkowski mean; see kernels/backward.py."""
+    with _on_device(logits):
+        return kernels_backward.backward(scales, logits, target, P, kernel_size=kernel_size,
+                                         stride=stride, eps=eps, weight_base=weight_base,
+                                         zscore=zscore, weighted=weighted, grad=grad)
+
+
+@fused_mean_backward.register_fake
+def _(grad, scales, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
+      weighted):
+    return torch.empty_like(logits)
+
+
+def _reduce(partials, power, group, dtype):
+    """(loss, scales) from the partials: one program locally, PyTorch across processes."""
+    if group is None:
+        loss, _, scales = fused_combine(partials, power, dtype)
+        return loss, scales
+    loss, scalars = synced_scalars(partials, power, group, dtype)
+    # A tile's scale a * (t / max L)^(k-1), as the combine kernel computes it.
+    _, top, a = scalars
+    ratio = partials[:, 0].double() / torch.where(top > 0, top, 1)
+    return loss, (a * ratio.pow(power - 1.0)).to(partials.dtype)
+
+
+class FusedMinkowskiMean(torch.autograd.Function):
+    """reduction="mean" on the fused kernels: logits -> loss, and its exact gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, power, group, kernel_size, stride, ignore_index,
+                eps, weight_base, normalizer, zscore):
+        _, partials, P = fused_costs(logits, target, weight, kernel_size, power, stride,
+                                     ignore_index, eps, weight_base, normalizer, zscore, True,
+                                     True)
+        loss, scales = _reduce(partials, power, group, logits.dtype)
+        ctx.save_for_backward(scales, logits, target, P)
+        ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        scales, logits, target, P = ctx.saved_tensors
+        dx = fused_mean_backward(grad, scales, logits, target, P, *ctx.options)
+        return (dx,) + (None,) * 11
+
+
+def fused_mean(logits, target, weight, options, power, group, need_grad):
+    """The fused Minkowski mean: through autograd when a gradient is needed, else the forward
+    and the combine alone (no P). ``options``: (kernel_size, stride, ignore_index, eps,
+    weight_base, normalizer, zscore)."""
+    if need_grad:
+        return FusedMinkowskiMean.apply(logits, target, weight, power, group, *options)
+    _, partials, _ = fused_costs(logits, target, weight, options[0], power, *options[1:], False,
+                                 True)
+    return _reduce(partials, power, group, logits.dtype)[0]

@@ -51,6 +51,39 @@ def local_partials(L, w, power):
     return torch.stack([l_max, (w * ratio.pow(power)).sum(), w.sum()]).unsqueeze(0)
 
 
+def scalars_from_partials(partials, power, group=None):
+    """(loss, max L, a) in float64 from per-tile partials, all-reduced over ``group`` (None:
+    local). d loss / d L_p = a * w_p * (L_p / max L)^(k-1)."""
+    parts = partials.to(torch.float64)
+    l_max, scaled, weights = parts[:, 0], parts[:, 1], parts[:, 2]
+    nan = torch.isnan(l_max).any()
+    top = l_max.amax() if len(parts) else parts.new_zeros(())
+    if group is not None:
+        # Max first (NaN travels as a flag: MAX does not propagate it everywhere).
+        both = torch.stack([torch.where(nan, 0, top), nan.double()])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        top, nan = both[0], both[1] > 0
+    top = torch.where(nan, float("nan"), top)
+    total = (scaled * (l_max / torch.where(top > 0, top, 1)).pow(power)).sum()
+    weight_sum = weights.sum()
+    if group is not None:
+        sums = torch.stack([total, weight_sum])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        total, weight_sum = sums[0], sums[1]
+    mean_ratio = total / torch.where(weight_sum > 0, weight_sum, 1)
+    loss = top * mean_ratio.pow(1.0 / power)
+    a = torch.where((top == 0) | (weight_sum == 0), 0,
+                    mean_ratio.pow(1.0 / power - 1.0) / torch.where(weight_sum > 0,
+                                                                    weight_sum, 1))
+    return torch.stack([loss, top, a])
+
+
+def synced_scalars(partials, power, group, dtype):
+    """(loss in ``dtype``, float64 (loss, max L, a)) over every rank of ``group``."""
+    scalars = scalars_from_partials(partials, power, group)
+    return scalars[0].to(dtype), scalars
+
+
 class MinkowskiMean(torch.autograd.Function):
     """The weighted Minkowski mean of L from its partials, and its exact derivative."""
 
@@ -58,27 +91,7 @@ class MinkowskiMean(torch.autograd.Function):
     def forward(ctx, L, w, partials, power, group):
         if partials is None:
             partials = local_partials(L, w, power)
-        parts = partials.to(torch.float64)
-        l_max, scaled, weights = parts[:, 0], parts[:, 1], parts[:, 2]
-        nan = torch.isnan(l_max).any()
-        top = l_max.amax() if len(parts) else parts.new_zeros(())
-        if group is not None:
-            # Max first (NaN travels as a flag: MAX does not propagate it everywhere).
-            both = torch.stack([torch.where(nan, 0, top), nan.double()])
-            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-            top, nan = both[0], both[1] > 0
-        top = torch.where(nan, float("nan"), top)
-        total = (scaled * (l_max / torch.where(top > 0, top, 1)).pow(power)).sum()
-        weight_sum = weights.sum()
-        if group is not None:
-            sums = torch.stack([total, weight_sum])
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-            total, weight_sum = sums[0], sums[1]
-        mean_ratio = total / torch.where(weight_sum > 0, weight_sum, 1)
-        loss = top * mean_ratio.pow(1.0 / power)
-        a = torch.where((top == 0) | (weight_sum == 0), 0,
-                        mean_ratio.pow(1.0 / power - 1.0) / torch.where(weight_sum > 0,
-                                                                          weight_sum, 1))
+        loss, top, a = scalars_from_partials(partials, power, group)
         ctx.save_for_backward(L, w, top.to(L.dtype), a.to(L.dtype))
         ctx.power = power
         return loss.to(L.dtype)

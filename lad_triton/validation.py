@@ -127,9 +127,8 @@ def check_tensors(logits, target, weight=None):
                              f"weight.device={weight.device}")
 
 
-def check_values(target, weight, classes, ignore_index):
-    """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, or a negative or
-    non-finite class weight. One device-to-host sync."""
+def _bad_labels(target, classes, ignore_index):
+    """Boolean map of the labels neither in [0, C) nor ignore_index."""
     # Compare only against values the dtype can hold: torch wraps a Python int that does not fit
     # (uint8 == -100 is uint8 == 156), which would let bad labels through or flag good ones.
     info = torch.iinfo(target.dtype)
@@ -140,11 +139,24 @@ def check_values(target, weight, classes, ignore_index):
         bad |= target >= classes
     if info.min <= ignore_index <= info.max:
         bad &= target != ignore_index
-    flags = [bad.any()]
+    return bad
+
+
+def check_values(target, weight, classes, ignore_index):
+    """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, or a negative or
+    non-finite class weight. One device-to-host sync; on CUDA the labels are read once (one
+    kernel, kernels/labels.py), elsewhere by a few PyTorch comparisons."""
+    if target.is_cuda and target.is_contiguous() and _triton_imports():
+        from .kernels.labels import count_bad_labels
+
+        flags = [count_bad_labels(target, classes, ignore_index) > 0]
+    else:
+        flags = [_bad_labels(target, classes, ignore_index).any()]
     if weight is not None:
         flags.append(((weight < 0) | ~torch.isfinite(weight)).any())
     bad_labels, *bad_weight = torch.stack(flags).tolist()  # the one sync
-    if bad_labels:
+    if bad_labels:  # the error path may take another pass to say where
+        bad = _bad_labels(target, classes, ignore_index)
         where = tuple(bad.nonzero()[0].tolist())
         value = target[where].item()
         raise ValueError(
@@ -154,6 +166,14 @@ def check_values(target, weight, classes, ignore_index):
     if bad_weight and bad_weight[0]:
         raise ValueError("weight must hold finite, non-negative class weights, got "
                          f"weight={weight.tolist()} (check_target=False skips this check)")
+
+
+def _triton_imports():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @torch.library.custom_op("lad_triton::check_labels", mutates_args=())

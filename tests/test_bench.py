@@ -39,14 +39,33 @@ def test_cpu_peak_memory_counts_allocations_beyond_the_inputs():
 
 
 def test_traffic_model_is_the_kernels_documented_one():
-    # kernels/backward.py: "For C=21 float32 logits and uint8 labels: forward + backward 546 B";
-    # the benchmark's labels are int64 (7 B more per read, two reads).
+    # kernels/forward.py and kernels/backward.py: six logits-sized passes (statistics read,
+    # forward read and P write, backward P, logits and gradient), the labels twice, 16 B of
+    # statistics.
     w = wl.Workload("voc", 8, 21, 513, 513, 5, torch.float32, slow=True)
-    assert wl.design_bytes_per_pixel(w, "forward+backward") == 546 + 2 * 7
+    assert wl.design_bytes_per_pixel(w, "forward+backward") == 6 * 84 + 2 * 8 + 16
+    assert wl.design_bytes_per_pixel(w, "forward") == 3 * 84 + 8 + 16
     assert wl.min_bytes_per_pixel(w, "forward+backward") == 2 * 84 + 8
     assert wl.min_bytes_per_pixel(w, "forward") == 84 + 8
-    # bfloat16: P in the logits' dtype ("bfloat16: 294 B"), but float32 when C > 32.
-    w = wl.Workload("voc", 8, 21, 513, 513, 5, torch.bfloat16, slow=True)
-    assert wl.design_bytes_per_pixel(w, "forward+backward") == 294 + 2 * 7
+    # P in the logits' dtype, at every C.
     w = wl.Workload("ade", 8, 150, 512, 512, 5, torch.bfloat16, slow=True)
-    assert wl.design_bytes_per_pixel(w, "forward") == 2 * 150 * 2 + 150 * 4 + 8 + 20
+    assert wl.design_bytes_per_pixel(w, "forward+backward") == 6 * 300 + 2 * 8 + 16
+
+
+def test_the_model_matches_the_launches_it_models():
+    # The performance model's DRAM bytes come from the tensors each launch streams: they must
+    # add up to the documented traffic (kernel_report.STREAMED against workloads' formula).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kernel_report
+
+    w = wl.Workload("voc", 2, 21, 65, 70, 5, torch.float32, slow=False)
+    kernels, glue = kernel_report.model_workload(w.shape, w.kernel_size, w.dtype)
+    names = [k.name for k in kernels]
+    assert names == ["_zscore_stats_kernel", "_forward_kernel", "_combine_kernel",
+                     "_backward_kernel"]
+    tiles = sum(k.dram_bytes for k in kernels) - w.pixels * wl.design_bytes_per_pixel(
+        w, "forward+backward")
+    # what the formula leaves out: the partials (12 B) and scales (4 B) of each 4 x 32 tile,
+    # read by the combine again
+    assert 0 <= tiles <= 32 * kernels[1].programs
+    assert [op for op, _ in glue] == ["aten.ones_like.default"]  # autograd's seed, nothing else

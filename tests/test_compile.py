@@ -91,15 +91,16 @@ def fused_cases():
     weight = torch.rand(5, device=DEVICE)
     common = (3, 3.0, 1, 255, 1e-5, 2.0)
     return [
-        (logits, target, None) + common + ("count", True, True),
-        (logits, target, weight) + common + ("weight", False, True),
-        (logits.detach(), target, None) + common + ("count", True, False),
-        (logits, target, None, 5, 2.3, 2, 255, 1e-5, 1.5, "count", True, True),
-        (volume, labels3, None) + common + ("count", True, True),
+        (logits, target, None) + common + ("count", True, True, False),
+        (logits, target, weight) + common + ("weight", False, True, False),
+        (logits.detach(), target, None) + common + ("count", True, False, False),
+        (logits, target, None, 5, 2.3, 2, 255, 1e-5, 1.5, "count", True, True, False),
+        (volume, labels3, None) + common + ("count", True, True, False),
+        (logits.detach(), target, weight) + common + ("count", True, True, True),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck_fused_costs(case):
     from lad_triton.fused import fused_costs
 
@@ -110,9 +111,20 @@ def test_opcheck_fused_costs_backward():
     from lad_triton.fused import fused_costs, fused_costs_backward
 
     args = fused_cases()[0]
-    L, _, P, mean, rstd = fused_costs(*args)
-    opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, mean, rstd,
-                                   3, 1, 2.0, True))
+    L, _, P = fused_costs(*args)
+    opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, 3, 1,
+                                   1e-5, 2.0, True))
+
+
+def test_opcheck_fused_combine_and_mean_backward():
+    from lad_triton.fused import fused_combine, fused_costs, fused_mean_backward
+
+    args = fused_cases()[5]
+    _, partials, P = fused_costs(*args)
+    opcheck(fused_combine, (partials, 3.0, torch.float32))
+    _, _, scales = fused_combine(partials, 3.0, torch.float32)
+    opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), scales, args[0], args[1], P, 3,
+                                  1, 1e-5, 2.0, True, True))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
