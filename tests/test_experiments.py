@@ -179,3 +179,12 @@ def test_unknown_config_or_one_without_its_rate_is_refused(only, capsys):
     with pytest.raises(SystemExit):
         harness.main(["--only", only])
     assert "lad-k5" in capsys.readouterr().err or "softmax" in only
+
+
+def test_readme_tables_are_the_committed_results():
+    # The README quotes the tables of examples/paper/results/ (all but their header line, which
+    # its prose says): regenerated from the JSON by --report's renderer, they must be there.
+    readme = (ROOT / "README.md").read_text()
+    (result,) = (ROOT / "examples" / "paper" / "results").glob("shapes-*.json")
+    tables = harness.render(json.loads(result.read_text())).split("\n", 2)[2]
+    assert tables in readme

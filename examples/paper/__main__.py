@@ -16,7 +16,7 @@ Writes ``<data>-<date>.json`` (every run), the tables in markdown and, with matp
 ``examples/paper/results/``, the committed results the README quotes. ``--report FILE.json``
 prints the tables of saved results again.
 
-    python -m examples.paper --threads 1          # procedural shapes, ~1 hour on a CPU core
+    python -m examples.paper --threads 1          # procedural shapes, ~55 minutes on a CPU core
     python -m examples.paper --quick              # every step on tiny settings, seconds (CI)
     python -m examples.paper --voc ~/VOCdevkit/VOC2012 --size 321 --iterations 20000 --batch 2
 
