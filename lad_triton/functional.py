@@ -5,7 +5,8 @@ import warnings
 import torch
 
 from .dispatch import select_backend
-from .reduction import centre_weights, cost_map, minkowski_mean
+from .pooling import pooled_mean
+from .reduction import centre_weights, cost_map, minkowski_mean, valid_centres
 from .kernels.config import accumulation_dtype
 from .unfused import UnfusedCosts
 from .validation import check_labels, check_options, check_tensors, check_values, sync_group
@@ -13,7 +14,8 @@ from .validation import check_labels, check_options, check_tensors, check_values
 
 def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
                           ignore_index=255, eps=1e-5, weight_base=2.0, normalizer="count",
-                          zscore=True, reduction="mean", weight=None, backend="auto",
+                          zscore=True, reduction="mean", pooling="minkowski", lmp_ratio=0.3,
+                          lmp_p=1.7, topk_ratio=0.2, weight=None, backend="auto",
                           check_target=True, sync=False, process_group=None):
     r"""The locally adaptive loss (LAD) of Guo et al. for semantic segmentation.
 
@@ -51,6 +53,19 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         reduction: ``"mean"`` (default): the Minkowski mean, a 0-dim tensor, 0 when no
             centre is valid. ``"none"``: the map of w_p * L_p, shape of the target, 0 at invalid
             centres.
+        pooling: how ``reduction="mean"`` turns the costs into the loss, over the n valid
+            centres' class-weighted costs l_p = w_p * L_p: ``"minkowski"`` (default), the
+            Minkowski mean above; ``"lmp"``, loss max-pooling (Rota Bulo et al., CVPR 2017): the
+            largest sum_p v_p l_p over weightings v >= 0 with ||v||_p <= n**(-1/q) (the uniform
+            weighting's p-norm) and v_p <= tau = m**(-1/p) * n**(-1/q), q = p / (p - 1),
+            m = max(1, floor(lmp_ratio * n)); ``"topk"``, the mean of the ceil(topk_ratio * n)
+            largest l_p (ties: first on the centre grid). Their gradient holds the maximising
+            weights constant. Not with ``reduction="none"``, ``sync`` or ``process_group``.
+        lmp_ratio: m / n for ``pooling="lmp"``: the share of centres that may take the
+            largest weight tau, in (0, 1]. Default 0.3.
+        lmp_p: p of ``pooling="lmp"``, finite and > 1. Default 1.7. Towards 1 the loss tends to
+            the mean of the m largest costs, towards infinity to their plain mean.
+        topk_ratio: the share of centres ``pooling="topk"`` averages, in (0, 1]. Default 0.2.
         weight: optional ``(C,)`` float tensor of non-negative class weights, as in
             ``nn.CrossEntropyLoss``: w_p = weight[y_p]. On the logits' device.
         backend: ``"auto"`` (default: the fused kernels for float16/bfloat16/float32 CUDA
@@ -61,9 +76,10 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
             class weight finite and non-negative (one device-to-host sync). With False an
             out-of-range label gives an unspecified loss but never an out-of-bounds access.
             Default True.
-        sync: with ``reduction="mean"`` under torch.distributed, the exact Minkowski mean over
-            every rank's valid pixels (all-reduce of three numbers) instead of this rank's own.
-            Default False: a local mean, as ``F.cross_entropy``.
+        sync: with ``reduction="mean"`` and ``pooling="minkowski"`` under torch.distributed,
+            the exact Minkowski mean over every rank's valid pixels (all-reduce of three
+            numbers) instead of this rank's own. Default False: a local mean, as
+            ``F.cross_entropy``.
         process_group: the group to synchronise over (implies ``sync``); default the world.
 
     Returns:
@@ -72,14 +88,17 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
 
     Raises:
         TypeError: logits not floating, target not integer.
-        ValueError: a shape, device, option or (with ``check_target``) label outside the
-            contract; the message names the argument, what was expected and what it got.
+        ValueError: a shape, device, option (or combination: ``pooling`` other than
+            ``"minkowski"`` with ``reduction="none"``, ``sync`` or ``process_group``) or (with
+            ``check_target``) label outside the contract; the message names the argument,
+            what was expected and what it got.
         RuntimeError: ``backend="triton"`` where the fused kernels cannot run, saying why.
     """
     options = dict(kernel_size=kernel_size, stride=stride, ignore_index=ignore_index, eps=eps,
                    weight_base=weight_base, normalizer=normalizer, zscore=zscore)
-    check_options(power=power, reduction=reduction, backend=backend, check_target=check_target,
-                  sync=sync, process_group=process_group, **options)
+    check_options(power=power, reduction=reduction, pooling=pooling, lmp_ratio=lmp_ratio,
+                  lmp_p=lmp_p, topk_ratio=topk_ratio, backend=backend,
+                  check_target=check_target, sync=sync, process_group=process_group, **options)
     check_tensors(logits, target, weight)
     chosen = select_backend(backend, logits)
     classes = logits.shape[1]
@@ -105,7 +124,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
 
         fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
                          normalizer, zscore)
-        if reduction == "mean":
+        if reduction == "mean" and pooling == "minkowski":
             out = fused_mean(logits, target, weight, fused_options, float(power), group,
                              need_grad)
             return out if guard is None else out + guard.to(out.dtype)
@@ -114,11 +133,15 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     else:
         L = UnfusedCosts.apply(logits, target, *options.values(), need_grad)
 
-    w = centre_weights(target, weight, classes, ignore_index, stride)
+    valid = valid_centres(target, ignore_index, stride)
+    w = centre_weights(target, valid, weight, classes, stride)
     if reduction == "none":
         out = cost_map(L, w, stride, target.shape[1:]).to(logits.dtype)
-    else:
+    elif pooling == "minkowski":
         out = minkowski_mean(L, w, None, float(power), group).to(logits.dtype)
+    else:
+        out = pooled_mean(L, w, valid, pooling, lmp_ratio=float(lmp_ratio), lmp_p=float(lmp_p),
+                          topk_ratio=float(topk_ratio)).to(logits.dtype)
     return out if guard is None else out + guard.to(out.dtype)
 
 

@@ -10,25 +10,31 @@ With w_p the class weight of a valid centre (1 without weights, 0 at invalid cen
 The mean is computed from per-tile partials (max L, sum w (L / max L)^k, sum w), which the fused
 forward kernel writes and which are computed here for the PyTorch backend: scaled by the max, L^k
 neither overflows nor underflows. Combined in float64 in a fixed order: bitwise repeatable.
+
+The other poolings of the costs, loss max-pooling and top-k, are in ``pooling.py``.
 """
 
 import torch
 import torch.distributed as dist
 
 
-def centre_weights(target, weight, classes, ignore_index, stride):
-    """w_p on the centre grid: weight[y_p] (True without weights) at valid centres, 0 (False)
-    elsewhere. Labels outside [0, C) (check_target=False) are clamped: unspecified, in bounds."""
+def valid_centres(target, ignore_index, stride):
+    """The valid centres, a bool map on the centre grid: on the stride grid and not ignored."""
     centres = (slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)
     y = target[centres]  # a view: no copy of the labels
     info = torch.iinfo(y.dtype)
     # Compare in the labels' own dtype (torch would wrap an ignore_index it cannot hold).
     if info.min <= ignore_index <= info.max:
-        valid = y != ignore_index
-    else:
-        valid = torch.ones_like(y, dtype=torch.bool)
+        return y != ignore_index
+    return torch.ones_like(y, dtype=torch.bool)
+
+
+def centre_weights(target, valid, weight, classes, stride):
+    """w_p on the centre grid: weight[y_p] (True without weights) at valid centres, 0 (False)
+    elsewhere. Labels outside [0, C) (check_target=False) are clamped: unspecified, in bounds."""
     if weight is None:
         return valid
+    y = target[(slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)]
     # int64 indices: a uint8 index tensor would be read as a boolean mask.
     return torch.where(valid, weight[y.long().clamp(0, classes - 1)], 0)
 

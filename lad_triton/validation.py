@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 REDUCTIONS = ("mean", "none")
+POOLINGS = ("minkowski", "lmp", "topk")
 NORMALIZERS = ("count", "weight")
 BACKENDS = ("auto", "torch", "triton")
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,8 +41,13 @@ def _positive_finite(value):
     return _is_real(value) and math.isfinite(value) and value > 0
 
 
+def _ratio(value):
+    return _is_real(value) and 0 < value <= 1
+
+
 def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
-                  zscore, reduction, backend, check_target, sync=False, process_group=None):
+                  zscore, reduction, backend, check_target, sync=False, process_group=None,
+                  pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
     """Raise ``ValueError`` for any hyper-parameter outside the contract's domain."""
     if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
@@ -62,6 +68,16 @@ def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base,
         _fail(ValueError, "zscore", "True or False", zscore)
     if reduction not in REDUCTIONS:
         _fail(ValueError, "reduction", f"one of {REDUCTIONS}", reduction)
+    if pooling not in POOLINGS:
+        _fail(ValueError, "pooling", f"one of {POOLINGS}", pooling)
+    if not _ratio(lmp_ratio):
+        _fail(ValueError, "lmp_ratio", "a number in (0, 1] (the share of centres loss max-pooling "
+              "may weight fully)", lmp_ratio)
+    if not (_is_real(lmp_p) and math.isfinite(lmp_p) and lmp_p > 1):
+        _fail(ValueError, "lmp_p", "a finite number > 1 (the p-norm of loss max-pooling)", lmp_p)
+    if not _ratio(topk_ratio):
+        _fail(ValueError, "topk_ratio", "a number in (0, 1] (the share of centres top-k pooling "
+              "averages)", topk_ratio)
     if backend not in BACKENDS:
         _fail(ValueError, "backend", f"one of {BACKENDS}", backend)
     if not isinstance(check_target, bool):
@@ -72,6 +88,18 @@ def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base,
                                           and isinstance(process_group, dist.ProcessGroup)):
         _fail(ValueError, "process_group", "None or a torch.distributed ProcessGroup",
               process_group)
+    if pooling != "minkowski":
+        # Both rank every centre's cost: across processes that needs a global sort.
+        if reduction != "mean":
+            _fail(ValueError, "reduction", f"'mean' with pooling={pooling!r} (reduction='none' "
+                  "returns the costs unpooled)", reduction)
+        if sync:
+            _fail(ValueError, "sync", f"False with pooling={pooling!r} (it ranks the costs of "
+                  "this process only; use pooling='minkowski' to synchronise)", sync)
+        if process_group is not None:
+            _fail(ValueError, "process_group", f"None with pooling={pooling!r} (it ranks the "
+                  "costs of this process only; use pooling='minkowski' to synchronise)",
+                  process_group)
     if (sync or process_group is not None) and not (dist.is_available()
                                                     and dist.is_initialized()):
         raise ValueError("sync=True or process_group needs torch.distributed to be initialised "

@@ -13,6 +13,7 @@ those, however small the result; tests add that much to their relative tolerance
 """
 
 import itertools
+import math
 from typing import NamedTuple
 
 import torch
@@ -131,3 +132,50 @@ def within(actual, expected, floor, tol):
     bound = (tol * torch.linalg.vector_norm(expected).item()
              + 64 * torch.finfo(torch.float64).eps * torch.linalg.vector_norm(floor).item())
     return err <= bound
+
+
+def lmp_reference(costs, ratio, p):
+    """Loss max-pooling's weights v for ``costs`` (Python floats l_i >= 0 of the n valid centres),
+    from the contract's definition: v_i = min(tau, c * l_i^(q-1)), with c found by bisection on
+    log c until the p-norm constraint is met to the last bit (all tau on the positive costs when
+    that is feasible). In logarithms, as l^(q-1) leaves float64's range for p near 1."""
+    n = len(costs)
+    if n == 0:
+        return []
+    q = p / (p - 1)
+    m = max(1, math.floor(ratio * n))
+    tau = m ** (-1 / p) * n ** (-1 / q)
+
+    def weights(log_c):
+        return [min(tau, math.exp(min(log_c + (q - 1) * math.log(x), 700))) if x > 0 else 0.0
+                for x in costs]
+
+    def feasible(v):
+        # ||v||_p^p <= n^(-p/q) = m tau^p, as sum (v_i / tau)^p <= m with the capped terms (1
+        # each) counted apart, so that the small uncapped ones are not lost next to them.
+        capped = sum(1 for x in v if x == tau)
+        return sum((x / tau) ** p for x in v if x < tau) <= m - capped
+
+    if sum(1 for x in costs if x > 0) <= m:  # every positive cost at tau is feasible
+        return [tau if x > 0 else 0.0 for x in costs]
+    lo, hi = -1.0, 1.0
+    while not feasible(weights(lo)):
+        lo *= 2
+    while feasible(weights(hi)):
+        hi *= 2
+    while True:
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            return weights(lo)
+        if feasible(weights(mid)):
+            lo = mid
+        else:
+            hi = mid
+
+
+def topk_reference(costs, ratio):
+    """Top-k pooling's weights for ``costs`` (Python floats of the n valid centres in centre-grid
+    order): 1/k on the k = ceil(ratio * n) largest, equal costs taken in grid order."""
+    k = math.ceil(ratio * len(costs))
+    chosen = sorted(range(len(costs)), key=lambda i: (-costs[i], i))[:k]
+    return [1.0 / k if i in chosen else 0.0 for i in range(len(costs))]

@@ -1,7 +1,7 @@
 """torch.compile (issue 5): a training step with the loss compiles with fullgraph=True and no
-graph break on both backends (the fused kernels are custom operators; on a CPU they run in
-Triton's interpreter), gives eager's loss and gradients, still rejects bad labels; every custom
-operator passes torch.library.opcheck."""
+graph break on both backends and with every pooling (the fused kernels are custom operators; on
+a CPU they run in Triton's interpreter), gives eager's loss and gradients, still rejects bad
+labels; every custom operator passes torch.library.opcheck."""
 
 import pytest
 import torch
@@ -52,6 +52,29 @@ def test_training_step_compiles_without_graph_breaks(backend, options):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     loss = compiled(images, target)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    eager = step(images, target)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-7)
+    for got, expected in zip(grads, eager_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("pooling", ["lmp", "topk"])
+def test_pooling_compiles_without_graph_breaks(pooling):
+    # The pooling acts on L whichever backend computed it: one backend suffices. No graph break
+    # also means no host sync (.item() breaks the graph).
+    model, images, target = model_and_batch("cpu")
+    criterion = LocallyAdaptiveLoss(backend="torch", kernel_size=3, pooling=pooling)
+
+    def step(images, target):
+        return criterion(model(images), target)
+
+    explained = torch._dynamo.explain(step)(images, target)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+        explained.break_reasons
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(images, target)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     eager = step(images, target)
     eager_grads = torch.autograd.grad(eager, list(model.parameters()))

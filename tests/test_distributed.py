@@ -56,6 +56,9 @@ def test_two_ranks_synced_equal_one_process_on_the_whole_batch(backend, tmp_path
         local = locally_adaptive_loss(logits[part], target[part], backend=backend, kernel_size=3)
         assert torch.allclose(result["local"][0], local, rtol=1e-12)
         assert "cannot be pickled" in result["pickle_error"]
+        synced, grouped = result["pooling_errors"]
+        assert synced.startswith("sync must be False with pooling='lmp'"), synced
+        assert grouped.startswith("process_group must be None with pooling='lmp'"), grouped
     # The halves differ, so a sync that did nothing could not pass the checks above.
     assert not torch.allclose(ranks[0]["local"][0], ranks[0]["synced"][0], rtol=1e-3)
 

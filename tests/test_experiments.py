@@ -1,5 +1,6 @@
-"""The comparison harness (issue 6, examples/paper): its data, augmentation and metric are what
-they claim, and one command runs end to end, on the procedural set and on a VOC directory."""
+"""The comparison harness (issues 6 and 14, examples/paper): its data, augmentation and metric are
+what they claim, rates are chosen on the validation split, differences are paired by seed, and one
+command runs end to end, on the procedural set and on a VOC directory."""
 
 import json
 import sys
@@ -87,21 +88,63 @@ def test_mean_iou():
     assert miou == 0.0 and all(iou == 0.0 for iou in per_class)
 
 
-def tiny(out):
-    return ["--seeds", "2", "--iterations", "2", "--size", "24", "--batch", "2",
-            "--train-count", "8", "--val-count", "4", "--width", "8", "--out", str(out)]
-
-
-def test_harness_runs_every_config_end_to_end(tmp_path, capsys):
-    assert harness.main(tiny(tmp_path)) == 0
+def test_harness_quick_runs_every_config_end_to_end(tmp_path, capsys):
+    assert harness.main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "Table 1." in printed and "Table 2." in printed and "Focal loss" in printed
+    for title in ("Learning rates", "Table 1.", "Table 2.", "Paired differences", "top-k",
+                  "loss max-pooling"):
+        assert title in printed, title
     (result,) = tmp_path.glob("shapes-*.json")
     report = json.loads(result.read_text())
-    assert sorted({r["name"] for r in report["runs"]}) == sorted(harness.CONFIGS)
-    assert len(report["runs"]) == 2 * len(harness.CONFIGS)
-    assert all(0.0 <= r["miou"] <= 1.0 for r in report["runs"])
-    assert report["summary"]["lad-k5"]["seeds"] == 2
+    seeds, lrs = harness.QUICK["seeds"], report["lr_grid"]
+    tuned = [n for n in harness.CONFIGS if n not in harness.RATE_OF]
+    assert len(lrs) == 2 and report["arguments"]["iterations"] == harness.QUICK["iterations"]
+    # Every tuned config at every rate and seed, then Table 1's exponents at lad-k5's rate.
+    assert len(report["runs"]) == seeds * (len(tuned) * len(lrs) + len(harness.RATE_OF))
+    assert sorted(report["selection"]) == sorted(tuned)
+    assert all(sorted(map(float, v)) == sorted(lrs) for v in report["selection"].values())
+    for name, base in harness.RATE_OF.items():
+        assert report["chosen_lr"][name] == report["chosen_lr"][base]
+        assert {r["lr"] for r in report["runs"] if r["name"] == name} == {
+            report["chosen_lr"][base]}
+    assert all(0.0 <= r["miou"][split] <= 1.0 for r in report["runs"] for split in ("val", "test"))
+    assert report["summary"]["lad-k5-lmp"]["seeds"] == seeds
+    assert set(report["differences"]) == set(harness.CONFIGS) - {"ce"}
+    assert "out" not in report["arguments"]  # no path of this machine in the results
+    # --report prints the tables of saved results: the same as the run wrote.
+    assert harness.main(["--report", str(result)]) == 0
+    assert capsys.readouterr().out == next(tmp_path.glob("shapes-*.md")).read_text()
+
+
+def fake_runs(scores):
+    """Runs of the harness's shape from {(name, lr): [(val, test) per seed]}."""
+    return [dict(name=name, lr=lr, seed=seed, miou=dict(val=val, test=test))
+            for (name, lr), per_seed in scores.items()
+            for seed, (val, test) in enumerate(per_seed)]
+
+
+def test_rates_are_chosen_on_validation_and_differences_are_paired():
+    runs = fake_runs({
+        ("ce", 0.1): [(0.30, 0.40), (0.32, 0.44), (0.34, 0.42)],
+        ("ce", 1.0): [(0.20, 0.90), (0.22, 0.90), (0.24, 0.90)],   # best on test: not chosen
+        ("lad-k5", 0.1): [(0.50, 0.45), (0.50, 0.50), (0.50, 0.49)],
+        ("lad-k5", 1.0): [(0.50, 0.10), (0.50, 0.10), (0.50, 0.10)],  # a tie: the first rate
+        ("lad-k5-p1", 0.1): [(0.0, 0.41), (0.0, 0.46), (0.0, 0.40)],
+    })
+    result = harness.analyse(runs, ["ce", "lad-k5", "lad-k5-p1"], [0.1, 1.0])
+    assert result["chosen_lr"] == {"ce": 0.1, "lad-k5": 0.1, "lad-k5-p1": 0.1}
+    assert result["summary"]["ce"]["values"] == pytest.approx([40, 44, 42])
+    lad = result["differences"]["lad-k5"]
+    assert lad["values"] == pytest.approx([5, 6, 7])  # seed by seed, not sorted or pooled
+    # mean 6, sd 1, t(0.975, 2) = 4.3027: 6 +- 4.3027 / sqrt(3)
+    assert lad["mean"] == pytest.approx(6)
+    assert (lad["low"], lad["high"]) == pytest.approx((6 - 2.48418, 6 + 2.48418), abs=1e-4)
+
+
+@pytest.mark.parametrize("df,quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622),
+                                         (30, 2.0423)])
+def test_t_quantile(df, quantile):
+    assert harness.t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-4)
 
 
 def test_harness_reads_a_voc_directory(tmp_path):
@@ -124,13 +167,24 @@ def test_harness_reads_a_voc_directory(tmp_path):
     (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(names[:3]))
     (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names[3:]))
     out = tmp_path / "out"
-    assert harness.main(tiny(out)[:4] + ["--size", "32", "--batch", "2", "--width", "8",
-                                         "--voc", str(root), "--only", "ce,lad-k3",
-                                         "--out", str(out)]) == 0
+    assert harness.main(["--quick", "--size", "32", "--val-count", "1", "--voc", str(root),
+                         "--only", "ce,lad-k3", "--out", str(out)]) == 0
     report = json.loads(next(out.glob("voc-*.json")).read_text())
     assert {r["name"] for r in report["runs"]} == {"ce", "lad-k3"}
+    assert report["header"].startswith("voc: 2 training / 1 validation / 2 test samples")
 
 
-def test_unknown_config_is_refused():
+@pytest.mark.parametrize("only", ["ce,softmax", "ce,lad-k5-p2"])
+def test_unknown_config_or_one_without_its_rate_is_refused(only, capsys):
     with pytest.raises(SystemExit):
-        harness.main(["--only", "ce,softmax"])
+        harness.main(["--only", only])
+    assert "lad-k5" in capsys.readouterr().err or "softmax" in only
+
+
+def test_readme_tables_are_the_committed_results():
+    # The README quotes the tables of examples/paper/results/ (all but their header line, which
+    # its prose says): regenerated from the JSON by --report's renderer, they must be there.
+    readme = (ROOT / "README.md").read_text()
+    (result,) = (ROOT / "examples" / "paper" / "results").glob("shapes-*.json")
+    tables = harness.render(json.loads(result.read_text())).split("\n", 2)[2]
+    assert tables in readme

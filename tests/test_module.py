@@ -13,7 +13,9 @@ def test_repr_names_every_option():
     criterion = LocallyAdaptiveLoss(kernel_size=3, power=2.0, stride=2, weight=torch.ones(4))
     text = repr(criterion)
     for part in ("LocallyAdaptiveLoss(", "kernel_size=3", "power=2.0", "stride=2",
-                 "ignore_index=255", "normalizer='count'", "reduction='mean'", "backend='auto'",
+                 "ignore_index=255", "normalizer='count'", "reduction='mean'",
+                 "pooling='minkowski'", "lmp_ratio=0.3", "lmp_p=1.7", "topk_ratio=0.2",
+                 "backend='auto'",
                  "sync=False", "weight=<4 class weights>"):
         assert part in text, (part, text)
 

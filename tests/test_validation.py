@@ -31,6 +31,14 @@ BAD_OPTIONS = [
     ("backend", "cuda", r"backend must be one of \('auto', 'torch', 'triton'\).*'cuda'"),
     ("zscore", 1, r"zscore must be True or False, got zscore=1"),
     ("check_target", "yes", r"check_target must be True or False"),
+    ("pooling", "max", r"pooling must be one of \('minkowski', 'lmp', 'topk'\), got pooling='max'"),
+    ("lmp_ratio", 0.0, r"lmp_ratio must be a number in \(0, 1\].*got lmp_ratio=0\.0"),
+    ("lmp_ratio", 1.5, r"got lmp_ratio=1\.5"),
+    ("lmp_ratio", float("nan"), r"got lmp_ratio=nan"),
+    ("lmp_p", 1.0, r"lmp_p must be a finite number > 1.*got lmp_p=1\.0"),
+    ("lmp_p", float("inf"), r"got lmp_p=inf"),
+    ("topk_ratio", -0.2, r"topk_ratio must be a number in \(0, 1\].*got topk_ratio=-0\.2"),
+    ("topk_ratio", True, r"got topk_ratio=True"),
 ]
 
 
@@ -40,6 +48,19 @@ def test_bad_option_raises_value_error(name, value, message):
         locally_adaptive_loss(LOGITS, TARGET, **{name: value})
     with pytest.raises(ValueError, match=message):
         LocallyAdaptiveLoss(**{name: value})
+
+
+@pytest.mark.parametrize("pooling", ["lmp", "topk"])
+@pytest.mark.parametrize("name,value,message", [
+    ("reduction", "none", r"reduction must be 'mean' with pooling='{}'.*got reduction='none'"),
+    # Refused before the check that torch.distributed is initialised: the reason is the pooling.
+    ("sync", True, r"sync must be False with pooling='{}'.*got sync=True"),
+])
+def test_pooling_needs_a_local_mean(pooling, name, value, message):
+    with pytest.raises(ValueError, match=message.format(pooling)):
+        locally_adaptive_loss(LOGITS, TARGET, pooling=pooling, **{name: value})
+    with pytest.raises(ValueError, match=message.format(pooling)):
+        LocallyAdaptiveLoss(pooling=pooling, **{name: value})
 
 
 @pytest.mark.parametrize("logits,target,message", [

@@ -22,6 +22,7 @@ class Run:
     seed: int
     kernel_size: int = 5      # LAD's K
     power: float = 3.0        # LAD's Minkowski k
+    pooling: str = "minkowski"  # LAD's pooling of the costs: "minkowski", "lmp" or "topk"
     iterations: int = 300
     batch: int = 8
     lr: float = 0.02
@@ -74,7 +75,8 @@ def criterion_for(run, model, classes, device):
         return loss, lambda feats, y: center.update(feats, small(y, feats))
     if run.loss == "lad":
         return (lambda logits, feats, y: locally_adaptive_loss(
-            logits, y, kernel_size=run.kernel_size, power=run.power, ignore_index=IGNORE)), None
+            logits, y, kernel_size=run.kernel_size, power=run.power, pooling=run.pooling,
+            ignore_index=IGNORE)), None
     raise ValueError(f"loss must be one of ('ce', 'focal', 'center', 'lad'), got {run.loss!r}")
 
 
@@ -100,7 +102,8 @@ def mean_iou(model, dataset, classes, device, batch=16):
     return float(iou[~iou.isnan()].mean()), iou.tolist()
 
 
-def train_and_evaluate(run, train_set, val_set, device):
+def train_and_evaluate(run, train_set, eval_sets, device):
+    """Train one model; its mean IoU on each of ``eval_sets`` ({split name: data set})."""
     torch.manual_seed(run.seed)
     generator = torch.Generator().manual_seed(run.seed)
     classes = train_set.classes
@@ -125,6 +128,8 @@ def train_and_evaluate(run, train_set, val_set, device):
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{run}: the loss became {losses[-1]}")
-    miou, per_class = mean_iou(model, val_set, classes, device)
-    return dict(asdict(run), miou=miou, per_class_iou=per_class, seconds=time.time() - start,
-                first_loss=losses[0], last_loss=sum(losses[-10:]) / len(losses[-10:]))
+    scores = {split: mean_iou(model, data, classes, device) for split, data in eval_sets.items()}
+    return dict(asdict(run), miou={split: miou for split, (miou, _) in scores.items()},
+                per_class_iou={split: iou for split, (_, iou) in scores.items()},
+                seconds=time.time() - start, first_loss=losses[0],
+                last_loss=sum(losses[-10:]) / len(losses[-10:]))
