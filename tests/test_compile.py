@@ -116,6 +116,8 @@ def test_opcheck_fused_costs_backward():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck_check_labels(weighted):
+@pytest.mark.parametrize("pixel_weighted", [False, True])
+def test_opcheck_check_labels(weighted, pixel_weighted):
     target = make_labels(2, (4, 5), 5, dtype=torch.uint8)
-    opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255))
+    opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255,
+                           torch.rand(2, 4, 5) if pixel_weighted else None))
