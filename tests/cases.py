@@ -1,5 +1,10 @@
 """Random inputs, the tolerance table and the oracle comparison shared by the tests."""
 
+import importlib
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -166,3 +171,27 @@ def lad_problems(draw, max_side=11, max_classes=8, kernel_sizes=(1, 3, 5, 7, 9))
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     return shape, options, data
+
+
+def readme_example(name):
+    """The code of the fenced block that follows ``<!-- example:name -->`` in README.md, so that
+    the tests run the README's snippets as a reader copies them."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index(f"<!-- example:{name} -->") + 1
+    assert lines[start].startswith("```"), f"no code block after <!-- example:{name} -->"
+    end = lines.index("```", start + 1)
+    return "\n".join(lines[start + 1:end])
+
+
+def framework(name, install):
+    """Import a training framework for its adapter's tests. Where it is not installed the tests
+    skip, saying what installs it, except when LAD_TRITON_REQUIRE_FRAMEWORKS=1 (.ci/run sets it):
+    there a framework test that cannot run fails, since CI must run every one."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # not installed, or broken (mmseg refuses a too new mmcv)
+        reason = f"{name} is not importable ({err}); {install} installs it"
+        if os.environ.get("LAD_TRITON_REQUIRE_FRAMEWORKS") == "1":
+            pytest.fail(f"{reason} (LAD_TRITON_REQUIRE_FRAMEWORKS=1: CI runs every framework "
+                        "test)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)

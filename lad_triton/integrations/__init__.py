@@ -1,0 +1,9 @@
+"""Adapters to the frameworks segmentation models are trained with, one module per framework.
+
+Each module imports its framework when it is itself imported; ``import lad_triton`` imports none
+of them (``tests/test_integrations.py`` checks it). Install a framework with the package's extra
+of its name (``pip install "lad-triton[monai]"``).
+
+- ``lad_triton.integrations.monai``: ``LocallyAdaptiveLoss`` taking MONAI's and nnU-Net's
+  ``(B, 1, ...)`` label maps, integer or float.
+"""
