@@ -2,8 +2,10 @@
 
 Each module imports its framework when it is itself imported; ``import lad_triton`` imports none
 of them (``tests/test_integrations.py`` checks it). Install a framework with the package's extra
-of its name (``pip install "lad-triton[monai]"``).
+of its name (``pip install "lad-triton[mmseg]"``, ``[transformers]``, ``[monai]``).
 
+- ``lad_triton.integrations.mmseg``: registers ``"LocallyAdaptiveLoss"`` in mmsegmentation's
+  model registry, for ``loss_decode=dict(type="LocallyAdaptiveLoss", ...)`` in a config.
 - ``lad_triton.integrations.monai``: ``LocallyAdaptiveLoss`` taking MONAI's and nnU-Net's
   ``(B, 1, ...)`` label maps, integer or float.
 """
