@@ -6,6 +6,9 @@ of its name (``pip install "lad-triton[mmseg]"``, ``[transformers]``, ``[monai]`
 
 - ``lad_triton.integrations.mmseg``: registers ``"LocallyAdaptiveLoss"`` in mmsegmentation's
   model registry, for ``loss_decode=dict(type="LocallyAdaptiveLoss", ...)`` in a config.
+- ``lad_triton.integrations.transformers``: ``apply_lad_to_segformer`` (the loss of Hugging Face
+  Segformer and the models that compute theirs the same way) and ``compute_loss_func`` (for
+  ``Trainer(compute_loss_func=...)``).
 - ``lad_triton.integrations.monai``: ``LocallyAdaptiveLoss`` taking MONAI's and nnU-Net's
   ``(B, 1, ...)`` label maps, integer or float.
 """
