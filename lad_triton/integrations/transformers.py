@@ -116,8 +116,10 @@ def _run(forward, model, options, args, kwargs):
         output = forward(*args, **kwargs)
     finally:
         _ACTIVE.reset(token)
+    if num_items_in_batch is None:
+        return output
     labels = _labels(model, args, kwargs)
-    if num_items_in_batch is None or labels is None:
+    if labels is None:
         return output
     if isinstance(output, Mapping):
         if output.get("loss") is not None:
