@@ -32,7 +32,8 @@ def focal_loss(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=255, reduc
 
     Args:
         logits: ``(B, C, H, W)`` (or ``(B, C, D, H, W)``) float16, bfloat16, float32 or float64.
-        target: ``(B, H, W)`` integer labels in ``[0, C)`` or ``ignore_index``.
+        target: ``(B, H, W)`` (or ``(B, 1, H, W)``) integer labels in ``[0, C)`` or
+            ``ignore_index``.
         alpha: the balancing factor, > 0 (0.25, the paper's and Lin et al.'s).
         gamma: the focusing exponent, >= 0 (2); gamma=0 and alpha=1 give cross-entropy.
         reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"`` (the map, 0 at
@@ -45,6 +46,8 @@ def focal_loss(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=255, reduc
     """
     _check_focal_options(alpha, gamma, ignore_index, reduction)
     check_tensors(logits, target)
+    if target.dim() == logits.dim():
+        target = target.squeeze(1)  # (B, 1, H, W), as the loss reads it: a view
     if check_target and target.numel():
         check_values(target, None, logits.shape[1], ignore_index)
     x = logits if logits.dtype == torch.float64 else logits.float()

@@ -6,7 +6,7 @@ import torch
 
 from .dispatch import select_backend
 from .pooling import pooled_mean
-from .reduction import centre_weights, cost_map, minkowski_mean, valid_centres
+from .reduction import centre_weights, cost_map, minkowski_mean, valid_centres, weighted_sum
 from .kernels.config import accumulation_dtype
 from .unfused import UnfusedCosts
 from .validation import check_labels, check_options, check_tensors, check_values, sync_group
@@ -15,19 +15,21 @@ from .validation import check_labels, check_options, check_tensors, check_values
 def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
                           ignore_index=255, eps=1e-5, weight_base=2.0, normalizer="count",
                           zscore=True, reduction="mean", pooling="minkowski", lmp_ratio=0.3,
-                          lmp_p=1.7, topk_ratio=0.2, weight=None, backend="auto",
-                          check_target=True, sync=False, process_group=None):
+                          lmp_p=1.7, topk_ratio=0.2, weight=None, pixel_weight=None,
+                          backend="auto", check_target=True, sync=False, process_group=None):
     r"""The locally adaptive loss (LAD) of Guo et al. for semantic segmentation.
 
     For every valid centre pixel p, the z-scored logits z_q of the neighbours q in a K x K
     window (K x K x K in a volume) that share p's label are averaged with weights
     omega(d) = weight_base**(1-d), d the chessboard distance from p; the cost is the softmax
     cross-entropy of that pooled vector against p's label, and the loss is the Minkowski
-    (power-k) mean of the costs, weighted by class when ``weight`` is given::
+    (power-k) mean of the costs, weighted by class (``weight``) and by pixel (``pixel_weight``)
+    when given::
 
         f_p  = (1 / xi_p) * sum_{q in window(p), y_q == y_p} omega(d(p, q)) * z_q
         L_p  = logsumexp(f_p) - f_p[y_p]
-        loss = (sum_{valid p} w_p L_p ** k / sum_{valid p} w_p) ** (1 / k)   (w_p = 1 unweighted)
+        w_p  = weight[y_p] * pixel_weight_p                  (each factor 1 when not given)
+        loss = (sum_{valid p} w_p L_p ** k / sum_{valid p} w_p) ** (1 / k)
 
     ``docs/contract.md`` is the exact definition (every parameter, dtype, tolerance and error);
     ``docs/math.md`` derives the gradient.
@@ -36,7 +38,9 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         logits: ``(B, C, H, W)`` images or ``(B, C, D, H, W)`` volumes, float16, bfloat16,
             float32 or float64, any strides; C >= 2. The paper's x.
         target: ``(B, H, W)`` or ``(B, D, H, W)`` uint8, int8, int16, int32 or int64 labels in
-            ``[0, C)`` or ``ignore_index``, on the logits' device. The paper's y.
+            ``[0, C)`` or ``ignore_index``, on the logits' device. The paper's y. A channel of
+            size 1, ``(B, 1, H, W)`` or ``(B, 1, D, H, W)`` (MONAI's, nnU-Net's), is read as
+            ``(B, H, W)`` or ``(B, D, H, W)`` (a view, no copy).
         kernel_size: odd window size, the paper's K (its filter is (K, K, C)). Default 5.
         power: Minkowski exponent, the paper's k, >= 1. Default 3; 1 is a plain mean.
         stride: only pixels whose every coordinate is a multiple of s are centres, the
@@ -51,8 +55,10 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         zscore: standardise each pixel's logits over classes first (the paper's normalised
             x). Default True.
         reduction: ``"mean"`` (default): the Minkowski mean, a 0-dim tensor, 0 when no
-            centre is valid. ``"none"``: the map of w_p * L_p, shape of the target, 0 at invalid
-            centres.
+            centre is valid. ``"sum"``: sum_p w_p * L_p, a 0-dim tensor: the sum of the weighted
+            costs, without the Minkowski exponent (for ``power != 1`` it is not the mean times
+            a count). ``"none"``: the map of w_p * L_p, shape ``(B, H, W)`` (``(B, D, H, W)``),
+            0 at invalid centres.
         pooling: how ``reduction="mean"`` turns the costs into the loss, over the n valid
             centres' class-weighted costs l_p = w_p * L_p: ``"minkowski"`` (default), the
             Minkowski mean above; ``"lmp"``, loss max-pooling (Rota Bulo et al., CVPR 2017): the
@@ -68,12 +74,15 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         topk_ratio: the share of centres ``pooling="topk"`` averages, in (0, 1]. Default 0.2.
         weight: optional ``(C,)`` float tensor of non-negative class weights, as in
             ``nn.CrossEntropyLoss``: w_p = weight[y_p]. On the logits' device.
+        pixel_weight: optional ``(B, H, W)`` (``(B, D, H, W)``) float tensor of non-negative
+            per-pixel weights multiplying each centre's weight: w_p = weight[y_p] *
+            pixel_weight_p (e.g. an OHEM sampler's map). On the logits' device; no gradient.
         backend: ``"auto"`` (default: the fused kernels for float16/bfloat16/float32 CUDA
             tensors when Triton imports, else PyTorch), ``"torch"`` (the unfused PyTorch
             implementation) or ``"triton"`` (the fused kernels; on CPU tensors only under
             Triton's interpreter). A performance knob: every backend computes the same function.
         check_target: check that every label is in ``[0, C)`` or ``ignore_index`` and every
-            class weight finite and non-negative (one device-to-host sync). With False an
+            class and pixel weight finite and non-negative (one device-to-host sync). With False an
             out-of-range label gives an unspecified loss but never an out-of-bounds access.
             Default True.
         sync: with ``reduction="mean"`` and ``pooling="minkowski"`` under torch.distributed,
@@ -83,15 +92,16 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         process_group: the group to synchronise over (implies ``sync``); default the world.
 
     Returns:
-        The loss in the logits' dtype: 0-dim for ``"mean"``, ``(B, H, W)`` for ``"none"``.
+        The loss in the logits' dtype: 0-dim for ``"mean"`` and ``"sum"``, ``(B, H, W)``
+        (``(B, D, H, W)``) for ``"none"``.
         Differentiable with respect to ``logits``; the gradient comes back in their dtype.
 
     Raises:
         TypeError: logits not floating, target not integer.
         ValueError: a shape, device, option (or combination: ``pooling`` other than
-            ``"minkowski"`` with ``reduction="none"``, ``sync`` or ``process_group``) or (with
-            ``check_target``) label outside the contract; the message names the argument,
-            what was expected and what it got.
+            ``"minkowski"`` with ``reduction`` other than ``"mean"``, ``sync`` or
+            ``process_group``) or (with ``check_target``) label or weight value outside the
+            contract; the message names the argument, what was expected and what it got.
         RuntimeError: ``backend="triton"`` where the fused kernels cannot run, saying why.
     """
     options = dict(kernel_size=kernel_size, stride=stride, ignore_index=ignore_index, eps=eps,
@@ -99,7 +109,9 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     check_options(power=power, reduction=reduction, pooling=pooling, lmp_ratio=lmp_ratio,
                   lmp_p=lmp_p, topk_ratio=topk_ratio, backend=backend,
                   check_target=check_target, sync=sync, process_group=process_group, **options)
-    check_tensors(logits, target, weight)
+    check_tensors(logits, target, weight, pixel_weight)
+    if target.dim() == logits.dim():
+        target = target.squeeze(1)  # (B, 1, H, W) -> (B, H, W): a view
     chosen = select_backend(backend, logits)
     classes = logits.shape[1]
     if classes == 2 and zscore:
@@ -107,13 +119,16 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     guard = None
     if check_target and target.numel() > 0:
         if torch.compiler.is_compiling():
-            guard = check_labels(target, weight, classes, ignore_index)
+            guard = check_labels(target, weight, classes, ignore_index, pixel_weight)
         else:
-            check_values(target, weight, classes, ignore_index)
+            check_values(target, weight, classes, ignore_index, pixel_weight)
     if logits.numel() == 0:  # empty batch: exactly 0 (a map of zeros), zero gradient
-        return (logits.sum() if reduction == "mean" else logits.sum(dim=1)) * 0
+        return (logits.sum(dim=1) if reduction == "none" else logits.sum()) * 0
+    acc = accumulation_dtype(logits.dtype)
     if weight is not None:
-        weight = weight.detach().to(accumulation_dtype(logits.dtype)).contiguous()
+        weight = weight.detach().to(acc).contiguous()
+    if pixel_weight is not None:
+        pixel_weight = pixel_weight.detach().to(acc)
 
     # Inside an autograd Function needs_input_grad stays True under no_grad: decide here, so
     # that evaluation neither computes nor keeps what only the backward needs.
@@ -124,7 +139,9 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
 
         fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
                          normalizer, zscore)
-        if reduction == "mean" and pooling == "minkowski":
+        # The kernels reduce the Minkowski mean themselves with class weights; pixel weights,
+        # the sum and the other poolings reduce the costs L in PyTorch (as reduction="none").
+        if reduction == "mean" and pooling == "minkowski" and pixel_weight is None:
             out = fused_mean(logits, target, weight, fused_options, float(power), group,
                              need_grad)
             return out if guard is None else out + guard.to(out.dtype)
@@ -134,9 +151,11 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         L = UnfusedCosts.apply(logits, target, *options.values(), need_grad)
 
     valid = valid_centres(target, ignore_index, stride)
-    w = centre_weights(target, valid, weight, classes, stride)
+    w = centre_weights(target, valid, weight, classes, stride, pixel_weight)
     if reduction == "none":
         out = cost_map(L, w, stride, target.shape[1:]).to(logits.dtype)
+    elif reduction == "sum":
+        out = weighted_sum(L, w).to(logits.dtype)
     elif pooling == "minkowski":
         out = minkowski_mean(L, w, None, float(power), group).to(logits.dtype)
     else:

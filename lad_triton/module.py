@@ -9,7 +9,8 @@ from .validation import check_options
 class LocallyAdaptiveLoss(nn.Module):
     """The locally adaptive loss as a criterion: stores the keywords of
     :func:`lad_triton.locally_adaptive_loss` (which documents them) and calls it in
-    ``forward(logits, target)``. Drop-in for ``nn.CrossEntropyLoss(ignore_index=255)``::
+    ``forward(logits, target, pixel_weight=None)``. Drop-in for
+    ``nn.CrossEntropyLoss(ignore_index=255)``::
 
         criterion = LocallyAdaptiveLoss(kernel_size=5, power=3.0)
         loss = criterion(model(images), masks)      # (B, C, H, W) logits, (B, H, W) masks
@@ -37,8 +38,11 @@ class LocallyAdaptiveLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else weight.detach().clone())
         self.process_group = process_group
 
-    def forward(self, logits, target):
+    def forward(self, logits, target, pixel_weight=None):
+        """The loss of ``logits`` against ``target``; ``pixel_weight``: the optional per-pixel
+        weight map of :func:`lad_triton.locally_adaptive_loss`."""
         return locally_adaptive_loss(logits, target, weight=self.weight,
+                                     pixel_weight=pixel_weight,
                                      process_group=self.process_group, **self.options)
 
     def extra_repr(self):

@@ -1,15 +1,19 @@
-"""From the costs L on the centre grid to the loss: step 9 of docs/contract.md with class weights, shared by
-both backends, synchronised across processes on request (docs/math.md derives the formulas).
+"""From the costs L on the centre grid to the loss: step 9 of docs/contract.md with class and pixel
+weights, shared by both backends, synchronised across processes on request (docs/math.md derives
+the formulas).
 
-With w_p the class weight of a valid centre (1 without weights, 0 at invalid centres):
+With w_p = weight[y_p] * pixel_weight_p at a valid centre (either factor 1 when not given; 0 at
+invalid centres):
 
 - reduction="mean": ``(sum_p w_p L_p^k / sum_p w_p)^(1/k)``, 0 when the denominator or every L is
   0; d loss / d L_p = a * w_p * (L_p / max L)^(k-1), a = (mean (L/max L)^k)^(1/k - 1) / sum w.
+- reduction="sum": ``sum_p w_p L_p`` (no exponent); d loss / d L_p = w_p.
 - reduction="none": the map w_p * L_p, 0 off the stride grid.
 
 The mean is computed from per-tile partials (max L, sum w (L / max L)^k, sum w), which the fused
-forward kernel writes and which are computed here for the PyTorch backend: scaled by the max, L^k
-neither overflows nor underflows. Combined in float64 in a fixed order: bitwise repeatable.
+forward kernel writes (with class weights; with pixel weights the fused backend's L comes here)
+and which are computed here otherwise: scaled by the max, L^k neither overflows nor underflows.
+Combined in float64 in a fixed order: bitwise repeatable.
 
 The other poolings of the costs, loss max-pooling and top-k, are in ``pooling.py``.
 """
@@ -29,14 +33,20 @@ def valid_centres(target, ignore_index, stride):
     return torch.ones_like(y, dtype=torch.bool)
 
 
-def centre_weights(target, valid, weight, classes, stride):
-    """w_p on the centre grid: weight[y_p] (True without weights) at valid centres, 0 (False)
-    elsewhere. Labels outside [0, C) (check_target=False) are clamped: unspecified, in bounds."""
-    if weight is None:
-        return valid
-    y = target[(slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)]
-    # int64 indices: a uint8 index tensor would be read as a boolean mask.
-    return torch.where(valid, weight[y.long().clamp(0, classes - 1)], 0)
+def centre_weights(target, valid, weight, classes, stride, pixel_weight=None):
+    """w_p on the centre grid: weight[y_p] * pixel_weight_p (True without either) at valid
+    centres, 0 (False) elsewhere. Labels outside [0, C) (check_target=False) are clamped:
+    unspecified, in bounds."""
+    centres = (slice(None),) + (slice(None, None, stride),) * (target.dim() - 1)
+    w = valid
+    if weight is not None:
+        y = target[centres]
+        # int64 indices: a uint8 index tensor would be read as a boolean mask.
+        w = torch.where(valid, weight[y.long().clamp(0, classes - 1)], 0)
+    if pixel_weight is not None:
+        # where, not a product with the mask: a weight at an ignored pixel never reaches the sum.
+        w = torch.where(valid, pixel_weight[centres] * w, 0)
+    return w
 
 
 def cost_map(L, w, stride, spatial_shape):
@@ -47,6 +57,11 @@ def cost_map(L, w, stride, spatial_shape):
     out = weighted.new_zeros((L.shape[0],) + tuple(spatial_shape))
     out[(slice(None),) + (slice(None, None, stride),) * len(spatial_shape)] = weighted
     return out
+
+
+def weighted_sum(L, w):
+    """reduction="sum": sum_p w_p L_p in L's dtype; d loss / d L_p = w_p (autograd)."""
+    return (L * w.to(L.dtype)).sum()
 
 
 def local_partials(L, w, power):

@@ -3,8 +3,8 @@ before any computation.
 
 Messages have one shape: ``<argument> must be <what was expected>, got <argument>=<value>``.
 Hyper-parameters are checked by :func:`check_options` (also at module construction), tensors by
-:func:`check_tensors`. Only the label and weight *values* need tensor data, read in one
-device-to-host sync by :func:`check_values`; ``check_target=False`` skips it. Under
+:func:`check_tensors`. Only the label, class weight and pixel weight *values* need tensor data,
+read in one device-to-host sync by :func:`check_values`; ``check_target=False`` skips it. Under
 ``torch.compile`` the same check runs inside the ``lad_triton::check_labels`` custom operator,
 so it raises without a graph break.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-REDUCTIONS = ("mean", "none")
+REDUCTIONS = ("mean", "sum", "none")
 POOLINGS = ("minkowski", "lmp", "topk")
 NORMALIZERS = ("count", "weight")
 BACKENDS = ("auto", "torch", "triton")
@@ -91,8 +91,8 @@ def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base,
     if pooling != "minkowski":
         # Both rank every centre's cost: across processes that needs a global sort.
         if reduction != "mean":
-            _fail(ValueError, "reduction", f"'mean' with pooling={pooling!r} (reduction='none' "
-                  "returns the costs unpooled)", reduction)
+            _fail(ValueError, "reduction", f"'mean' with pooling={pooling!r} ('none' and 'sum' "
+                  "do not pool the costs)", reduction)
         if sync:
             _fail(ValueError, "sync", f"False with pooling={pooling!r} (it ranks the costs of "
                   "this process only; use pooling='minkowski' to synchronise)", sync)
@@ -113,9 +113,10 @@ def sync_group(sync, process_group):
     return dist.group.WORLD if sync else None
 
 
-def check_tensors(logits, target, weight=None):
-    """Raise ``TypeError``/``ValueError`` for logits, target and class weights that the
-    contract does not accept (shapes, dtypes, devices; not values: :func:`check_values`)."""
+def check_tensors(logits, target, weight=None, pixel_weight=None):
+    """Raise ``TypeError``/``ValueError`` for logits, target, class weights and pixel weights that
+    the contract does not accept (shapes, dtypes, devices; not values: :func:`check_values`).
+    The target may carry a channel of size 1, ``(B, 1, H, W)`` as MONAI and nnU-Net keep it."""
     if not isinstance(logits, torch.Tensor):
         _fail(TypeError, "logits", "a torch.Tensor", type(logits).__name__)
     if logits.dtype not in LOGITS_DTYPES:
@@ -135,9 +136,10 @@ def check_tensors(logits, target, weight=None):
         raise ValueError(f"logits must have C >= 2 classes on dim 1, got logits.shape="
                          f"{tuple(logits.shape)}")
     names = "(B, H, W)" if logits.dim() == 4 else "(B, D, H, W)"
-    if tuple(target.shape) != (batch,) + spatial:
-        raise ValueError(f"target must have shape {names} = {(batch,) + spatial} to match "
-                         f"logits.shape={tuple(logits.shape)}, got target.shape="
+    channel = "(B, 1, H, W)" if logits.dim() == 4 else "(B, 1, D, H, W)"
+    if tuple(target.shape) not in ((batch,) + spatial, (batch, 1) + spatial):
+        raise ValueError(f"target must have shape {names} = {(batch,) + spatial} or {channel} "
+                         f"to match logits.shape={tuple(logits.shape)}, got target.shape="
                          f"{tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got "
@@ -153,6 +155,18 @@ def check_tensors(logits, target, weight=None):
         if weight.device != logits.device:
             raise ValueError(f"weight must be on the logits' device {logits.device}, got "
                              f"weight.device={weight.device}")
+    if pixel_weight is not None:
+        if not isinstance(pixel_weight, torch.Tensor) or not pixel_weight.is_floating_point():
+            got = (pixel_weight.dtype if isinstance(pixel_weight, torch.Tensor)
+                   else type(pixel_weight).__name__)
+            raise ValueError("pixel_weight must be None or a floating tensor of per-pixel "
+                             f"weights, got pixel_weight={got}")
+        if tuple(pixel_weight.shape) != (batch,) + spatial:
+            raise ValueError(f"pixel_weight must have shape {names} = {(batch,) + spatial}, got "
+                             f"pixel_weight.shape={tuple(pixel_weight.shape)}")
+        if pixel_weight.device != logits.device:
+            raise ValueError(f"pixel_weight must be on the logits' device {logits.device}, got "
+                             f"pixel_weight.device={pixel_weight.device}")
 
 
 def _bad_labels(target, classes, ignore_index):
@@ -170,10 +184,11 @@ def _bad_labels(target, classes, ignore_index):
     return bad
 
 
-def check_values(target, weight, classes, ignore_index):
-    """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, or a negative or
-    non-finite class weight. One device-to-host sync; on CUDA the labels are read once (one
-    kernel, kernels/labels.py), elsewhere by a few PyTorch comparisons."""
+def check_values(target, weight, classes, ignore_index, pixel_weight=None):
+    """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, a negative or
+    non-finite class weight, or a negative or non-finite pixel weight. One device-to-host sync;
+    on CUDA the labels are read once (one kernel, kernels/labels.py), elsewhere by a few
+    PyTorch comparisons."""
     if target.is_cuda and target.is_contiguous() and _triton_imports():
         from .kernels.labels import count_bad_labels
 
@@ -182,8 +197,12 @@ def check_values(target, weight, classes, ignore_index):
         flags = [_bad_labels(target, classes, ignore_index).any()]
     if weight is not None:
         flags.append(((weight < 0) | ~torch.isfinite(weight)).any())
-    bad_labels, *bad_weight = torch.stack(flags).tolist()  # the one sync
-    if bad_labels:  # the error path may take another pass to say where
+    bad_pixel = None
+    if pixel_weight is not None:
+        bad_pixel = (pixel_weight < 0) | ~torch.isfinite(pixel_weight)
+        flags.append(bad_pixel.any())
+    found = torch.stack(flags).tolist()  # the one sync
+    if found[0]:  # the error path may take another pass to say where
         bad = _bad_labels(target, classes, ignore_index)
         where = tuple(bad.nonzero()[0].tolist())
         value = target[where].item()
@@ -191,9 +210,15 @@ def check_values(target, weight, classes, ignore_index):
             f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}, "
             f"got target[{', '.join(map(str, where))}]={value} "
             "(check_target=False skips this check)")
-    if bad_weight and bad_weight[0]:
+    if weight is not None and found[1]:
         raise ValueError("weight must hold finite, non-negative class weights, got "
                          f"weight={weight.tolist()} (check_target=False skips this check)")
+    if pixel_weight is not None and found[-1]:
+        where = tuple(bad_pixel.nonzero()[0].tolist())
+        value = pixel_weight[where].item()
+        raise ValueError("pixel_weight must hold finite, non-negative weights, got "
+                         f"pixel_weight[{', '.join(map(str, where))}]={value} "
+                         "(check_target=False skips this check)")
 
 
 def _triton_imports():
@@ -205,15 +230,15 @@ def _triton_imports():
 
 
 @torch.library.custom_op("lad_triton::check_labels", mutates_args=())
-def check_labels(target: Tensor, weight: Optional[Tensor], classes: int,
-                 ignore_index: int) -> Tensor:
+def check_labels(target: Tensor, weight: Optional[Tensor], classes: int, ignore_index: int,
+                 pixel_weight: Optional[Tensor]) -> Tensor:
     """:func:`check_values` as an operator for torch.compile: raises inside the compiled graph
     instead of breaking it. Returns a 0-dim zero that the loss adds, so the check is not
     dead code."""
-    check_values(target, weight, classes, ignore_index)
+    check_values(target, weight, classes, ignore_index, pixel_weight)
     return torch.zeros((), device=target.device)
 
 
 @check_labels.register_fake
-def _(target, weight, classes, ignore_index):
+def _(target, weight, classes, ignore_index, pixel_weight):
     return target.new_empty((), dtype=torch.float32)

@@ -1,5 +1,10 @@
 """Random inputs, the tolerance table and the oracle comparison shared by the tests."""
 
+import importlib
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -64,6 +69,17 @@ def make_target(batch, height, width, classes, **kwargs):
     return make_labels(batch, (height, width), classes, **kwargs)
 
 
+def make_pixel_weight(batch, spatial, *, zero_frac=0.2, sliced=False, seed=0, device="cpu"):
+    """Random non-negative per-pixel weights of shape (batch, *spatial) in [0, 3), about zero_frac
+    of them exactly 0; 'sliced' makes it a strided view into a larger tensor."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    big = torch.rand((batch,) + tuple(2 * n for n in spatial), generator=gen,
+                     dtype=torch.float64) * 3
+    big = torch.where(torch.rand(big.shape, generator=gen) < zero_frac, 0.0, big)
+    w = big[(slice(None),) + (slice(None, None, 2),) * len(spatial)]
+    return (w if sliced else w.contiguous()).to(device=device, dtype=torch.float32)
+
+
 def rel_err(actual, expected):
     """||actual - expected|| / ||expected|| in float64 (absolute when expected is 0)."""
     actual = actual.detach().double().cpu()
@@ -81,8 +97,10 @@ def grad_out_for(loss, seed=0):
 
 def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64,
                          layout="contiguous", target_dtype=torch.int64, ignore_frac=0.2,
-                         n_labels=None, seed=0, apply=None):
+                         n_labels=None, seed=0, apply=None, pixel_weight=False):
     """Loss and gradient of one backend against the float64 oracle, on fresh random inputs.
+    ``pixel_weight=True`` adds a random per-pixel weight map (a strided view with
+    ``layout="sliced"``).
 
     float64 is held to the contract's 1e-10 plus float64's rounding of terms that cancel (see oracle.py);
     other dtypes to the contract's table. ``apply(logits, target)`` replaces the public function (tests
@@ -98,6 +116,9 @@ def check_against_oracle(shape, options, *, backend="torch", dtype=torch.float64
                          n_labels=n_labels, sliced=layout == "sliced", seed=seed, device=device)
     if isinstance(options.get("weight"), torch.Tensor):
         options = dict(options, weight=options["weight"].to(device))
+    if pixel_weight:
+        options = dict(options, pixel_weight=make_pixel_weight(
+            batch, spatial, sliced=layout == "sliced", seed=seed, device=device))
     logits.requires_grad_(True)
     if apply is None:
         loss = locally_adaptive_loss(logits, target, backend=backend, **options)
@@ -150,3 +171,27 @@ def lad_problems(draw, max_side=11, max_classes=8, kernel_sizes=(1, 3, 5, 7, 9))
         seed=draw(st.integers(0, 2**31 - 1)),
     )
     return shape, options, data
+
+
+def readme_example(name):
+    """The code of the fenced block that follows ``<!-- example:name -->`` in README.md, so that
+    the tests run the README's snippets as a reader copies them."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index(f"<!-- example:{name} -->") + 1
+    assert lines[start].startswith("```"), f"no code block after <!-- example:{name} -->"
+    end = lines.index("```", start + 1)
+    return "\n".join(lines[start + 1:end])
+
+
+def framework(name, install):
+    """Import a training framework for its adapter's tests. Where it is not installed the tests
+    skip, saying what installs it, except when LAD_TRITON_REQUIRE_FRAMEWORKS=1 (.ci/run sets it):
+    there a framework test that cannot run fails, since CI must run every one."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # not installed, or broken (mmseg refuses a too new mmcv)
+        reason = f"{name} is not importable ({err}); {install} installs it"
+        if os.environ.get("LAD_TRITON_REQUIRE_FRAMEWORKS") == "1":
+            pytest.fail(f"{reason} (LAD_TRITON_REQUIRE_FRAMEWORKS=1: CI runs every framework "
+                        "test)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)

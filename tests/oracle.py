@@ -28,15 +28,19 @@ class Reference(NamedTuple):
 
 def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, stride=1,
                   ignore_index=255, eps=1e-5, weight_base=2.0, normalizer="count", zscore=True,
-                  reduction="mean", weight=None):
+                  reduction="mean", weight=None, pixel_weight=None):
     """Reference(loss, d(loss . grad_out)/d logits, floors) in float64 for the logits as given
-    (read at their own precision, then upcast). Images (B, C, H, W) or volumes (B, C, D, H, W);
-    ``weight``: optional class weights. grad_out defaults to ones."""
+    (read at their own precision, then upcast). Images (B, C, H, W) or volumes (B, C, D, H, W),
+    target (B, H, W) or (B, D, H, W); ``weight``: optional class weights; ``pixel_weight``:
+    optional per-pixel weights of the target's shape. A centre's weight is the product of its
+    class's and its own. grad_out defaults to ones."""
     x = logits.detach().to(torch.float64).requires_grad_(True)
     batch, classes = x.shape[:2]
     spatial = tuple(x.shape[2:])
     labels = target.reshape(batch, -1).tolist()  # Python ints: no dtype wrap-around
     class_weight = None if weight is None else weight.double().tolist()
+    pixel_weights = (None if pixel_weight is None
+                     else pixel_weight.double().reshape(batch, -1).tolist())
     radius = kernel_size // 2
     positions = list(itertools.product(*(range(n) for n in spatial)))
     flat = {pos: i for i, pos in enumerate(positions)}
@@ -81,6 +85,8 @@ def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, st
             lse = torch.logsumexp(f, 0)
             costs[b, pos] = (lse - f[label]).clamp_min(0)
             w_p = 1.0 if class_weight is None else class_weight[label]
+            if pixel_weights is not None:
+                w_p *= pixel_weights[b][flat[pos]]
             windows[b, pos] = (xi, members, abs(lse.item()) + abs(f[label].item()), w_p)
 
     shape = (batch,) + spatial
@@ -91,6 +97,11 @@ def lad_reference(logits, target, grad_out=None, *, kernel_size=5, power=3.0, st
             index = tuple(torch.tensor(i) for i in (b,) + pos)
             loss = loss.index_put(index, cost * windows[b, pos][3])
             loss_floor[(b,) + pos] = windows[b, pos][2] * windows[b, pos][3]
+    elif reduction == "sum":
+        # The weighted costs added up: no Minkowski exponent.
+        loss = sum((windows[p][3] * c for p, c in costs.items()),
+                   torch.zeros((), dtype=torch.float64))
+        loss_floor = torch.tensor(sum(w[2] * w[3] for w in windows.values()), dtype=torch.float64)
     else:
         weights = sum(w[3] for w in windows.values())
         total = sum((windows[p][3] * c ** power for p, c in costs.items()),

@@ -93,6 +93,20 @@ def test_volumes_compile(backend):
     assert torch.allclose(compiled(images, target), step(images, target), rtol=1e-5)
 
 
+def test_pixel_weight_and_channel_target_compile():
+    # The pixel weight's value check runs inside lad_triton::check_labels, like the labels'.
+    model, images, target = model_and_batch("cpu")
+    pixel_weight = torch.rand(target.shape)
+    criterion = LocallyAdaptiveLoss(kernel_size=3, reduction="sum")
+    step = lambda x, t, w: criterion(model(x), t, w)  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.allclose(compiled(images, target[:, None], pixel_weight),
+                          step(images, target, pixel_weight), rtol=1e-5)
+    pixel_weight[0, 1, 2] = -1.0
+    with pytest.raises(ValueError, match=r"got pixel_weight\[0, 1, 2\]=-1\.0"):
+        compiled(images, target[:, None], pixel_weight)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_step_still_rejects_bad_labels(backend):
     device = DEVICE if backend == "triton" else "cpu"
@@ -151,6 +165,8 @@ def test_opcheck_fused_combine_and_mean_backward():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck_check_labels(weighted):
+@pytest.mark.parametrize("pixel_weighted", [False, True])
+def test_opcheck_check_labels(weighted, pixel_weighted):
     target = make_labels(2, (4, 5), 5, dtype=torch.uint8)
-    opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255))
+    opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255,
+                           torch.rand(2, 4, 5) if pixel_weighted else None))

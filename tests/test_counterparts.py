@@ -47,6 +47,15 @@ def test_focal_loss_matches_reference(alpha, gamma, reduction):
     assert rel_err(loss, ref) < 1e-12 and rel_err(grad, ref_grad) < 1e-12
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_focal_reads_a_channel_target_as_the_loss_does(reduction):
+    # check_tensors accepts (B, 1, H, W) for the LAD (issue 13); the focal loss reads it alike.
+    logits = make_logits((2, 5, 4, 6), dtype=torch.float64)
+    target = make_labels(2, (4, 6), 5, ignore_frac=0.3, seed=5)
+    ref, _ = focal_reference(logits, target, 0.25, 2.0, reduction=reduction)
+    assert rel_err(focal_loss(logits, target[:, None], reduction=reduction), ref) < 1e-12
+
+
 def test_focal_with_gamma_0_and_alpha_1_is_cross_entropy():
     logits = make_logits((2, 7, 5, 6), seed=4)
     target = make_labels(2, (5, 6), 7, ignore_frac=0.2)

@@ -61,6 +61,7 @@ def test_wheel_installs_kernels_as_lad_triton_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "lad_triton/kernels/__init__.py" in names
     assert "lad_triton/unfused.py" in names
+    assert "lad_triton/integrations/mmseg.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
 
     site = tmp_path / "site"

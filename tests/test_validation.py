@@ -26,7 +26,8 @@ BAD_OPTIONS = [
     ("eps", float("nan"), r"got eps=nan"),
     ("weight_base", 0.0, r"weight_base must be a finite number > 0.*got weight_base=0\.0"),
     ("weight_base", -2.0, r"got weight_base=-2\.0"),
-    ("reduction", "sum", r"reduction must be one of \('mean', 'none'\), got reduction='sum'"),
+    ("reduction", "max", r"reduction must be one of \('mean', 'sum', 'none'\), "
+                         r"got reduction='max'"),
     ("normalizer", "area", r"normalizer must be one of \('count', 'weight'\).*'area'"),
     ("backend", "cuda", r"backend must be one of \('auto', 'torch', 'triton'\).*'cuda'"),
     ("zscore", 1, r"zscore must be True or False, got zscore=1"),

@@ -1,0 +1,122 @@
+"""The locally adaptive loss as an mmsegmentation 1.x loss: importing this module registers
+``"LocallyAdaptiveLoss"`` in ``mmseg.registry.MODELS`` (in ``mmengine.registry.MODELS`` when
+mmseg does not import), so a config can name it::
+
+    custom_imports = dict(imports=["lad_triton.integrations.mmseg"], allow_failed_imports=False)
+    model = dict(decode_head=dict(
+        loss_decode=dict(type="LocallyAdaptiveLoss", kernel_size=5, power=3.0, loss_weight=1.0)))
+
+It follows the calls of mmseg's ``BaseDecodeHead.loss_by_feat`` and ``OHEMPixelSampler``:
+``forward(cls_score, label, weight=None, avg_factor=None, reduction_override=None,
+ignore_index=255)`` with ``cls_score`` ``(N, C, H, W)`` upsampled logits, ``label`` ``(N, H, W)``
+(or ``(N, 1, H, W)``), ``weight`` the sampler's ``(N, H, W)`` pixel weights, and the decode
+head's ``ignore_index``. Where mmseg's ``CrossEntropyLoss`` averages ``weight * loss`` over every
+pixel, this loss is the weighted Minkowski mean of :func:`lad_triton.locally_adaptive_loss`
+with ``pixel_weight=weight``: ``(sum_p w_p L_p^k / sum_p w_p)^(1/k)``, ``w_p = class_weight[y_p]
+* weight_p``. ``avg_factor`` replaces the denominator ``sum_p w_p`` (plus mmseg's float32 eps,
+as its ``weight_reduce_loss`` adds); ``reduction_override="none"`` returns the ``(N, H, W)`` map
+``w_p L_p``, which the OHEM sampler ranks. Every result is multiplied by ``loss_weight``.
+"""
+
+import torch
+from torch import nn
+
+from ..functional import locally_adaptive_loss
+from ..kernels.config import accumulation_dtype
+from ..reduction import centre_weights
+from ..validation import check_options
+
+try:
+    from mmseg.registry import MODELS
+except ImportError:  # mmseg absent (or without its mmcv): mmengine's root registry
+    from mmengine.registry import MODELS
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@MODELS.register_module(name="LocallyAdaptiveLoss")
+class LocallyAdaptiveLoss(nn.Module):
+    """The locally adaptive loss as an mmseg decode-head loss (see the module's docstring).
+
+    Args: the keywords of :func:`lad_triton.locally_adaptive_loss` (``kernel_size``, ``power``,
+    ``stride``, ``eps``, ``weight_base``, ``normalizer``, ``zscore``, ``reduction``, ``backend``,
+    ``check_target``, ``sync``), except ``ignore_index``, which the decode head passes to
+    ``forward``, and ``weight``, which is ``class_weight`` here; plus
+
+        loss_weight: the factor of the loss, as in every mmseg loss. Default 1.0.
+        loss_name: the key of the loss in the decode head's loss dict; mmseg adds the entries
+            whose key starts with ``loss_`` to the total. Default ``"loss_lad"``.
+        class_weight: None, or a list of C non-negative class weights (the loss's ``weight``).
+    """
+
+    def __init__(self, *, kernel_size=5, power=3.0, stride=1, eps=1e-5, weight_base=2.0,
+                 normalizer="count", zscore=True, reduction="mean", backend="auto",
+                 check_target=True, sync=False, loss_weight=1.0, loss_name="loss_lad",
+                 class_weight=None):
+        super().__init__()
+        self.options = dict(kernel_size=kernel_size, power=power, stride=stride, eps=eps,
+                            weight_base=weight_base, normalizer=normalizer, zscore=zscore,
+                            backend=backend, check_target=check_target, sync=sync)
+        check_options(ignore_index=255, reduction=reduction, **self.options)
+        if not isinstance(loss_weight, (int, float)) or isinstance(loss_weight, bool):
+            raise ValueError(f"loss_weight must be a number, got loss_weight={loss_weight!r}")
+        if not isinstance(loss_name, str):
+            raise ValueError(f"loss_name must be a string, got loss_name={loss_name!r}")
+        if class_weight is not None and not (
+                isinstance(class_weight, (list, tuple))
+                and all(isinstance(v, (int, float)) for v in class_weight)):
+            raise ValueError("class_weight must be None or a list of C class weights, got "
+                             f"class_weight={class_weight!r}")
+        self.reduction = reduction
+        self.loss_weight = float(loss_weight)
+        self.class_weight = None if class_weight is None else [float(v) for v in class_weight]
+        self._loss_name = loss_name
+
+    @property
+    def loss_name(self):
+        """The key of this loss in the decode head's loss dict (mmseg's loss interface)."""
+        return self._loss_name
+
+    def forward(self, cls_score, label, weight=None, avg_factor=None, reduction_override=None,
+                ignore_index=255, **kwargs):
+        """``loss_weight`` times the loss of ``cls_score`` ``(N, C, H, W)`` against ``label``
+        ``(N, H, W)``, weighted per pixel by ``weight`` ``(N, H, W)`` when given."""
+        if kwargs:
+            raise TypeError(f"LocallyAdaptiveLoss.forward got unexpected keyword arguments "
+                            f"{sorted(kwargs)}")
+        if reduction_override not in (None,) + REDUCTIONS:
+            raise ValueError(f"reduction_override must be None or one of {REDUCTIONS}, got "
+                             f"reduction_override={reduction_override!r}")
+        reduction = reduction_override or self.reduction
+        if avg_factor is not None and reduction == "sum":
+            raise ValueError('avg_factor can not be used with reduction="sum"')  # mmseg's rule
+        class_weight = None
+        if self.class_weight is not None:
+            class_weight = torch.tensor(self.class_weight, dtype=torch.float32,
+                                        device=cls_score.device)
+        loss = locally_adaptive_loss(cls_score, label, weight=class_weight, pixel_weight=weight,
+                                     ignore_index=ignore_index, reduction=reduction,
+                                     **self.options)
+        if avg_factor is not None and reduction == "mean":
+            # (S / W)^(1/k) -> (S / avg_factor)^(1/k): multiply by (W / avg_factor)^(1/k). W
+            # depends on labels and weights only, so the gradient is the loss's, rescaled.
+            eps = torch.finfo(torch.float32).eps
+            total = self._weight_sum(cls_score, label, class_weight, weight, ignore_index)
+            factor = (total / (avg_factor + eps)) ** (1.0 / self.options["power"])
+            loss = loss * factor.to(loss.dtype)
+        return self.loss_weight * loss
+
+    def _weight_sum(self, cls_score, label, class_weight, weight, ignore_index):
+        """sum_p w_p over the valid centres: the weighted mean's denominator, in float64."""
+        if label.dim() == cls_score.dim():
+            label = label.squeeze(1)
+        acc = accumulation_dtype(cls_score.dtype)
+        w = centre_weights(label, None if class_weight is None else class_weight.to(acc),
+                           cls_score.shape[1], ignore_index, self.options["stride"],
+                           None if weight is None else weight.detach().to(acc))
+        return w.sum(dtype=torch.float64)
+
+    def extra_repr(self):
+        options = dict(self.options, reduction=self.reduction, loss_weight=self.loss_weight,
+                       loss_name=self._loss_name, class_weight=self.class_weight)
+        return ", ".join(f"{name}={value!r}" for name, value in options.items())

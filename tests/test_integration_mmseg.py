@@ -1,0 +1,198 @@
+"""lad_triton.integrations.mmseg against the real mmsegmentation 1.x (issue 13): the loss built
+from its registry by a config, called by the real ``BaseDecodeHead.loss_by_feat`` and
+``OHEMPixelSampler``, equals ``loss_weight`` times the float64 oracle.
+
+mmsegmentation 1.2.2 needs mmcv < 2.2, whose full build has no CPU wheel; here it runs with
+``mmcv-lite<2.2`` (mmcv without its compiled ops). ``mmseg.registry`` imports with it, but a
+look-up by name imports ``mmseg.models``, which imports ``mmcv.ops`` (point sampling,
+deformable attention) at module level. Where ``mmcv.ops`` cannot import, this module installs a
+placeholder whose every member raises if used: the registry, the FCN head, the OHEM sampler
+and the loss never touch one, so what runs is mmseg's own code.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import framework, make_labels, make_logits, rel_err, readme_example
+from lad_triton import locally_adaptive_loss
+from oracle import lad_reference
+
+INSTALL = 'pip install -e ".[mmseg]" "mmcv-lite<2.2"'
+framework("mmengine", INSTALL)
+framework("mmseg.registry", INSTALL)
+
+
+class _CompiledOpsMissing(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"mmcv.ops.{name} needs the compiled mmcv; mmcv-lite is installed")
+
+        return type(name, (), {"__init__": unavailable, "__call__": unavailable})
+
+
+try:
+    import mmcv.ops  # noqa: F401
+except ImportError:
+    sys.modules["mmcv.ops"] = _CompiledOpsMissing("mmcv.ops")
+
+import mmseg.models  # noqa: E402,F401  (registers FCNHead, OHEMPixelSampler)
+from mmengine.structures import PixelData  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+
+import lad_triton.integrations.mmseg as adapter  # noqa: E402
+
+CLASS_WEIGHT = [1.0, 0.5, 2.0, 0.0, 1.5]
+
+
+def test_registered_in_mmseg_registry():
+    assert MODELS.scope == "mmseg"
+    assert MODELS.get("LocallyAdaptiveLoss") is adapter.LocallyAdaptiveLoss
+
+
+def test_custom_imports_in_a_config_file_register_it(tmp_path):
+    # The README's config route: mmengine imports the module named in custom_imports.
+    from mmengine.config import Config
+
+    path = tmp_path / "config.py"
+    path.write_text('custom_imports = dict(imports=["lad_triton.integrations.mmseg"], '
+                    'allow_failed_imports=False)\n'
+                    'loss = dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.4)\n')
+    loss = MODELS.build(Config.fromfile(str(path)).loss)
+    assert isinstance(loss, adapter.LocallyAdaptiveLoss) and loss.loss_weight == 0.4
+
+
+def reference(logits, labels, pixel_weight=None, reduction="mean", **options):
+    return lad_reference(logits, labels, reduction=reduction, weight=torch.tensor(CLASS_WEIGHT),
+                         pixel_weight=pixel_weight, **options).loss
+
+
+def build(**extra):
+    return MODELS.build(dict(type="LocallyAdaptiveLoss", kernel_size=3, power=3.0,
+                             loss_weight=0.7, class_weight=CLASS_WEIGHT, **extra))
+
+
+def test_weight_none_is_loss_weight_times_the_loss():
+    loss = build()
+    logits = make_logits((2, 5, 7, 8), dtype=torch.float64).requires_grad_(True)
+    labels = make_labels(2, (7, 8), 5, n_labels=4)
+    value = loss(logits, labels, ignore_index=255)
+    assert loss.loss_name == "loss_lad"
+    assert rel_err(value, 0.7 * reference(logits, labels, kernel_size=3)) < 1e-10
+    expected = 0.7 * locally_adaptive_loss(logits, labels, kernel_size=3,
+                                           weight=torch.tensor(CLASS_WEIGHT, dtype=torch.float64))
+    assert torch.allclose(value, expected, rtol=1e-12)
+
+
+def test_weight_map_avg_factor_and_reduction_override():
+    loss = build()
+    logits = make_logits((2, 5, 6, 7), dtype=torch.float64)
+    labels = make_labels(2, (6, 7), 5, n_labels=4, seed=2)
+    weight = torch.rand(2, 6, 7, dtype=torch.float64) * (torch.rand(2, 6, 7) > 0.3)
+    ref_mean = reference(logits, labels, weight, kernel_size=3)
+    assert rel_err(loss(logits, labels, weight), 0.7 * ref_mean) < 1e-10
+
+    # avg_factor replaces sum w_p: (sum w L^k / (avg_factor + eps))^(1/k).
+    w_sum = sum(CLASS_WEIGHT[y] * w for y, w in zip(labels.flatten().tolist(),
+                                                     weight.flatten().tolist()) if y != 255)
+    eps = torch.finfo(torch.float32).eps
+    expected = 0.7 * (ref_mean ** 3 * w_sum / (17.0 + eps)) ** (1 / 3)
+    assert rel_err(loss(logits, labels, weight, avg_factor=17.0), expected) < 1e-10
+
+    none_map = loss(logits, labels, weight, reduction_override="none")
+    assert none_map.shape == (2, 6, 7)
+    assert rel_err(none_map, 0.7 * reference(logits, labels, weight, "none", kernel_size=3)) < 1e-10
+    # avg_factor does not apply to the map (mmseg's weight_reduce_loss leaves it as it is).
+    assert torch.equal(loss(logits, labels, weight, avg_factor=3.0, reduction_override="none"),
+                       none_map)
+    total = loss(logits, labels, weight, reduction_override="sum")
+    assert rel_err(total, 0.7 * reference(logits, labels, weight, "sum", kernel_size=3)) < 1e-10
+    with pytest.raises(ValueError, match='avg_factor can not be used with reduction="sum"'):
+        loss(logits, labels, weight, avg_factor=3.0, reduction_override="sum")
+
+
+@pytest.mark.parametrize("config,message", [
+    (dict(class_weight="weights.npy"), r"class_weight must be None or a list of C class weights"),
+    (dict(power=0.5), r"power must be a finite number >= 1"),
+    (dict(ignore_index=255), r"unexpected keyword argument 'ignore_index'"),
+])
+def test_bad_config_raises(config, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        MODELS.build(dict(type="LocallyAdaptiveLoss", **config))
+
+
+def decode_head(**extra):
+    torch.manual_seed(0)
+    return MODELS.build(dict(
+        type="FCNHead", in_channels=4, channels=8, num_convs=1, concat_input=False,
+        num_classes=5, norm_cfg=None, align_corners=False, ignore_index=255,
+        loss_decode=dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
+                         class_weight=CLASS_WEIGHT), **extra)).double()
+
+
+def data_samples(labels):
+    samples = []
+    for y in labels:
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=y[None])
+        samples.append(sample)
+    return samples
+
+
+def test_loss_by_feat_without_sampler():
+    head = decode_head()
+    seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64).requires_grad_(True)
+    labels = make_labels(2, (8, 10), 5, n_labels=4)
+    losses = head.loss_by_feat(seg_logits, data_samples(labels))
+    upsampled = F.interpolate(seg_logits.detach(), size=(8, 10), mode="bilinear",
+                              align_corners=False)
+    assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) < 1e-10
+    losses["loss_lad"].backward()
+    assert seg_logits.grad.abs().sum() > 0
+
+
+def test_loss_by_feat_with_the_ohem_sampler():
+    # OHEMPixelSampler ranks the valid pixels by the loss's reduction_override="none" map and
+    # keeps the min_kept * N hardest; the loss is then the weighted mean over those.
+    head = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12))
+    seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=4)
+    labels = make_labels(2, (8, 10), 5, n_labels=4, seed=4)
+    losses = head.loss_by_feat(seg_logits, data_samples(labels))
+
+    upsampled = F.interpolate(seg_logits, size=(8, 10), mode="bilinear", align_corners=False)
+    cost_map = reference(upsampled, labels, reduction="none", kernel_size=3)
+    valid = labels != 255
+    hardest = cost_map[valid].argsort(descending=True)[:24]
+    kept = torch.zeros(int(valid.sum()), dtype=torch.float64)
+    kept[hardest] = 1.0
+    pixel_weight = torch.zeros(2, 8, 10, dtype=torch.float64)
+    pixel_weight[valid] = kept
+    expected = 0.7 * reference(upsampled, labels, pixel_weight, kernel_size=3)
+    assert rel_err(losses["loss_lad"], expected) < 1e-10
+    # Not the unweighted mean: the sampler's map took effect.
+    assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) > 1e-3
+
+
+def test_readme_example_runs():
+    exec(readme_example("mmseg"), {})
+
+
+def test_without_mmseg_it_registers_in_mmengine():
+    import subprocess
+    from pathlib import Path
+
+    probe = ("import sys; sys.modules['mmseg'] = None; "
+             "import lad_triton.integrations.mmseg as adapter; "
+             "from mmengine.registry import MODELS; "
+             "print(MODELS.scope, "
+             "MODELS.get('LocallyAdaptiveLoss') is adapter.LocallyAdaptiveLoss)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["mmengine", "True"]
