@@ -23,7 +23,7 @@ from torch import nn
 
 from ..functional import locally_adaptive_loss
 from ..kernels.config import accumulation_dtype
-from ..reduction import centre_weights
+from ..reduction import centre_weights, valid_centres
 from ..validation import check_options
 
 try:
@@ -111,8 +111,10 @@ class LocallyAdaptiveLoss(nn.Module):
         if label.dim() == cls_score.dim():
             label = label.squeeze(1)
         acc = accumulation_dtype(cls_score.dtype)
-        w = centre_weights(label, None if class_weight is None else class_weight.to(acc),
-                           cls_score.shape[1], ignore_index, self.options["stride"],
+        stride = self.options["stride"]
+        w = centre_weights(label, valid_centres(label, ignore_index, stride),
+                           None if class_weight is None else class_weight.to(acc),
+                           cls_score.shape[1], stride,
                            None if weight is None else weight.detach().to(acc))
         return w.sum(dtype=torch.float64)
 
