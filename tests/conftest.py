@@ -20,3 +20,42 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # pytest -n N runs N worker processes: one torch thread each, not N times the cores.
 workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(4, torch.get_num_threads() // workers)))
+
+
+def _call_helpers_without_repatching():
+    """Triton's interpreter re-patches triton.language on every call of a @triton.jit helper (a
+    scan of the module's members), although an earlier call from the same module, in the same
+    launch, has patched it already: that scan was a third of the interpreted kernels' time.
+    Patch once per launch and helper module; the rest is Triton's own path."""
+    from triton.runtime import interpreter
+
+    grid_call = interpreter.GridExecutor.__call__
+    patched = []  # per launch in progress: the ids of the helper modules' globals
+
+    def launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    def call(self, *args, **kwargs):
+        key = id(self.fn.__globals__)
+        if not patched or key not in patched[-1]:
+            interpreter._patch_lang(self.fn)
+            if patched:
+                patched[-1].add(key)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as err:
+            raise interpreter.InterpreterError(repr(err)) from err
+
+    interpreter.GridExecutor.__call__ = launch
+    interpreter.InterpretedFunction.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        _call_helpers_without_repatching()
+    except (ImportError, AttributeError):  # no Triton, or an interpreter laid out otherwise
+        pass
