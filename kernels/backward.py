@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import arch_of, launch_config, needs_wide_index, span, split_scalar
+from .config import launch_config, needs_wide_index, span, split_scalar, target_of
 from .forward import as_volume, chan_update, grid_of
-from .tiling import also, clamp, omega_at, omega_of, scalar, tile_coordinates
+from .tiling import also, clamp, lane_offsets, omega_at, omega_of, scalar, tile_coordinates
 
 
 @triton.jit
@@ -54,10 +54,8 @@ def _centre_row(P_img, s_ptr, s_img, y_img, cls, cmask, cd, pi, pj, cj, col_in, 
         s = grad * tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
     else:
         s = tl.load(s_img + centre)
-    # P at the unclamped column, masked: offsets visibly consecutive across the lanes, as
-    # forward._neighbour_row explains.
-    P = tl.load(P_img + cls[:, None] * class_plane + (centre - cj + pj // STRIDE)[None, :],
-                mask=cmask[:, None] & col_in[None, :], other=0.0).to(ACC)
+    P = tl.load(P_img + lane_offsets(cls, class_plane, centre, TILE_W), mask=cmask[:, None],
+                other=0.0).to(ACC)
     return P, s, y_p, ok
 
 
@@ -351,7 +349,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     d_c, h_c, w_c = P.shape[2:]
     mean = grad is not None
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    cfg = launch_config(classes, stride, kernel_size, acc, weighted, arch_of(logits))
+    cfg = launch_config(classes, stride, kernel_size, acc, weighted, **target_of(logits))
     tiles_h, tiles_w, programs = grid_of(cfg.backward_rows, cfg.tile_w,
                                          (batch, depth, height, width))
     forward_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))

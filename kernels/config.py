@@ -41,12 +41,14 @@ def cdiv(a, b):
 #
 # Rows: a lane owns `rows` vertically adjacent pixels of its column (stride 1). A window row
 # loaded once serves every one of them whose window covers it: per class and pixel,
-# (rows + K - 1) * K / rows loads instead of K^2 (10 instead of 25 at K=5, rows=4), which is
+# (rows + K - 1) * K / rows loads instead of K^2 (15 instead of 25 at K=5, rows=3), which is
 # what keeps the stencil's instruction count down (python -m bench.kernel_report --model). Each
 # row costs C accumulator registers; the counts below are the most that compile without spills
 # (bench/kernel_report.py checks C = 19, 21, 150, 1024 and K = 3, 5, 7 under Triton 3.6 and
-# 3.9): the backward holds more per row than the forward. With stride > 1 the windows of
-# neighbouring centres barely overlap: one row.
+# 3.9): the backward spills at two rows already (it holds P, the gradient and the Jacobian's
+# sums per row), so does everything under Triton 3.6's ptxas. With stride > 1 the windows of
+# neighbouring centres barely overlap: one row. The kernels take any row counts (tests force
+# 1 to 4 under the interpreter), so a GPU's measurements can retune this table alone.
 TILE_W = 32
 NUM_WARPS = 1
 # Up to CLASS_TILE classes a lane holds all of them; beyond, the kernels loop over chunks of
@@ -54,6 +56,7 @@ NUM_WARPS = 1
 # the backward three times (the pixels' statistics, the Jacobian's class means, the gradient).
 CLASS_TILE = 32
 CHUNK_TILE = 16
+INTERPRETER_CHUNK_SCALE = 8
 # Register caps (maxnreg), each found by bench/kernel_report.py: the ptxas of Triton 3.9 spills
 # least when left to choose for the forward (a cap of 255 made it spill more); the backward, and
 # every kernel under Triton 3.6 (whose ptxas, left alone, stops at 64 registers and spills
@@ -112,17 +115,27 @@ def arch_of(tensor):
     return DEFAULT_ARCH
 
 
+def target_of(tensor):
+    """launch_config's arch and interpreted arguments for kernels launched on ``tensor``: CPU
+    tensors run under Triton's interpreter unless bench/kernel_report.py plans for a GPU."""
+    return dict(arch=arch_of(tensor), interpreted=TARGET_ARCH is None and not tensor.is_cuda)
+
+
 def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
-                  arch=DEFAULT_ARCH):
+                  arch=DEFAULT_ARCH, interpreted=False):
     """The one launch heuristic, shared by the forward and the backward (the backward indexes
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, class weights, the
     architecture and Triton's ptxas (sm_80's and Triton 3.6's spill at fewer rows than sm_90's
     under Triton 3.9), never on B, D, H or W. The row counts are the most that compile without
-    spills in bench/kernel_report.py's configurations."""
+    spills in bench/kernel_report.py's configurations. Under the interpreter (``interpreted``),
+    which pays per operation, not per element, and has no registers to run out of, class chunks
+    are INTERPRETER_CHUNK_SCALE times wider: the same code, fewer trips."""
     classes = int(classes)
     if classes > CLASS_TILE:  # chunks of classes, one row
-        return LaunchConfig(classes, CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2, 1, 1,
-                            FORWARD_MAX_REGISTERS)
+        chunk = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
+        # Triton 3.9's ptxas, left to choose, stops at 96 registers and spills 8 B on sm_80.
+        return LaunchConfig(classes, chunk * (INTERPRETER_CHUNK_SCALE if interpreted else 1),
+                            1, 1, 128 if NEW_PTXAS else FORWARD_MAX_REGISTERS)
     class_tile = next_power_of_2(max(classes, 2))
     if acc_dtype == torch.float64:  # registers twice as wide: a quarter of the classes
         return LaunchConfig(classes, min(class_tile, CHUNK_TILE // 2), 1, 1,
@@ -130,15 +143,10 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     if stride > 1:
         rows = (1, 1)
     elif NEW_PTXAS:
-        if classes <= 24:
-            rows = (4 if kernel_size <= 5 and not weighted else 3, 2)
-        else:
-            rows = (2, 1)
+        rows = (3 if kernel_size <= 5 else 2, 1) if classes <= 24 else (2, 1)
         if arch < 90:
             rows = (max(1, rows[0] // 2), 1)
-    elif classes <= 24 and arch >= 90:
-        rows = {3: (2, 2), 5: (3, 1)}.get(kernel_size, (2, 1))
-    else:
+    else:  # Triton 3.6's ptxas spills at two rows already
         rows = (1, 1)
     return LaunchConfig(classes, class_tile, *rows, FORWARD_MAX_REGISTERS)
 

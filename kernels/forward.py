@@ -44,9 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import (accumulation_dtype, arch_of, cdiv, launch_config, needs_wide_index, span,
-                     split_scalar)
-from .tiling import also, clamp, omega_at, omega_of, power_of, scalar, tile_coordinates
+from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
+                     split_scalar, target_of)
+from .tiling import (also, clamp, lane_offsets, omega_at, omega_of, power_of, scalar,
+                     tile_coordinates)
 
 
 # Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
@@ -105,9 +106,9 @@ def chan_update(x, cmask, count, mean, m2):
 def _standardised(x, m_q, r_q, col_in, ZSCORE: tl.constexpr):
     """(dev, scale) of one loaded neighbour, [CLASS_TILE, TILE_W] and [TILE_W]: z = dev * scale,
     with m_q and r_q from the statistics pass. dev is 0 where the pixel is not finite (and
-    where its column is outside the image: not loaded), and scale NaN, so that the coefficient
-    (not the values) carries a non-finite pixel's NaN to the centres it takes part in, and a
-    pixel that takes part nowhere contributes exact zeros."""
+    where its column is outside the image: loaded from the clamped edge column), and scale
+    NaN, so that the coefficient (not the values) carries a non-finite pixel's NaN to the
+    centres it takes part in, and a pixel that takes part nowhere contributes exact zeros."""
     if ZSCORE:
         finite = r_q == r_q  # a NaN or infinite logit makes the pixel's rstd NaN
         dev = x - m_q[None, :]
@@ -135,17 +136,14 @@ def _take(acc, xi, dev, same, omega, scale, WEIGHT_NORM: tl.constexpr):
 @triton.jit
 def _neighbour_row(x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, qi, qj, qjc, col_in,
                    col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC: tl.constexpr,
-                   ZSCORE: tl.constexpr):
+                   ZSCORE: tl.constexpr, TILE_W: tl.constexpr):
     """One window row of the lanes' neighbours (row qi, columns qj): (dev, scale, label, in the
     window's image)."""
     qic = clamp(qi, H - 1)
     ok = also(col_ok, (qi >= 0) & (qi < H))
     y_q = tl.load(y_plane + qic * syh + qjc * syw).to(tl.int32)
-    # The logits at the unclamped column, masked: the offsets stay visibly consecutive across
-    # the lanes, which is what makes Triton 3.6 lay the lanes along the pixels (not the
-    # classes); masked values are zeroed by _standardised.
-    x = tl.load(x_plane + (cls[:, None] * sxc + (qic * sxh + qj * sxw)[None, :]),
-                mask=cmask[:, None] & col_in[None, :]).to(ACC)
+    x = tl.load(x_plane + lane_offsets(cls, sxc, qic * sxh + qjc * sxw, TILE_W),
+                mask=cmask[:, None], other=0.0).to(ACC)
     if ZSCORE:
         q = (qdc * H + qic) * W + qjc
         m_q = tl.load(mean_img + q)
@@ -196,7 +194,7 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
                     dev, scale, y_q, ok = _neighbour_row(
                         x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
                         qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
-                        ZSCORE)
+                        ZSCORE, TILE_W)
                     omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
                                      RADIUS)
                     acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0), omega, scale,
@@ -207,7 +205,7 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
                     dev, scale, y_q, ok = _neighbour_row(
                         x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
                         qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
-                        ZSCORE)
+                        ZSCORE, TILE_W)
                     if t <= 2 * RADIUS:
                         acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0),
                                           omega_at(t - RADIUS, far, far_omega, base, inv_base),
@@ -566,7 +564,7 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted):
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     # int(): under torch.compile's dynamic shapes C specialises, as the kernel's C does.
-    cfg = launch_config(int(classes), stride, kernel_size, acc, weighted, arch_of(logits))
+    cfg = launch_config(int(classes), stride, kernel_size, acc, weighted, **target_of(logits))
     n_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))[2]
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
@@ -589,7 +587,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
                               need_grad=need_grad, mean=mean, weighted=weight is not None)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     acc = partials.dtype
-    cfg = launch_config(classes, stride, kernel_size, acc, weight is not None, arch_of(logits))
+    cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
+                        **target_of(logits))
     sx, sy = x.stride(), y.stride()
     wide = needs_wide_index(span(x.shape[1:], sx[1:]), span(y.shape[1:], sy[1:]),
                             classes * d_c * h_c * w_c, depth * height * width)
@@ -626,6 +625,8 @@ def combine(partials, power, loss_dtype):
     scales = partials.new_empty(partials.shape[0])
     loss = partials.new_empty((), dtype=loss_dtype)
     n = partials.shape[0]
+    # maxnreg: Triton 3.6's ptxas stops at 64 registers and spills the float64 sums on sm_80.
     _combine_kernel[(1,)](partials, scalars, scales, loss, n, cdiv(n, COMBINE_BLOCK),
-                          *split_scalar(power), BLOCK=COMBINE_BLOCK, num_warps=8, num_stages=1)
+                          *split_scalar(power), BLOCK=COMBINE_BLOCK, num_warps=8, num_stages=1,
+                          maxnreg=128)
     return loss, scalars, scales

@@ -68,6 +68,17 @@ def power_of(r, e):
 
 
 @triton.jit
+def lane_offsets(cls, class_stride, pixels, TILE_W: tl.constexpr):
+    """Offsets [classes, lanes] of a [CLASS_TILE, TILE_W] tile: cls * class_stride + pixels.
+    The pixels' columns are clamped into the image, which hides from Triton that the lanes read
+    (mostly) consecutive addresses; without that knowledge Triton 3.6 lays the lanes along the
+    classes (uncoalesced loads, kilobytes of spills). The hint restores it; it cannot mislead a
+    vectorisation, since a lane holds one pixel (TILE_W lanes, one warp)."""
+    tl.static_assert(TILE_W == 32)
+    return tl.max_contiguous(cls[:, None] * class_stride + pixels[None, :], [1, TILE_W])
+
+
+@triton.jit
 def clamp(i, hi):
     """i clamped into [0, hi]: loads stay inside the tensor without a mask; the coefficient of a
     clamped neighbour is 0 (see the kernels)."""
