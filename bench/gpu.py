@@ -1,0 +1,349 @@
+"""``python -m bench.gpu STAGE --out DIR``: every GPU measurement this project needs, in stages
+that each fit a ten-minute command on a bare CUDA machine (installs nothing; run from the
+checkout), each writing its results into DIR as soon as it ends, so that a visit cut short
+still returns what it measured:
+
+    python -m bench.gpu env --out DIR       # GPU, driver, torch, Triton, 1 GiB copy bandwidth
+    python -m bench.gpu tests --out DIR     # the test suite compiled on the GPU (budgeted)
+    python -m bench.gpu bench --out DIR     # python -m bench on CUDA: every workload and impl
+    python -m bench.gpu kernels --out DIR   # each fused kernel measured beside the model
+    python -m bench.gpu all --out DIR       # the four in that order, then DIR/summary.md
+    python -m bench.gpu ingest DIR          # here, afterwards: DIR into bench/results/ + README
+
+DIR receives at most seven plain files: env.json, tests.json, tests.xml (junit), bench.json,
+bench.md, kernels.json, summary.md. ``--dry-run`` runs every stage's code path on the CPU (tiny
+shapes, the PyTorch backend, the interpreter for the kernels), so that the script is proven
+while no GPU is lent (tests/test_gpu_script.py).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("env", "tests", "bench", "kernels")
+# The tests that say whether the kernels are right on this GPU run first; the rest after, in
+# what is left of the stage's budget.
+FIRST_TESTS = ["tests/test_fused.py", "tests/test_precision.py", "tests/test_reference.py",
+               "tests/test_compile.py", "tests/test_amp.py"]
+# --dry-run: one file each way, enough to run the path.
+DRY_TESTS = (["tests/test_module.py"], ["tests/test_caveats.py"])
+# The fused kernels as the profiler names them (Triton launches a kernel under its function's
+# name), in launch order.
+FUSED_KERNELS = ("_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
+                 "_combine_kernel", "_backward_kernel")
+
+
+def child_env(dry_run):
+    """This checkout first on the path; the interpreter only where there is no GPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data, indent=1, default=str))
+    print(f"wrote {path}", flush=True)
+
+
+def stage_env(out, dry_run):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import workloads as wl
+    from bench.__main__ import environment
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    info = environment(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
+                              "clocks.max.mem,power.limit", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        info["nvidia_smi"] = f"not available: {err}"
+    info["copy_bandwidth_gbps"] = wl.copy_bandwidth_gbps(device, mib=16 if dry_run else 1024)
+    write_json(out / "env.json", info)
+    return info
+
+
+def _pytest(files, junit, budget_s, dry_run):
+    """One pytest run, killed at budget_s: (exit code or 'timeout', seconds)."""
+    command = [sys.executable, "-m", "pytest", *files, "-q", "-rfE", "--tb=short",
+               "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    start = time.monotonic()
+    try:
+        code = subprocess.run(command, cwd=ROOT, env=child_env(dry_run),
+                              timeout=max(1.0, budget_s)).returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    return code, time.monotonic() - start
+
+
+def stage_tests(out, dry_run, budget_s):
+    first, rest = DRY_TESTS if dry_run else (
+        FIRST_TESTS, sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                            if str(p.relative_to(ROOT)) not in FIRST_TESTS))
+    merged, runs = ET.Element("testsuites"), []
+    with tempfile.TemporaryDirectory() as tmp:
+        deadline = time.monotonic() + budget_s
+        for name, files in (("first", first), ("rest", rest)):
+            junit = Path(tmp) / f"{name}.xml"
+            code, seconds = _pytest(files, junit, deadline - time.monotonic(), dry_run)
+            run = dict(part=name, files=files, exit=code, seconds=round(seconds, 1))
+            if junit.exists():
+                root = ET.parse(junit).getroot()
+                suites = [root] if root.tag == "testsuite" else list(root)
+                for suite in suites:
+                    suite.set("name", name)
+                    merged.append(suite)
+                    for key in ("tests", "failures", "errors", "skipped"):
+                        run[key] = run.get(key, 0) + int(suite.get(key, 0))
+            runs.append(run)
+            if time.monotonic() >= deadline:
+                break
+    failed = [f"{case.get('classname')}::{case.get('name')}: "
+              f"{(case[0].get('message') or '')[:300]}"
+              for case in merged.iter("testcase")
+              if len(case) and case[0].tag in ("failure", "error")]
+    ET.ElementTree(merged).write(out / "tests.xml", encoding="utf-8", xml_declaration=True)
+    result = dict(budget_s=budget_s, runs=runs, failed=failed)
+    write_json(out / "tests.json", result)
+    return result
+
+
+def stage_bench(out, dry_run):
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "bench", "--out", tmp]
+        command += ["--device", "cpu", "--quick"] if dry_run else ["--device", "cuda"]
+        code = subprocess.run(command, cwd=ROOT, env=child_env(dry_run)).returncode
+        produced = {p.suffix: p for p in Path(tmp).iterdir()}
+        for suffix in (".json", ".md"):
+            if suffix in produced:
+                shutil.copy(produced[suffix], out / f"bench{suffix}")
+    print(f"python -m bench exited {code}", flush=True)
+    return dict(exit=code)
+
+
+def measured_kernels(shape, kernel_size, dtype, device, repeats):
+    """Per fused kernel, the mean device time of one forward + backward (torch.profiler), and
+    F.cross_entropy's kernels the same way."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    import lad_triton
+
+    batch, classes, height, width = shape
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    logits.requires_grad_(True)
+    target = torch.randint(0, classes, (batch, height, width), generator=gen).to(device)
+
+    def lad():
+        lad_triton.locally_adaptive_loss(logits, target, kernel_size=kernel_size,
+                                         backend="triton", check_target=False).backward()
+
+    def cross_entropy():
+        F.cross_entropy(logits, target, ignore_index=255).backward()
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    result = {}
+    for name, run in (("lad", lad), ("cross_entropy", cross_entropy)):
+        run()  # compile, warm the caches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with profile(activities=[activity]) as prof:
+            for _ in range(repeats):
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        events = [e for e in prof.key_averages()
+                  if (e.device_time_total if device.type == "cuda" else e.cpu_time_total) > 0]
+        result[name] = sorted(
+            (dict(kernel=e.key, calls=e.count / repeats,
+                  us=(e.device_time_total if device.type == "cuda" else e.self_cpu_time_total)
+                  / repeats) for e in events), key=lambda k: -k["us"])[:12]
+    return result
+
+
+MODEL_SCRIPT = """
+import json, sys, torch
+from bench import kernel_report as kr
+workloads = kr.WORKLOADS if sys.argv[1] == "all" else [
+    ("tiny", (1, 5, 16, 40), 3, torch.float32, None)]
+rows = []
+for name, shape, k, dtype, _ in workloads:
+    models, _ = kr.model_workload(shape, k, dtype)
+    rows.append(dict(workload=name, shape=list(shape), kernel_size=k, dtype=str(dtype)[6:],
+                     model=[dict(name=m.name, us=m.time_s * 1e6, issue_us=m.issue_s * 1e6,
+                                 l1_us=m.l1_s * 1e6, dram_us=m.dram_s * 1e6, bound=m.bound)
+                            for m in models]))
+print(json.dumps(rows))
+"""
+
+
+def stage_kernels(out, dry_run):
+    import torch
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    # The model reads code compiled for sm_90 without a GPU: bench.kernel_report turns the
+    # interpreter off for its process, so it runs in its own.
+    print("kernels: the performance model", flush=True)
+    model = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, "tiny" if dry_run else "all"],
+                           cwd=ROOT, env=child_env(False), capture_output=True, text=True)
+    if model.returncode != 0:
+        raise SystemExit(f"the performance model failed:\n{model.stderr[-3000:]}")
+    rows = json.loads(model.stdout.strip().splitlines()[-1])
+    for row in rows:
+        print(f"kernels: {row['workload']} {row['shape']} K={row['kernel_size']} {row['dtype']}",
+              flush=True)
+        try:
+            row["measured"] = measured_kernels(tuple(row["shape"]), row["kernel_size"],
+                                               getattr(torch, row["dtype"]), device,
+                                               2 if dry_run else 20)
+        except Exception as err:  # keep the other workloads' figures
+            row["measured"] = dict(error=f"{type(err).__name__}: {err}"[:1000])
+        write_json(out / "kernels.json", dict(device=str(device), rows=rows))  # as it goes
+    return rows
+
+
+def calibration_lines(kernels):
+    """Measured / modelled per fused kernel and workload, as a markdown table."""
+    lines = ["| workload | kernel | modelled us | measured us | measured / modelled |",
+             "|---|---|---|---|---|"]
+    for row in kernels.get("rows", []):
+        label = f"{row['workload']} {'x'.join(map(str, row['shape']))} K={row['kernel_size']} " \
+                f"{row['dtype']}"
+        measured = {m["kernel"]: m["us"] for m in row.get("measured", {}).get("lad", [])}
+        for model in row["model"] if isinstance(row["model"], list) else []:
+            us = measured.get(model["name"])
+            ratio = f"{us / model['us']:.2f}" if us and model["us"] else "-"
+            lines.append(f"| {label} | {model['name']} | {model['us']:.1f} | "
+                         f"{'-' if us is None else f'{us:.1f}'} | {ratio} |")
+    return lines
+
+
+def summary(out):
+    """summary.md from whatever stages wrote their files."""
+    parts = ["# lad_triton on a GPU: bench.gpu summary", ""]
+    if (out / "env.json").exists():
+        env = json.loads((out / "env.json").read_text())
+        parts += [", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if (out / "tests.json").exists():
+        tests = json.loads((out / "tests.json").read_text())
+        parts += ["## tests", ""] + [
+            f"- {r['part']}: exit {r['exit']}, {r.get('tests', 0)} tests, "
+            f"{r.get('failures', 0)} failures, {r.get('errors', 0)} errors, "
+            f"{r.get('skipped', 0)} skipped, {r['seconds']} s" for r in tests["runs"]]
+        parts += [f"- FAILED {f}" for f in tests["failed"]] + [""]
+    if (out / "bench.md").exists():
+        parts += ["## python -m bench", "", (out / "bench.md").read_text(), ""]
+    if (out / "kernels.json").exists():
+        kernels = json.loads((out / "kernels.json").read_text())
+        parts += ["## fused kernels, measured beside the model", ""]
+        parts += calibration_lines(kernels) + [""]
+        for row in kernels["rows"][:1]:
+            parts += ["F.cross_entropy forward + backward, first workload, per call:", ""]
+            parts += [f"- {k['us']:.1f} us x{k['calls']:g} {k['kernel'][:100]}"
+                      for k in row.get("measured", {}).get("cross_entropy", [])]
+    (out / "summary.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {out / 'summary.md'}", flush=True)
+
+
+README_MARKERS = ("<!-- gpu:begin -->", "<!-- gpu:end -->")
+
+
+def ingest(folder, readme=ROOT / "README.md", results=ROOT / "bench" / "results"):
+    """The returned files into bench/results/<gpu>-<date>.* and the README's GPU section."""
+    env = json.loads((folder / "env.json").read_text())
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    stem = f"{slug}-{env['date']}"
+    results.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ("env.json", "tests.json", "tests.xml", "bench.json", "bench.md",
+                 "kernels.json", "summary.md"):
+        if (folder / name).exists():
+            target = results / (f"{stem}.{name.split('.')[1]}" if name.startswith("bench.")
+                                else f"{stem}-{name}")
+            shutil.copy(folder / name, target)
+            copied.append(target)
+    text = readme.read_text()
+    begin, end = README_MARKERS
+    if begin in text and end in text:
+        block = [begin, "", f"Measured with `python -m bench.gpu all` on {env['device']}, torch "
+                 f"{env['torch']}, Triton {env['triton']}, {env['date']} "
+                 f"(`bench/results/{stem}*`).", ""]
+        if (folder / "bench.md").exists():
+            block += [(folder / "bench.md").read_text().strip(), ""]
+        if (folder / "kernels.json").exists():
+            block += calibration_lines(json.loads((folder / "kernels.json").read_text())) + [""]
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + "\n".join(block) + end + rest.split(end, 1)[1])
+        copied.append(readme)
+    for path in copied:
+        print(f"wrote {path}")
+    return copied
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=STAGES + ("all", "ingest"))
+    parser.add_argument("folder", nargs="?", help="ingest: the folder a visit returned")
+    parser.add_argument("--out", help="the folder the stage writes into")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on the CPU: every stage's code path, tiny shapes")
+    parser.add_argument("--budget", type=float, default=540.0,
+                        help="tests: seconds for the whole stage (default 540)")
+    args = parser.parse_args(argv)
+    if args.stage == "ingest":
+        if not args.folder:
+            parser.error("ingest needs the folder: python -m bench.gpu ingest DIR")
+        ingest(Path(args.folder))
+        return 0
+    if not args.out:
+        parser.error("--out DIR is required")
+    if args.dry_run:  # before anything imports Triton: the fused kernels run interpreted
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("python -m bench.gpu: this torch sees no CUDA device; --dry-run runs "
+                         "the stages' code on the CPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        start = time.monotonic()
+        print(f"== bench.gpu {stage} ({datetime.datetime.now():%H:%M:%S})", flush=True)
+        if stage == "env":
+            stage_env(out, args.dry_run)
+        elif stage == "tests":
+            stage_tests(out, args.dry_run, args.budget)
+        elif stage == "bench":
+            stage_bench(out, args.dry_run)
+        else:
+            stage_kernels(out, args.dry_run)
+        print(f"== bench.gpu {stage}: {time.monotonic() - start:.0f} s", flush=True)
+        summary(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

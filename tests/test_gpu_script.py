@@ -1,0 +1,73 @@
+"""bench/gpu.py, the script a GPU visit runs, proven on the CPU: every stage's code path in its
+--dry-run mode, the output limits of a visit, and the step that brings the results home."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = {"env.json", "tests.json", "tests.xml", "bench.json", "bench.md", "kernels.json",
+         "summary.md"}
+
+
+@pytest.fixture(scope="module")
+def visit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("visit")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-m", "bench.gpu", "all", "--out", str(out),
+                             "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_every_stage_writes_its_file_within_a_visits_limits(visit):
+    files = {p.name for p in visit.iterdir()}
+    assert files == FILES  # at most 8 plain files, one folder: what a visit can bring back
+    assert all((visit / f).stat().st_size < 16 * 2**20 for f in files)
+    env = json.loads((visit / "env.json").read_text())
+    assert env["copy_bandwidth_gbps"] > 0 and env["torch"]
+
+    tests = json.loads((visit / "tests.json").read_text())
+    assert [r["part"] for r in tests["runs"]] == ["first", "rest"]
+    assert all(r["exit"] == 0 and r["tests"] > 0 for r in tests["runs"]), tests
+    assert tests["failed"] == []
+
+    bench = json.loads((visit / "bench.json").read_text())
+    assert {r["impl"] for r in bench["rows"]} >= {"cross_entropy", "torch"}
+
+
+def test_kernels_stage_puts_the_model_beside_a_measurement(visit):
+    (row,) = json.loads((visit / "kernels.json").read_text())["rows"]
+    assert [k["name"] for k in row["model"]] == ["_zscore_stats_kernel", "_forward_kernel",
+                                                 "_combine_kernel", "_backward_kernel"]
+    assert all(k["us"] == max(k["issue_us"], k["l1_us"], k["dram_us"]) for k in row["model"])
+    # On the CPU the profiler sees the custom ops, not the kernels (they run interpreted).
+    measured = {k["kernel"] for k in row["measured"]["lad"]}
+    assert "lad_triton::fused_costs" in measured
+    assert any("log_softmax" in k["kernel"] for k in row["measured"]["cross_entropy"])
+    summary = (visit / "summary.md").read_text()
+    assert "measured beside the model" in summary and "| _forward_kernel |" in summary
+
+
+def test_ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench import gpu
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- gpu:begin -->\npending\n<!-- gpu:end -->\n\nrest\n")
+    folder = tmp_path / "returned"
+    shutil.copytree(visit, folder)
+    written = gpu.ingest(folder, readme=readme, results=tmp_path / "results")
+    names = sorted(p.name for p in written if p != readme)
+    date = json.loads((visit / "env.json").read_text())["date"]
+    assert all(date in n for n in names) and any(n.endswith(".json") and "-" + date + ".json"
+                                                in n for n in names)
+    text = readme.read_text()
+    assert "pending" not in text and text.endswith("<!-- gpu:end -->\n\nrest\n")
+    assert "python -m bench.gpu all" in text and "| _forward_kernel |" in text
