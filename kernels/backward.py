@@ -225,6 +225,7 @@ def _backward_kernel(
 ):
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     SINGLE: tl.constexpr = C <= CLASS_TILE
+    tl.static_assert(ROWS <= 4 and (ROWS == 1 or STRIDE == 1))  # the row paths written below
     eps = scalar(eps_hi, eps_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / base

@@ -128,8 +128,9 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     architecture and Triton's ptxas (sm_80's and Triton 3.6's spill at fewer rows than sm_90's
     under Triton 3.9), never on B, D, H or W. The row counts are the most that compile without
     spills in bench/kernel_report.py's configurations. Under the interpreter (``interpreted``),
-    which pays per operation, not per element, and has no registers to run out of, class chunks
-    are INTERPRETER_CHUNK_SCALE times wider: the same code, fewer trips."""
+    which pays per operation and program, not per element, and has no registers to run out of:
+    4 rows per lane and class chunks INTERPRETER_CHUNK_SCALE times wider, the same code with
+    fewer programs and trips (tests/test_fused.py forces the GPUs' row counts and chunks)."""
     classes = int(classes)
     if classes > CLASS_TILE:  # chunks of classes, one row
         chunk = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
@@ -137,6 +138,8 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         return LaunchConfig(classes, chunk * (INTERPRETER_CHUNK_SCALE if interpreted else 1),
                             1, 1, 128 if NEW_PTXAS else FORWARD_MAX_REGISTERS)
     class_tile = next_power_of_2(max(classes, 2))
+    if interpreted:  # the fewest programs and chunks; the GPUs' plans are tested explicitly
+        return LaunchConfig(classes, class_tile, *((4, 4) if stride == 1 else (1, 1)))
     if acc_dtype == torch.float64:  # registers twice as wide: a quarter of the classes
         return LaunchConfig(classes, min(class_tile, CHUNK_TILE // 2), 1, 1,
                             FORWARD_MAX_REGISTERS)

@@ -304,6 +304,7 @@ def _forward_kernel(
     backward needs no L), and L is not stored. Otherwise L is stored and P plain."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     SINGLE: tl.constexpr = C <= CLASS_TILE
+    tl.static_assert(ROWS <= 4 and (ROWS == 1 or STRIDE == 1))  # the row paths written below
     power = scalar(power_hi, power_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / base
