@@ -30,6 +30,7 @@ def _call_helpers_without_repatching():
     from triton.runtime import interpreter
 
     grid_call = interpreter.GridExecutor.__call__
+    patch_lang = interpreter._patch_lang
     patched = []  # per launch in progress: the ids of the helper modules' globals
 
     def launch(self, *args, **kwargs):
@@ -42,7 +43,7 @@ def _call_helpers_without_repatching():
     def call(self, *args, **kwargs):
         key = id(self.fn.__globals__)
         if not patched or key not in patched[-1]:
-            interpreter._patch_lang(self.fn)
+            patch_lang(self.fn)
             if patched:
                 patched[-1].add(key)
         try:

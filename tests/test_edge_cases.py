@@ -154,7 +154,8 @@ def test_bitwise_deterministic(reduction, backend):
     target = make_target(shape[0], shape[2], shape[3], 21, n_labels=4, seed=5)
     grad_out = None if reduction == "mean" else torch.rand(shape[0], shape[2], shape[3])
     first = loss_and_grad(logits, target, grad_out, backend=backend, reduction=reduction)
-    for _ in range(2):
+    # The interpreter runs one program at a time: one repeat there; a GPU's scheduling varies.
+    for _ in range(1 if backend == "triton" and logits.device.type == "cpu" else 2):
         again = loss_and_grad(logits, target, grad_out, backend=backend, reduction=reduction)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
@@ -162,9 +163,9 @@ def test_bitwise_deterministic(reduction, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_output_dtype_and_gradient_layout(dtype, layout, backend):
-    logits = make_logits((2, 3, 5, 6), dtype=dtype, layout=layout)
-    target = make_target(2, 5, 6, 3)
-    for reduction, shape in (("mean", ()), ("none", (2, 5, 6))):
+    logits = make_logits((1, 3, 5, 6), dtype=dtype, layout=layout)
+    target = make_target(1, 5, 6, 3)
+    for reduction, shape in (("mean", ()), ("none", (1, 5, 6))):
         loss, grad = loss_and_grad(logits, target, torch.ones(shape, dtype=dtype),
                                    backend=backend, reduction=reduction)
         assert loss.dtype == dtype and loss.shape == shape

@@ -161,10 +161,12 @@ def test_gradcheck(pooling, backend):
     device = DEVICE if backend == "triton" else "cpu"
     logits = make_logits((1, 3, 3, 4), dtype=torch.float64, seed=11, device=device)
     target = make_labels(1, (3, 4), 3, n_labels=2, ignore_frac=0.1, seed=11, device=device)
+    # fast_mode (a random projection of the Jacobian, not each of its 36 columns) for the
+    # interpreted kernels: two forwards instead of 72.
     assert torch.autograd.gradcheck(
         lambda x: locally_adaptive_loss(x, target, kernel_size=3, pooling=pooling,
                                         lmp_ratio=0.4, topk_ratio=0.4, backend=backend),
-        (logits.requires_grad_(True),))
+        (logits.requires_grad_(True),), fast_mode=backend == "triton" and DEVICE == "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

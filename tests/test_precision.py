@@ -40,7 +40,7 @@ def test_fused_error_is_at_most_about_twice_pytorchs(dtype):
     # flash-attention's rule: the kernel may be at most ~2x as far from float64 as PyTorch itself
     # is in the same dtype (plus a quarter of the contract's tolerance, for errors near rounding level).
     loss_tol, grad_tol = TOLERANCE[dtype]
-    for seed in range(3):
+    for seed in range(2):
         fused = errors("triton", dtype, 21, "mean", seed)
         unfused = errors("torch", dtype, 21, "mean", seed)
         assert fused[0] <= 2 * unfused[0] + loss_tol / 4

@@ -61,7 +61,7 @@ def test_uniform_weights_change_nothing(backend):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_volumes(backend, reduction, stride):
-    check_against_oracle((2, 3, 4, 5, 6), dict(kernel_size=3, stride=stride, reduction=reduction),
+    check_against_oracle((1, 3, 4, 5, 6), dict(kernel_size=3, stride=stride, reduction=reduction),
                          backend=backend, n_labels=2, seed=stride)
 
 
@@ -95,7 +95,9 @@ def volume_problems(draw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_volumes(backend):
-    examples = max(10, settings().max_examples // (10 if backend == "triton" else 4))
+    # Interpreted, an example takes seconds: 5 in CI, 75 under HYPOTHESIS_PROFILE=explore.
+    examples = (max(5, settings().max_examples // 40) if backend == "triton"
+                else max(10, settings().max_examples // 4))
 
     @settings(max_examples=examples)
     @given(volume_problems())
