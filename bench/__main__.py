@@ -91,6 +91,8 @@ def run_suite(args, json_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     env.pop("TRITON_INTERPRET", None)
+    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:
+        del env[name]  # started from an xdist worker, pytest-benchmark would disable itself
     result = subprocess.run(command, env=env, cwd=HERE.parent)
     if result.returncode not in (0, 5):
         raise SystemExit(f"the benchmark suite failed (exit {result.returncode})")

@@ -48,6 +48,8 @@ def child_env(dry_run):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
+    for name in [n for n in env if n.startswith("PYTEST_")]:
+        del env[name]  # run from a pytest-xdist worker, the children would think they are one
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
     return env
