@@ -36,7 +36,7 @@ STAGES = ("env", "tests", "bench", "kernels")
 FIRST_TESTS = ["tests/test_fused.py", "tests/test_precision.py", "tests/test_reference.py",
                "tests/test_compile.py", "tests/test_amp.py"]
 # --dry-run: one file each way, enough to run the path.
-DRY_TESTS = (["tests/test_module.py"], ["tests/test_caveats.py"])
+DRY_TESTS = (["tests/test_module.py"], ["tests/test_validation.py"])
 # The fused kernels as the profiler names them (Triton launches a kernel under its function's
 # name), in launch order.
 FUSED_KERNELS = ("_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
