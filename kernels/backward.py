@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .config import launch_config, needs_wide_index, span, split_scalar, target_of
-from .forward import as_volume, chan_update, grid_of
+from .forward import as_volume, chan_update, grid_of, pixel_logits, pixel_stats
 from .tiling import also, clamp, lane_offsets, omega_at, omega_of, scalar, tile_coordinates
 
 
@@ -132,12 +132,6 @@ def _pixel(y_img, qd, qi, qj, H, W, sxh, sxw, sdh, sdw, syd, syh, syw):
 
 
 @triton.jit
-def _logits(x_plane, cls, cmask, pix, live, sxc, ACC: tl.constexpr):
-    return tl.load(x_plane + cls[:, None] * sxc + pix[None, :], mask=cmask[:, None] & live[None, :],
-                   other=0.0).to(ACC)
-
-
-@triton.jit
 def _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, live, sdc,
               ZSCORE: tl.constexpr):
     """dx = rstd * (G - mean_c G - z * mean_c(G z)), z = (x - m) * rstd (G with no z-score)."""
@@ -159,7 +153,7 @@ def _finish(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, eps, sxc,
     mean_G = m
     mean_Gz = m
     if ZSCORE:
-        x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+        x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
         m = tl.sum(x, axis=0) / C
         dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
         r = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
@@ -169,27 +163,10 @@ def _finish(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, eps, sxc,
 
 
 @triton.jit
-def _stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.constexpr,
-           CLASS_TILE: tl.constexpr, TILE_W: tl.constexpr, WIDE: tl.constexpr):
-    """Mean and rstd of the pixels at ``pix`` over every class, chunk by chunk."""
-    count = tl.zeros([TILE_W], dtype=ACC)
-    mean = tl.zeros([TILE_W], dtype=ACC)
-    m2 = tl.zeros([TILE_W], dtype=ACC)
-    for chunk in range(chunks):
-        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-        if WIDE:
-            cls = cls.to(tl.int64)
-        cmask = cls < C
-        count, mean, m2 = chan_update(_logits(x_plane, cls, cmask, pix, live, sxc, ACC), cmask,
-                                      count, mean, m2)
-    return mean, 1.0 / tl.sqrt(m2 / C + eps)
-
-
-@triton.jit
 def _means(x_plane, G, cls, cmask, pix, live, m, r, mean_G, mean_Gz, sxc, ACC: tl.constexpr,
            C: tl.constexpr):
     """One class chunk into the Jacobian's two class means of a pixel."""
-    x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+    x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
     z = tl.where(cmask[:, None], (x - m[None, :]) * r[None, :], 0.0)
     return mean_G + tl.sum(G, axis=0) / C, mean_Gz + tl.sum(G * z, axis=0) / C
 
@@ -199,7 +176,7 @@ def _finish_chunk(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, m, 
                   mean_Gz, sxc, sdc, ACC: tl.constexpr, ZSCORE: tl.constexpr):
     x = G
     if ZSCORE:
-        x = _logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+        x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
     _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, live, sdc, ZSCORE)
 
 
@@ -282,17 +259,17 @@ def _backward_kernel(
         if ZSCORE:
             # First the pixels' statistics, then the Jacobian's two class means; G is
             # recomputed below.
-            m0, r0 = _stats(x_plane, pix0, live0, eps, sxc, chunks, ACC, C, CLASS_TILE, TILE_W,
-                            WIDE)
+            m0, r0 = pixel_stats(x_plane, pix0, live0, eps, sxc, chunks, ACC, C, CLASS_TILE,
+                                 TILE_W, WIDE)
             if ROWS > 1:
-                m1, r1 = _stats(x_plane, pix1, live1, eps, sxc, chunks, ACC, C, CLASS_TILE,
-                                TILE_W, WIDE)
+                m1, r1 = pixel_stats(x_plane, pix1, live1, eps, sxc, chunks, ACC, C,
+                                     CLASS_TILE, TILE_W, WIDE)
             if ROWS > 2:
-                m2, r2 = _stats(x_plane, pix2, live2, eps, sxc, chunks, ACC, C, CLASS_TILE,
-                                TILE_W, WIDE)
+                m2, r2 = pixel_stats(x_plane, pix2, live2, eps, sxc, chunks, ACC, C,
+                                     CLASS_TILE, TILE_W, WIDE)
             if ROWS > 3:
-                m3, r3 = _stats(x_plane, pix3, live3, eps, sxc, chunks, ACC, C, CLASS_TILE,
-                                TILE_W, WIDE)
+                m3, r3 = pixel_stats(x_plane, pix3, live3, eps, sxc, chunks, ACC, C,
+                                     CLASS_TILE, TILE_W, WIDE)
             for chunk in range(chunks):
                 cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
                 if WIDE:

@@ -70,18 +70,8 @@ def _zscore_stats_kernel(
     live = also(cols < W, row0 < H)
     pix = row0 * sxh + cols * sxw
     x_plane = x_ptr + image * sxb + plane * sxd
-    count = tl.zeros([TILE_W], dtype=ACC)
-    mean = tl.zeros([TILE_W], dtype=ACC)
-    m2 = tl.zeros([TILE_W], dtype=ACC)
-    for chunk in range(chunks):
-        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-        if WIDE:
-            cls = cls.to(tl.int64)
-        cmask = cls < C
-        x = tl.load(x_plane + cls[:, None] * sxc + pix[None, :],
-                    mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-        count, mean, m2 = chan_update(x, cmask, count, mean, m2)
-    rstd = 1.0 / tl.sqrt(m2 / C + scalar(eps_hi, eps_lo, ACC))
+    mean, rstd = pixel_stats(x_plane, pix, live, scalar(eps_hi, eps_lo, ACC), sxc, chunks, ACC,
+                             C, CLASS_TILE, TILE_W, WIDE)
     q = (image * D + plane) * H * W + row0 * W + cols
     tl.store(mean_ptr + q, mean, mask=live)
     tl.store(rstd_ptr + q, rstd, mask=live)
@@ -100,6 +90,30 @@ def chan_update(x, cmask, count, mean, m2):
     mean += delta * (n_chunk / total)
     m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_chunk / total)
     return total, mean, m2
+
+
+@triton.jit
+def pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC: tl.constexpr):
+    """The logits [CLASS_TILE, TILE_W] of classes ``cls`` at pixel offsets ``pix``, masked."""
+    return tl.load(x_plane + cls[:, None] * sxc + pix[None, :],
+                   mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def pixel_stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.constexpr,
+                CLASS_TILE: tl.constexpr, TILE_W: tl.constexpr, WIDE: tl.constexpr):
+    """Mean and rstd of the pixels at ``pix`` over every class, chunk by chunk."""
+    count = tl.zeros([TILE_W], dtype=ACC)
+    mean = tl.zeros([TILE_W], dtype=ACC)
+    m2 = tl.zeros([TILE_W], dtype=ACC)
+    for chunk in range(chunks):
+        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
+        if WIDE:
+            cls = cls.to(tl.int64)
+        cmask = cls < C
+        x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
+        count, mean, m2 = chan_update(x, cmask, count, mean, m2)
+    return mean, 1.0 / tl.sqrt(m2 / C + eps)
 
 
 @triton.jit

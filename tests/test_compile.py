@@ -31,6 +31,21 @@ def compiler(inductor_on_cpu=False):
     return "inductor" if inductor_on_cpu or DEVICE == "cuda" else "aot_eager"
 
 
+def compiles_like_eager(step, model, images, target, backend):
+    """One graph, no break; the compiled step's loss and parameter gradients are eager's."""
+    explained = torch._dynamo.explain(step)(images, target)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+        explained.break_reasons
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True, backend=backend)(images, target)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    eager = step(images, target)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-7)
+    for got, expected in zip(grads, eager_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -55,19 +70,8 @@ def test_training_step_compiles_without_graph_breaks(backend, options):
     def step(images, target):
         return criterion(model(images), target).sum()
 
-    explained = torch._dynamo.explain(step)(images, target)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
-        explained.break_reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend=compiler("kernel_size" in options
-                                                                     and len(options) == 1))
-    loss = compiled(images, target)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    eager = step(images, target)
-    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-7)
-    for got, expected in zip(grads, eager_grads):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    compiles_like_eager(step, model, images, target,
+                        compiler("kernel_size" in options and len(options) == 1))
 
 
 @pytest.mark.parametrize("pooling", ["lmp", "topk"])
@@ -80,17 +84,7 @@ def test_pooling_compiles_without_graph_breaks(pooling):
     def step(images, target):
         return criterion(model(images), target)
 
-    explained = torch._dynamo.explain(step)(images, target)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
-        explained.break_reasons
-    torch._dynamo.reset()
-    loss = torch.compile(step, fullgraph=True, backend=compiler())(images, target)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    eager = step(images, target)
-    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-    assert torch.allclose(loss, eager, rtol=1e-5, atol=1e-7)
-    for got, expected in zip(grads, eager_grads):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    compiles_like_eager(step, model, images, target, compiler())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
