@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 
 from .config import launch_config, needs_wide_index, span, split_scalar, target_of
-from .forward import as_volume, chan_update, grid_of, pixel_logits, pixel_stats
-from .tiling import also, clamp, lane_offsets, omega_at, omega_of, scalar, tile_coordinates
+from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
+from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, scalar,
+                     tile_coordinates)
 
 
 @triton.jit
@@ -39,10 +40,10 @@ def _add(G, P, same, omega, s):
 
 
 @triton.jit
-def _centre_row(P_img, s_ptr, s_img, y_img, cls, cmask, cd, pi, pj, cj, col_in, col_ok, tile_plane,
-                H, Hc, Wc, class_plane, syd, syh, syw, grad, ftiles_w, ACC: tl.constexpr,
-                STRIDE: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr,
-                MEAN: tl.constexpr):
+def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, col_ok,
+                tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC: tl.constexpr,
+                C: tl.constexpr, CLASS_TILE: tl.constexpr, STRIDE: tl.constexpr,
+                FROWS: tl.constexpr, TILE_W: tl.constexpr, MEAN: tl.constexpr):
     """One row of the lanes' window centres (pixel row pi, columns pj): (P, dL, label, a centre
     in the image and on the stride grid)."""
     ci = clamp(pi // STRIDE, Hc - 1)
@@ -54,13 +55,13 @@ def _centre_row(P_img, s_ptr, s_img, y_img, cls, cmask, cd, pi, pj, cj, col_in, 
         s = grad * tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
     else:
         s = tl.load(s_img + centre)
-    P = tl.load(P_img + lane_offsets(cls, class_plane, centre, TILE_W), mask=cmask[:, None],
+    P = tl.load(block_lanes(P_img, centre, c0, CLASS_TILE, C, TILE_W), mask=cmask[:, None],
                 other=0.0).to(ACC)
     return P, s, y_p, ok
 
 
 @triton.jit
-def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, class_plane, qd, row0,
+def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, qd, row0,
             qj, yq0, yq1, yq2, yq3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w,
             base, inv_base,
             ACC: tl.constexpr, C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr,
@@ -94,9 +95,9 @@ def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, class_pl
             if ROWS == 1:
                 for t in range(0, 2 * radius + 1):
                     P, s, y_p, ok = _centre_row(
-                        P_img, s_ptr, s_img, y_img, cls, cmask, cd, row0 + t, pj, cj, col_in,
-                        col_ok, tile_plane, H, Hc, Wc, class_plane, syd, syh, syw, grad,
-                        ftiles_w, ACC, STRIDE, FROWS, TILE_W, MEAN)
+                        P_img, s_ptr, s_img, y_img, c0, cmask, cd, row0 + t, pj, cj, col_in,
+                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC,
+                        C, CLASS_TILE, STRIDE, FROWS, TILE_W, MEAN)
                     omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
                                      RADIUS)
                     G0 = _add(G0, P, ok & (y_p == yq0), omega, s)
@@ -104,9 +105,9 @@ def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, class_pl
                 far_omega = omega_of(far, base, inv_base, RADIUS)
                 for t in tl.static_range(ROWS + 2 * RADIUS):
                     P, s, y_p, ok = _centre_row(
-                        P_img, s_ptr, s_img, y_img, cls, cmask, cd, row0 + t, pj, cj, col_in,
-                        col_ok, tile_plane, H, Hc, Wc, class_plane, syd, syh, syw, grad,
-                        ftiles_w, ACC, STRIDE, FROWS, TILE_W, MEAN)
+                        P_img, s_ptr, s_img, y_img, c0, cmask, cd, row0 + t, pj, cj, col_in,
+                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC,
+                        C, CLASS_TILE, STRIDE, FROWS, TILE_W, MEAN)
                     if t <= 2 * RADIUS:
                         G0 = _add(G0, P, ok & (y_p == yq0),
                                   omega_at(t - RADIUS, far, far_omega, base, inv_base), s)
@@ -139,7 +140,7 @@ def _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, l
     if ZSCORE:
         z = tl.where(cmask[:, None], (x - m[None, :]) * r[None, :], 0.0)
         dx = r[None, :] * (G - mean_G[None, :] - z * mean_Gz[None, :])
-    tl.store(dx_plane + cls[:, None] * sdc + dpix[None, :], dx.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_plane + lane_offsets(cls, sdc, dpix, dpix.shape[0]), dx.to(dx_ptr.dtype.element_ty),
              mask=cmask[:, None] & live[None, :])
 
 
@@ -185,7 +186,7 @@ def _finish_chunk(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, m, 
 def _backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
-    P_ptr,       # (B, C, Dc, Hc, Wc) contiguous, logits dtype: P (scaled for MEAN)
+    P_ptr,       # (B, blocks, C, TILE_W), logits dtype: P (scaled for MEAN), tiling.block_lanes
     s_ptr,       # MEAN: (forward tiles,) ACC, per tile a * (t / max L)^(k-1); else (B, Dc, Hc,
                  # Wc) contiguous ACC, the map dL = d output / d L
     grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
@@ -220,7 +221,7 @@ def _backward_kernel(
         class_plane = Dc.to(tl.int64) * Hc * Wc
     else:
         class_plane = Dc * Hc * Wc
-    P_img = P_ptr + image * C * class_plane
+    P_img = P_ptr + image * (C * TILE_W) * ((class_plane + TILE_W - 1) // TILE_W)
     s_img = s_ptr + image * class_plane
 
     y0, live0, pix0, dpix0 = _pixel(y_img, qd, q0, qj, H, W, sxh, sxw, sdh, sdw, syd, syh, syw)
@@ -237,7 +238,7 @@ def _backward_kernel(
             cls = cls.to(tl.int64)
         cmask = cls < C  # compile-time per register: padded lanes fold away
         G0, G1, G2, G3 = _gather(
-            P_img, s_ptr, s_img, y_img, 0, image, D, H, W, Dc, Hc, Wc, class_plane, qd, row0,
+            P_img, s_ptr, s_img, y_img, 0, image, D, H, W, Dc, Hc, Wc, qd, row0,
             qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w, base,
             inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
         _finish(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, eps, sxc, sdc,
@@ -277,7 +278,7 @@ def _backward_kernel(
                 cmask = cls < C
                 G0, G1, G2, G3 = _gather(
                     P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
-                    class_plane, qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
+                    qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
                     grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
                     STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
                 mG0, mGz0 = _means(x_plane, G0, cls, cmask, pix0, live0, m0, r0, mG0, mGz0, sxc,
@@ -298,7 +299,7 @@ def _backward_kernel(
             cmask = cls < C
             G0, G1, G2, G3 = _gather(
                 P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
-                class_plane, qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
+                qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
                 grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE,
                 ROWS, FROWS, TILE_W, MEAN, WIDE)
             _finish_chunk(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, m0, r0,
@@ -324,7 +325,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     dx = torch.empty_like(logits)
     x, y, dxv = as_volume(logits, 4), as_volume(target, 3), as_volume(dx, 4)
     batch, classes, depth, height, width = x.shape
-    d_c, h_c, w_c = P.shape[2:]
+    d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     mean = grad is not None
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cfg = launch_config(classes, stride, kernel_size, acc, weighted, **target_of(logits))
@@ -335,7 +336,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         s = s.to(acc).contiguous()
     wide = needs_wide_index(span(x.shape[1:], x.stride()[1:]),
                             span(dxv.shape[1:], dxv.stride()[1:]),
-                            span(y.shape[1:], y.stride()[1:]), classes * d_c * h_c * w_c,
+                            span(y.shape[1:], y.stride()[1:]), P[0].numel(),
                             depth * height * width)
     radius = kernel_size // 2
     _backward_kernel[(programs,)](

@@ -40,15 +40,16 @@ def cdiv(a, b):
 # at compile time, so padding costs registers, not instructions.
 #
 # Rows: a lane owns `rows` vertically adjacent pixels of its column (stride 1). A window row
-# loaded once serves every one of them whose window covers it: per class and pixel,
-# (rows + K - 1) * K / rows loads instead of K^2 (15 instead of 25 at K=5, rows=3), which is
-# what keeps the stencil's instruction count down (python -m bench.kernel_report --model). Each
-# row costs C accumulator registers; the counts below are the most that compile without spills
-# (bench/kernel_report.py checks C = 19, 21, 150, 1024 and K = 3, 5, 7 under Triton 3.6 and
-# 3.9): the backward spills at two rows already (it holds P, the gradient and the Jacobian's
-# sums per row), so does everything under Triton 3.6's ptxas. With stride > 1 the windows of
-# neighbouring centres barely overlap: one row. The kernels take any row counts (tests force
-# 1 to 4 under the interpreter), so a GPU's measurements can retune this table alone.
+# loaded once serves every one of them: per class and pixel, (rows + K - 1) * K / rows loads
+# instead of K^2 (11.7 instead of 25 at K=5, rows=3), which is what keeps the stencil's
+# instruction count down (python -m bench.kernel_report --model). Each row costs C accumulator
+# registers; the counts below are the most that compile without spills (bench/kernel_report.py
+# checks C = 19, 21, 150, 1024 and K = 3, 5, 7 under Triton 3.6 and 3.9; a fourth forward row
+# spills a few bytes): the backward holds two rows (P, read in its blocked layout, needs no
+# pointer per class); Triton 3.6 holds two forward rows and one backward row. With stride > 1
+# the windows of neighbouring centres barely overlap: one row. The kernels take any row counts
+# (tests force 1 to 4 under the interpreter), so a GPU's measurements can retune this table
+# alone.
 TILE_W = 32
 NUM_WARPS = 1
 # Up to CLASS_TILE classes a lane holds all of them; beyond, the kernels loop over chunks of
@@ -88,9 +89,8 @@ class LaunchConfig:
 
     @property
     def backward_launch(self):
-        """The backward keeps a 64-bit pointer per class (one multiply-add per load instead of
-        three instructions) and needs the registers: maxnreg=255 keeps ptxas from stopping at
-        168 and spilling."""
+        """The backward holds two rows of gradients and the Jacobian's sums: maxnreg=255 keeps
+        ptxas from stopping short and spilling."""
         return dict(self.launch, maxnreg=BACKWARD_MAX_REGISTERS)
 
     def __repr__(self):
@@ -146,11 +146,11 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     if stride > 1:
         rows = (1, 1)
     elif NEW_PTXAS:
-        rows = (3 if kernel_size <= 5 else 2, 1) if classes <= 24 else (2, 1)
-        if arch < 90:
-            rows = (max(1, rows[0] // 2), 1)
-    else:  # Triton 3.6's ptxas spills at two rows already
-        rows = (1, 1)
+        rows = (3 if kernel_size <= 5 else 2, 2)
+    else:  # Triton 3.6's ptxas spills at three forward rows (volumes) and two backward rows
+        rows = (2, 1)
+    if arch < 90:
+        rows = (max(1, rows[0] // 2), max(1, rows[1] // 2))
     return LaunchConfig(classes, class_tile, *rows, FORWARD_MAX_REGISTERS)
 
 

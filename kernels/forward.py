@@ -12,32 +12,39 @@ Names as in docs/contract.md and docs/math.md. For 2-D images (B, C, H, W) and 3
 3. ``_combine_kernel``: one program adds the partials in a fixed order into the loss and the two
    numbers the backward needs (max L and the Minkowski factor a): no atomics, bitwise repeatable.
 
-The z-score is folded into the pooling: with dev_q = x_q - m_q and rstd_q,
-``f_p = (1 / xi_p) sum_q (omega * [y_q == y_p] * rstd_q) * dev_q``, a multiply-add per
-neighbour and class with a coefficient computed once per neighbour. When a lane holds all the
-classes (C <= CLASS_TILE) it computes m_q and rstd_q of each neighbour it loads from the values
-it loaded (two passes in registers, no cancellation), so the forward reads the logits once from
-DRAM and there is no statistics pass; the backward recomputes its own pixels' statistics the
-same way. Beyond CLASS_TILE classes the statistics come from ``_zscore_stats_kernel``.
+The z-score is folded into the pooling: with a_q = omega * [y_q == y_p] * rstd_q,
+``f_p = (1 / xi_p) (sum_q a_q x_q - sum_q a_q m_q)``: per neighbour and class one multiply-add
+of the raw logit, the mean's term once per neighbour and lane (m_q and rstd_q come from
+``_zscore_stats_kernel``). The price is one rounding of sum a_q x_q, an error of about
+|mean| / std float32 ulps of z, which only logits with a common offset far beyond their spread
+would notice.
 
-Neighbour coordinates are clamped into the image, so every load is in bounds without a
-per-element mask; a neighbour outside the window, the image or the centre's class has
-coefficient 0, and its values are replaced by 0 when they are not finite (a where per element),
-so that a NaN in a pixel that takes part nowhere (ignored, another class) stays out of the loss,
-as in F.cross_entropy; a non-finite pixel that takes part makes its coefficient NaN.
+Work per program: one warp, its 32 lanes on 32 consecutive columns, each lane holding every
+class (or a chunk of them) of ROWS vertically adjacent centres. With ROWS > 1 (stride 1) the
+window's rows are a run-time loop and each row is added to every centre of the lane (weight 0
+outside a centre's window), so a row is loaded once for ROWS centres; its columns are unrolled,
+compile-time offsets from one pointer per class, and columns outside the image are masked. With
+one row (strides > 1, float64, class chunks, Triton 3.6's plans) both are run-time loops and the
+neighbour coordinates are clamped into the image. Either way a neighbour outside the window, the
+image or the centre's class has coefficient 0, and its values are replaced by 0 when they are
+not finite (a where per element), so that a NaN in a pixel that takes part nowhere (ignored,
+another class) stays out of the loss, as in F.cross_entropy; a non-finite pixel that takes part
+makes its coefficient NaN.
 
 Why this design ("store", docs/contract.md's "The gradient, written out"): the backward needs
 g_p over a window of every pixel and only the Minkowski factor is global, so the forward stores
-P (C values per centre in the logits' dtype) and the backward is one gather. Recomputing f in the
+P (C values per centre in the logits' dtype, in blocks of 32 centres with the classes of a block
+at a stride of 32: tiling.block_lanes) and the backward is one gather whose per-class loads
+need no address arithmetic. Recomputing f in the
 backward would pool over a halo of radius 2r and exchange P between lanes, which Triton offers
 only through the experimental Gluon API. The price is memory: P and the gradient coexist during
 the backward, 2x the logits at stride 1.
 
 DRAM traffic per pixel at stride 1 (C classes of E bytes, labels of Y bytes; a tile's halo comes
-from L1/L2, as neighbouring tiles read the same rows): the forward reads the logits (C*E) and
-labels (Y) and writes P (C*E) and L (4 B); beyond CLASS_TILE classes the statistics pass adds a
-read of the logits and writes 8 B that the forward and backward read. ``kernel_traffic`` counts
-it per launch for the performance model.
+from L1/L2, as neighbouring tiles read the same rows): the statistics pass reads the logits and
+writes 8 B; the forward reads the logits (C*E), the 8 B and the labels (Y) and writes P (C*E)
+and L (4 B, reduction="none" only). bench/kernel_report.py counts it per launch for the
+performance model.
 """
 
 import torch
@@ -46,8 +53,12 @@ import triton.language as tl
 
 from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of)
-from .tiling import (also, clamp, lane_offsets, omega_at, omega_of, power_of, scalar,
-                     tile_coordinates)
+from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
+                     tile_coordinates, window_weight)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
@@ -95,7 +106,7 @@ def chan_update(x, cmask, count, mean, m2):
 @triton.jit
 def pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC: tl.constexpr):
     """The logits [CLASS_TILE, TILE_W] of classes ``cls`` at pixel offsets ``pix``, masked."""
-    return tl.load(x_plane + cls[:, None] * sxc + pix[None, :],
+    return tl.load(x_plane + lane_offsets(cls, sxc, pix, pix.shape[0]),
                    mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
 
 
@@ -118,41 +129,45 @@ def pixel_stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.c
 
 @triton.jit
 def _standardised(x, m_q, r_q, col_in, ZSCORE: tl.constexpr):
-    """(dev, scale) of one loaded neighbour, [CLASS_TILE, TILE_W] and [TILE_W]: z = dev * scale,
-    with m_q and r_q from the statistics pass. dev is 0 where the pixel is not finite (and
-    where its column is outside the image: loaded from the clamped edge column), and scale
-    NaN, so that the coefficient (not the values) carries a non-finite pixel's NaN to the
-    centres it takes part in, and a pixel that takes part nowhere contributes exact zeros."""
+    """(x, m, scale) of one loaded neighbour, [CLASS_TILE, TILE_W], [TILE_W] and [TILE_W]: its
+    z-score is (x - m) * scale, with m_q and r_q from the statistics pass. x and m are 0 where
+    the pixel is not finite (and where its column is outside the image: loaded from the clamped
+    edge column), and scale NaN, so that the coefficient (not the values) carries a non-finite
+    pixel's NaN to the centres it takes part in, and a pixel that takes part nowhere contributes
+    exact zeros."""
     if ZSCORE:
         finite = r_q == r_q  # a NaN or infinite logit makes the pixel's rstd NaN
-        dev = x - m_q[None, :]
         scale = r_q
     else:
         total = tl.sum(x, axis=0)
         finite = (total - total) == 0
-        dev = x
         scale = tl.where(finite, 1.0, float("nan"))
-    return tl.where((finite & col_in)[None, :], dev, 0.0), scale
+    keep = finite & col_in
+    return tl.where(keep[None, :], x, 0.0), tl.where(keep, m_q, 0.0), scale
 
 
 @triton.jit
-def _take(acc, xi, dev, same, omega, scale, WEIGHT_NORM: tl.constexpr):
-    """Add one neighbour to one centre: acc += omega * rstd_q * dev_q where it takes part; xi
+def _take(acc, xi, shift, x, m, same, omega, scale, WEIGHT_NORM: tl.constexpr):
+    """Add one neighbour to one centre: with its coefficient a = omega * rstd_q where it takes
+    part (else 0), acc += a * x_q per class and shift += a * m_q once per lane, so that acc -
+    shift is the pooled sum of a * (x_q - m_q) with no subtraction per class and neighbour; xi
     counts it (or its weight)."""
-    acc += tl.where(same, omega * scale, 0.0)[None, :] * dev
+    a = tl.where(same, omega * scale, 0.0)
+    acc += a[None, :] * x
+    shift += a * m
     if WEIGHT_NORM:
         xi += tl.where(same, omega, 0.0)
     else:
-        xi += same.to(xi.dtype)
-    return acc, xi
+        xi += tl.where(same, 1.0, 0.0)
+    return acc, xi, shift
 
 
 @triton.jit
 def _neighbour_row(x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, qi, qj, qjc, col_in,
                    col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC: tl.constexpr,
                    ZSCORE: tl.constexpr, TILE_W: tl.constexpr):
-    """One window row of the lanes' neighbours (row qi, columns qj): (dev, scale, label, in the
-    window's image)."""
+    """One window row of the lanes' neighbours (row qi, columns qj): (x, m, scale, label, in the
+    window's image), see _standardised."""
     qic = clamp(qi, H - 1)
     ok = also(col_ok, (qi >= 0) & (qi < H))
     y_q = tl.load(y_plane + qic * syh + qjc * syw).to(tl.int32)
@@ -162,8 +177,8 @@ def _neighbour_row(x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, qi, qj
         q = (qdc * H + qic) * W + qjc
         m_q = tl.load(mean_img + q)
         r_q = tl.load(rstd_img + q)
-    dev, scale = _standardised(x, m_q, r_q, col_in, ZSCORE)
-    return dev, scale, y_q, ok
+    x, m, scale = _standardised(x, m_q, r_q, col_in, ZSCORE)
+    return x, m, scale, y_q, ok
 
 
 @triton.jit
@@ -174,10 +189,8 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
           WEIGHT_NORM: tl.constexpr, WIDE: tl.constexpr):
     """Pooled sums (times xi) and xi of the ROWS centres of each lane, for classes
     [c0, c0 + CLASS_TILE): the centres sit at pixel rows row0 + RADIUS + o (o < ROWS; row0 is the
-    first window row), column pj, depth pd; y0..y3 their labels. With ROWS > 1, window row t
-    (0 <= t < ROWS + 2 RADIUS) is loaded once and added to each centre o whose window holds it
-    (o <= t <= o + 2 RADIUS, decided at compile time). With one row the rows are a run-time
-    loop: unrolled, ptxas would hoist every row's loads at once and spill."""
+    first window row), column pj, depth pd; y0..y3 their labels. The loops: see the module's
+    docstring (unrolling the rows too, ptxas hoists every row's loads at once and spills)."""
     cls = c0 + tl.arange(0, CLASS_TILE)
     if WIDE:
         cls = cls.to(tl.int64)
@@ -190,6 +203,10 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
     xi1 = tl.zeros([TILE_W], dtype=ACC)
     xi2 = tl.zeros([TILE_W], dtype=ACC)
     xi3 = tl.zeros([TILE_W], dtype=ACC)
+    sh0 = tl.zeros([TILE_W], dtype=ACC)
+    sh1 = tl.zeros([TILE_W], dtype=ACC)
+    sh2 = tl.zeros([TILE_W], dtype=ACC)
+    sh3 = tl.zeros([TILE_W], dtype=ACC)
     m_q = tl.zeros([TILE_W], dtype=ACC)
     r_q = tl.zeros([TILE_W], dtype=ACC)
     for dd in range(-radius_d, radius_d + 1):
@@ -197,46 +214,75 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
         qdc = clamp(qd, D - 1)
         x_plane = x_img + qdc * sxd
         y_plane = y_img + qdc * syd
-        for dv in range(-radius, radius + 1):
-            qj = pj + dv
-            col_in = (qj >= 0) & (qj < W)
-            col_ok = also(col_in, (qd >= 0) & (qd < D))
-            qjc = clamp(qj, W - 1)
-            far = tl.maximum(tl.abs(dv), tl.abs(dd))
-            if ROWS == 1:
+        if ROWS == 1:
+            for dv in range(-radius, radius + 1):
+                qj = pj + dv
+                col_in = (qj >= 0) & (qj < W)
+                col_ok = also(col_in, (qd >= 0) & (qd < D))
+                qjc = clamp(qj, W - 1)
+                far = tl.maximum(tl.abs(dv), tl.abs(dd))
                 for t in range(0, 2 * radius + 1):
-                    dev, scale, y_q, ok = _neighbour_row(
+                    x, m, scale, y_q, ok = _neighbour_row(
                         x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
                         qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
                         ZSCORE, TILE_W)
                     omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
                                      RADIUS)
-                    acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0), omega, scale,
-                                      WEIGHT_NORM)
-            else:
-                far_omega = omega_of(far, base, inv_base, RADIUS)
-                for t in tl.static_range(ROWS + 2 * RADIUS):
-                    dev, scale, y_q, ok = _neighbour_row(
-                        x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, row0 + t, qj,
-                        qjc, col_in, col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC,
-                        ZSCORE, TILE_W)
-                    if t <= 2 * RADIUS:
-                        acc0, xi0 = _take(acc0, xi0, dev, ok & (y_q == y0),
-                                          omega_at(t - RADIUS, far, far_omega, base, inv_base),
-                                          scale, WEIGHT_NORM)
-                    if ROWS > 1 and t >= 1 and t <= 2 * RADIUS + 1:
-                        acc1, xi1 = _take(acc1, xi1, dev, ok & (y_q == y1),
-                                          omega_at(t - 1 - RADIUS, far, far_omega, base,
-                                                   inv_base), scale, WEIGHT_NORM)
-                    if ROWS > 2 and t >= 2 and t <= 2 * RADIUS + 2:
-                        acc2, xi2 = _take(acc2, xi2, dev, ok & (y_q == y2),
-                                          omega_at(t - 2 - RADIUS, far, far_omega, base,
-                                                   inv_base), scale, WEIGHT_NORM)
-                    if ROWS > 3 and t >= 3 and t <= 2 * RADIUS + 3:
-                        acc3, xi3 = _take(acc3, xi3, dev, ok & (y_q == y3),
-                                          omega_at(t - 3 - RADIUS, far, far_omega, base,
-                                                   inv_base), scale, WEIGHT_NORM)
-    return acc0, acc1, acc2, acc3, xi0, xi1, xi2, xi3
+                    acc0, xi0, sh0 = _take(acc0, xi0, sh0, x, m, ok & (y_q == y0), omega,
+                                           scale, WEIGHT_NORM)
+        else:
+            # Window rows in a run-time loop, each serving the ROWS centres of the lane (weight
+            # 0 outside a centre's window: every row is added to every centre, which costs
+            # (ROWS + 2 RADIUS) / (2 RADIUS + 1) times the multiply-adds of the window and saves
+            # the loads); its columns unrolled, as compile-time offsets from one pointer per
+            # class (no address arithmetic per class and column). Columns outside the image are
+            # masked, not clamped. Everything about a row's weights is warp-uniform.
+            plane_ok = (qd >= 0) & (qd < D)
+            far = tl.abs(dd)
+            for t in range(0, ROWS + 2 * RADIUS):
+                qi = row0 + t
+                qic = clamp(qi, H - 1)
+                row_ok = plane_ok & (qi >= 0) & (qi < H)
+                x_row = x_plane + lane_offsets(cls, sxc, qic * sxh + pj * sxw, TILE_W)
+                y_row = y_plane + qic * syh + pj * syw
+                q_row = (qdc * H + qic) * W + pj
+                # the row's distance to each centre (depth included); beyond RADIUS: no weight
+                du0 = tl.maximum(tl.abs(t - RADIUS), far)
+                du1 = tl.maximum(tl.abs(t - 1 - RADIUS), far)
+                du2 = tl.maximum(tl.abs(t - 2 - RADIUS), far)
+                du3 = tl.maximum(tl.abs(t - 3 - RADIUS), far)
+                for DV in tl.static_range(-RADIUS, RADIUS + 1):
+                    col_in = (pj + DV >= 0) & (pj + DV < W)
+                    ok = also(col_in, row_ok)
+                    y_q = tl.load(y_row + DV * syw, mask=col_in).to(tl.int32)
+                    if ZSCORE:
+                        # The masked load's zeros stand for _standardised's where per class.
+                        m_q = tl.load(mean_img + q_row + DV, mask=col_in, other=0.0)
+                        scale = tl.load(rstd_img + q_row + DV, mask=col_in, other=0.0)
+                        keep = col_in & (scale == scale)
+                        x = tl.load(x_row + DV * sxw, mask=cmask[:, None] & keep[None, :],
+                                    other=0.0).to(ACC)
+                        m = tl.where(keep, m_q, 0.0)
+                    else:
+                        x = tl.load(x_row + DV * sxw, mask=cmask[:, None] & col_in[None, :])
+                        x, m, scale = _standardised(x.to(ACC), m_q, r_q, col_in, ZSCORE)
+                    acc0, xi0, sh0 = _take(
+                        acc0, xi0, sh0, x, m, ok & (y_q == y0) & (du0 <= RADIUS),
+                        window_weight(du0, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+                    if ROWS > 1:
+                        acc1, xi1, sh1 = _take(
+                            acc1, xi1, sh1, x, m, ok & (y_q == y1) & (du1 <= RADIUS),
+                            window_weight(du1, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+                    if ROWS > 2:
+                        acc2, xi2, sh2 = _take(
+                            acc2, xi2, sh2, x, m, ok & (y_q == y2) & (du2 <= RADIUS),
+                            window_weight(du2, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+                    if ROWS > 3:
+                        acc3, xi3, sh3 = _take(
+                            acc3, xi3, sh3, x, m, ok & (y_q == y3) & (du3 <= RADIUS),
+                            window_weight(du3, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+    return (acc0 - sh0[None, :], acc1 - sh1[None, :], acc2 - sh2[None, :], acc3 - sh3[None, :],
+            xi0, xi1, xi2, xi3)
 
 
 @triton.jit
@@ -256,31 +302,52 @@ def _centre(y_img, pd, ci, cj, Hc, Wc, syd, syh, syw, ignore_index, C: tl.conste
 
 @triton.jit
 def _cost(acc, xi, cmask, cls, y_cls):
-    """f = acc / xi, its max, exp(f - max) and their sum, f[y]: the pieces of L and P."""
-    f = acc * (1.0 / tl.where(xi > 0, xi, 1.0))[None, :]
-    f_lse = tl.where(cmask[:, None], f, float("-inf"))
-    top = tl.max(f_lse, axis=0)
-    e = tl.exp(f_lse - top[None, :])
-    f_y = tl.sum(tl.where(cls[:, None] == y_cls[None, :], f, 0.0), axis=0)
-    return f, top, e, tl.sum(e, axis=0), f_y
+    """The pieces of L and P, with f = acc / xi: the max of acc, e = exp(f - max f) = 2^((acc -
+    max acc) * log2(e) / xi) per class (one exp2: Triton's exp is exp2 of a product), their sum
+    and acc[y]. Differences are taken in acc's units before any scaling, so that L is 0 exactly
+    where y's value dominates the others (a product before the difference would leave a rounding
+    error of |f| ulps)."""
+    k = LOG2E / tl.where(xi > 0, xi, 1.0)
+    a = tl.where(cmask[:, None], acc, float("-inf"))
+    top = tl.max(a, axis=0)
+    e = tl.exp2((a - top[None, :]) * k[None, :])
+    acc_y = tl.sum(tl.where(cls[:, None] == y_cls[None, :], acc, 0.0), axis=0)
+    return top, e, tl.sum(e, axis=0), acc_y
 
 
 @triton.jit
-def _loss_of(lse, f_y, valid):
-    L = lse - f_y
+def _loss_of(top, total, acc_y, xi, valid):
+    """L = logsumexp(f) - f[y] = (max acc - acc[y]) / xi + log(sum e) from _cost (total == 0 only
+    in the rows a lane does not own: the log stays finite there; a NaN total stays NaN)."""
+    L = (top - acc_y) / tl.where(xi > 0, xi, 1.0) + tl.log2(tl.where(total == 0, 1.0, total)) * LN2
     L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
     return tl.where(valid, L, 0.0)
 
 
 @triton.jit
-def _store_P(P_ptr, P_img, prob, scale, valid, live, cls, cmask, y_cls, centre, class_plane):
+def _store_P(P_ptr, P_img, e, e_scale, scale, valid, live, cls, c0, cmask, y_cls, centre,
+             C: tl.constexpr, TILE_W: tl.constexpr):
     """P = (softmax(f) - onehot(y)) * scale at valid centres (scale = 1 / xi, times the centre's
     share of the Minkowski factor for the mean), 0 elsewhere (a where, not a product with a
-    mask: a NaN at an invalid centre must not reach the gradient)."""
-    P = (prob - (cls[:, None] == y_cls[None, :]).to(prob.dtype)) * scale[None, :]
+    mask: a NaN at an invalid centre must not reach the gradient). softmax(f) * scale =
+    e * e_scale: e the exponentials of _cost and e_scale = scale / their sum, or e = softmax(f)
+    and e_scale = scale (one multiply-add per class either way)."""
+    P = e * e_scale[None, :] - tl.where(cls[:, None] == y_cls[None, :], scale[None, :], 0.0)
     P = tl.where(valid[None, :], P, 0.0)
-    tl.store(P_img + cls[:, None] * class_plane + centre[None, :],
+    tl.store(block_lanes(P_img, centre, c0, cls.shape[0], C, TILE_W),
              P.to(P_ptr.dtype.element_ty), mask=cmask[:, None] & live[None, :])
+
+
+@triton.jit
+def _zero_padding(P_ptr, P_img, n_centres, last, c0, cmask, C: tl.constexpr,
+                  CLASS_TILE: tl.constexpr, TILE_W: tl.constexpr):
+    """Zeros into the padding of an image's last block of P (flat indices n_centres .. the next
+    multiple of TILE_W), by the program whose tile holds the image's last centre (``last``): never
+    read, but written, so that P is a function of the inputs."""
+    n = ((n_centres - 1) // TILE_W) * TILE_W + tl.arange(0, TILE_W)
+    tl.store(block_lanes(P_img, n, c0, CLASS_TILE, C, TILE_W),
+             tl.zeros([CLASS_TILE, TILE_W], P_ptr.dtype.element_ty),
+             mask=cmask[:, None] & also(n >= n_centres, last)[None, :])
 
 
 @triton.jit
@@ -301,7 +368,8 @@ def _forward_kernel(
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     mean_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel mean (read only if ZSCORE)
     rstd_ptr,     # (B, D, H, W) contiguous, ACC: per-pixel rstd (likewise)
-    P_ptr,        # out (B, C, Dc, Hc, Wc) contiguous, logits dtype: P, or P scaled (MEAN)
+    P_ptr,        # out (B, blocks, C, TILE_W), logits dtype: P, or P scaled (MEAN), in blocks of
+                  # TILE_W centres (tiling.block_lanes)
     L_ptr,        # out (B, Dc, Hc, Wc) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
     D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
@@ -333,12 +401,14 @@ def _forward_kernel(
     if WIDE:
         plane = D.to(tl.int64) * H * W
         class_plane = Dc.to(tl.int64) * Hc * Wc
+        first = cd * Hc * Wc  # the flat index of the plane's first centre
     else:
         plane = D * H * W
         class_plane = Dc * Hc * Wc
+        first = (cd * Hc * Wc).to(tl.int32)
     mean_img = mean_ptr + image * plane
     rstd_img = rstd_ptr + image * plane
-    P_img = P_ptr + image * C * class_plane + cd * Hc * Wc
+    P_img = P_ptr + image * (C * TILE_W) * ((class_plane + TILE_W - 1) // TILE_W)
     L_img = L_ptr + (image * Dc + cd) * Hc * Wc
 
     y0, live0, valid0, c0 = _centre(y_img, pd, ci0, cj, Hc, Wc, syd, syh, syw, ignore_index,
@@ -357,17 +427,19 @@ def _forward_kernel(
             x_img, y_img, mean_img, rstd_img, 0, D, H, W, pd, row0, pj, y0, y1, y2, y3,
             sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base, inv_base,
             ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, WIDE)
-        _, m0, e0, s0, fy0 = _cost(a0, xi0, cmask, cls, c0)
-        _, m1, e1, s1, fy1 = _cost(a1, xi1, cmask, cls, c1)
-        _, m2, e2, s2, fy2 = _cost(a2, xi2, cmask, cls, c2)
-        _, m3, e3, s3, fy3 = _cost(a3, xi3, cmask, cls, c3)
+        m0, e0, s0, fy0 = _cost(a0, xi0, cmask, cls, c0)
+        m1, e1, s1, fy1 = _cost(a1, xi1, cmask, cls, c1)
+        m2, e2, s2, fy2 = _cost(a2, xi2, cmask, cls, c2)
+        m3, e3, s3, fy3 = _cost(a3, xi3, cmask, cls, c3)
     else:
-        # Online logsumexp over class chunks (the running max m and sum s of exp(f - m)).
+        # Online logsumexp over class chunks (the running max m of acc and sum s of exp(f -
+        # m / xi)); fy is acc[y].
         m0 = tl.full([TILE_W], float("-inf"), ACC)
         m1, m2, m3 = m0, m0, m0
         s0 = tl.zeros([TILE_W], ACC)
         s1, s2, s3 = s0, s0, s0
         fy0, fy1, fy2, fy3 = s0, s0, s0, s0
+        xi0, xi1, xi2, xi3 = s0, s0, s0, s0  # the same in every chunk, needed after the loop
         for chunk in range(chunks):
             cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
             cmask = cls < C
@@ -382,15 +454,10 @@ def _forward_kernel(
                 m2, s2, fy2 = _merge(a2, xi2, cmask, cls, c2, m2, s2, fy2)
             if ROWS > 3:
                 m3, s3, fy3 = _merge(a3, xi3, cmask, cls, c3, m3, s3, fy3)
-    # s == 0 only in the rows a lane does not own (ROWS < 4): keep log() finite there.
-    lse0 = m0 + tl.log(s0)
-    lse1 = m1 + tl.log(tl.where(s1 == 0, 1.0, s1))
-    lse2 = m2 + tl.log(tl.where(s2 == 0, 1.0, s2))
-    lse3 = m3 + tl.log(tl.where(s3 == 0, 1.0, s3))
-    L0 = _loss_of(lse0, fy0, valid0)
-    L1 = _loss_of(lse1, fy1, valid1)
-    L2 = _loss_of(lse2, fy2, valid2)
-    L3 = _loss_of(lse3, fy3, valid3)
+    L0 = _loss_of(m0, s0, fy0, xi0, valid0)
+    L1 = _loss_of(m1, s1, fy1, xi1, valid1)
+    L2 = _loss_of(m2, s2, fy2, xi2, valid2)
+    L3 = _loss_of(m3, s3, fy3, xi3, valid3)
 
     # Minkowski partials scaled by the tile's max L: L^k never overflows or underflows.
     w0 = _weight_of(weight_ptr, c0, valid0, ACC, HAS_WEIGHT)
@@ -447,19 +514,22 @@ def _forward_kernel(
         g1, g2, g3 = g0, g0, g0
 
     if NEED_P:
+        last = ((cd == Dc - 1) & (ci0 + ROWS >= Hc)
+                & (tl.program_id(0) % tiles_w == tiles_w - 1))  # holds the image's last centre
         if SINGLE:
+            _zero_padding(P_ptr, P_img, class_plane, last, 0, cmask, C, CLASS_TILE, TILE_W)
             # softmax(f) = exp(f - max) / sum: the exponentials of the logsumexp, reused.
-            _store_P(P_ptr, P_img, e0 * (1.0 / s0)[None, :], g0 / xi0, valid0, live0, cls, cmask,
-                     c0, ci0 * Wc + cj, class_plane)
+            _store_P(P_ptr, P_img, e0, g0 / (xi0 * s0), g0 / xi0, valid0, live0, cls, 0, cmask,
+                     c0, first + ci0 * Wc + cj, C, TILE_W)
             if ROWS > 1:
-                _store_P(P_ptr, P_img, e1 * (1.0 / s1)[None, :], g1 / xi1, valid1, live1, cls,
-                         cmask, c1, (ci0 + 1) * Wc + cj, class_plane)
+                _store_P(P_ptr, P_img, e1, g1 / (xi1 * s1), g1 / xi1, valid1, live1, cls, 0,
+                         cmask, c1, first + (ci0 + 1) * Wc + cj, C, TILE_W)
             if ROWS > 2:
-                _store_P(P_ptr, P_img, e2 * (1.0 / s2)[None, :], g2 / xi2, valid2, live2, cls,
-                         cmask, c2, (ci0 + 2) * Wc + cj, class_plane)
+                _store_P(P_ptr, P_img, e2, g2 / (xi2 * s2), g2 / xi2, valid2, live2, cls, 0,
+                         cmask, c2, first + (ci0 + 2) * Wc + cj, C, TILE_W)
             if ROWS > 3:
-                _store_P(P_ptr, P_img, e3 * (1.0 / s3)[None, :], g3 / xi3, valid3, live3, cls,
-                         cmask, c3, (ci0 + 3) * Wc + cj, class_plane)
+                _store_P(P_ptr, P_img, e3, g3 / (xi3 * s3), g3 / xi3, valid3, live3, cls, 0,
+                         cmask, c3, first + (ci0 + 3) * Wc + cj, C, TILE_W)
         else:
             # The logsumexp is known now: pool every chunk again and write its P (no pooled
             # values parked in memory, so P can be stored in the logits' dtype).
@@ -471,31 +541,36 @@ def _forward_kernel(
                     pj, y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
                     base, inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE,
                     WEIGHT_NORM, WIDE)
-                _store_P(P_ptr, P_img, _softmax(a0, xi0, lse0), g0 / xi0, valid0, live0, cls,
-                         cmask, c0, ci0 * Wc + cj, class_plane)
+                c_lo = chunk * CLASS_TILE
+                _zero_padding(P_ptr, P_img, class_plane, last, c_lo, cmask, C, CLASS_TILE, TILE_W)
+                _store_P(P_ptr, P_img, _softmax(a0, xi0, m0, s0), g0 / xi0, g0 / xi0, valid0,
+                         live0, cls, c_lo, cmask, c0, first + ci0 * Wc + cj, C, TILE_W)
                 if ROWS > 1:
-                    _store_P(P_ptr, P_img, _softmax(a1, xi1, lse1), g1 / xi1, valid1, live1,
-                             cls, cmask, c1, (ci0 + 1) * Wc + cj, class_plane)
+                    _store_P(P_ptr, P_img, _softmax(a1, xi1, m1, s1), g1 / xi1, g1 / xi1, valid1,
+                             live1, cls, c_lo, cmask, c1, first + (ci0 + 1) * Wc + cj, C, TILE_W)
                 if ROWS > 2:
-                    _store_P(P_ptr, P_img, _softmax(a2, xi2, lse2), g2 / xi2, valid2, live2,
-                             cls, cmask, c2, (ci0 + 2) * Wc + cj, class_plane)
+                    _store_P(P_ptr, P_img, _softmax(a2, xi2, m2, s2), g2 / xi2, g2 / xi2, valid2,
+                             live2, cls, c_lo, cmask, c2, first + (ci0 + 2) * Wc + cj, C, TILE_W)
                 if ROWS > 3:
-                    _store_P(P_ptr, P_img, _softmax(a3, xi3, lse3), g3 / xi3, valid3, live3,
-                             cls, cmask, c3, (ci0 + 3) * Wc + cj, class_plane)
+                    _store_P(P_ptr, P_img, _softmax(a3, xi3, m3, s3), g3 / xi3, g3 / xi3, valid3,
+                             live3, cls, c_lo, cmask, c3, first + (ci0 + 3) * Wc + cj, C, TILE_W)
 
 
 @triton.jit
-def _softmax(acc, xi, lse):
-    """softmax(f) of one class chunk, f = acc / xi, from the centre's logsumexp."""
-    return tl.exp(acc * (1.0 / tl.where(xi > 0, xi, 1.0))[None, :] - lse[None, :])
+def _softmax(acc, xi, top, total):
+    """softmax(f) of one class chunk, f = acc / xi, from the centre's max of acc and sum of
+    exponentials (_merge)."""
+    k = LOG2E / tl.where(xi > 0, xi, 1.0)
+    return tl.exp2((acc - top[None, :]) * k[None, :] - tl.log2(total)[None, :])
 
 
 @triton.jit
 def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
     """One class chunk into the online logsumexp of a centre."""
-    _, top, _, total, fy_chunk = _cost(acc, xi, cmask, cls, y_cls)
+    top, _, total, fy_chunk = _cost(acc, xi, cmask, cls, y_cls)
     m_new = tl.maximum(m_run, top)
-    s_run = s_run * tl.exp(m_run - m_new) + total * tl.exp(top - m_new)
+    k = LOG2E / tl.where(xi > 0, xi, 1.0)
+    s_run = s_run * tl.exp2((m_run - m_new) * k) + total * tl.exp2((top - m_new) * k)
     return m_new, s_run, f_y + fy_chunk
 
 
@@ -583,8 +658,10 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted):
     n_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))[2]
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
+    # P in blocks of tile_w centres (tiling.block_lanes), each image padded to whole blocks.
+    blocks = cdiv(d_c * h_c * w_c, cfg.tile_w)
     return (new(0) if mean else new(*centres), new(n_tiles, 3),
-            new(batch, classes, d_c, h_c, w_c, dtype=logits.dtype) if need_grad
+            new(batch, blocks, classes, cfg.tile_w, dtype=logits.dtype) if need_grad
             else new(0, dtype=logits.dtype))
 
 
@@ -606,7 +683,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
                         **target_of(logits))
     sx, sy = x.stride(), y.stride()
     wide = needs_wide_index(span(x.shape[1:], sx[1:]), span(y.shape[1:], sy[1:]),
-                            classes * d_c * h_c * w_c, depth * height * width)
+                            classes * cdiv(d_c * h_c * w_c, cfg.tile_w) * cfg.tile_w,
+                            depth * height * width)
     stats = (batch, depth, height, width) if zscore else (0,)
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:

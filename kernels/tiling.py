@@ -49,6 +49,25 @@ def omega_at(DU: tl.constexpr, far, far_omega, base, inv_base):
 
 
 @triton.jit
+def window_weight(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base):
+    """omega(max(du, |DV|)) = weight_base ** (1 - d) for a warp-uniform run-time du >= 0 (the row
+    and depth distance) and a compile-time column offset DV: the weights of distances |DV| ..
+    RADIUS by selection, each a product of compile-time length (exact for power-of-two bases)."""
+    w = base
+    for _ in tl.static_range(DV):
+        w = w * inv_base
+    for _ in tl.static_range(-DV):
+        w = w * inv_base
+    out = w  # omega(|DV|), for du <= |DV|
+    for d in tl.static_range(1, RADIUS + 1):
+        w = base
+        for _ in tl.static_range(d):
+            w = w * inv_base
+        out = tl.where((du == d) & (d > DV) & (d > -DV), w, out)
+    return out
+
+
+@triton.jit
 def omega_of(far, base, inv_base, RADIUS: tl.constexpr):
     """omega(far) for a run-time 0 <= far <= RADIUS, by selection among the RADIUS + 1 values
     (no loop with a data-dependent trip count)."""
@@ -69,13 +88,35 @@ def power_of(r, e):
 
 @triton.jit
 def lane_offsets(cls, class_stride, pixels, TILE_W: tl.constexpr):
-    """Offsets [classes, lanes] of a [CLASS_TILE, TILE_W] tile: cls * class_stride + pixels.
-    The pixels' columns are clamped into the image, which hides from Triton that the lanes read
-    (mostly) consecutive addresses; without that knowledge Triton 3.6 lays the lanes along the
-    classes (uncoalesced loads, kilobytes of spills). The hint restores it; it cannot mislead a
-    vectorisation, since a lane holds one pixel (TILE_W lanes, one warp)."""
+    """Offsets [classes, lanes] of a [CLASS_TILE, TILE_W] tile: cls * class_stride + pixels,
+    with the hints that give the layout the kernels are written for, one pixel per lane and
+    every class of it in the lane's registers. The pixels' columns may be clamped into the image,
+    which hides from Triton that the lanes read (mostly) consecutive addresses; without that
+    knowledge Triton 3.6 lays the lanes along the classes (uncoalesced loads, kilobytes of
+    spills): max_contiguous restores it. Where the strides are multiples of 16 (W = 1024), Triton
+    would load 4 pixels per lane as one vector and spread the classes over 4 lanes (layout
+    conversions and spills): multiple_of 1 keeps it to one pixel per lane. Neither hint can
+    mislead a vectorisation, since a lane holds one pixel (TILE_W lanes, one warp)."""
     tl.static_assert(TILE_W == 32)
-    return tl.max_contiguous(cls[:, None] * class_stride + pixels[None, :], [1, TILE_W])
+    return tl.multiple_of(
+        tl.max_contiguous(cls[:, None] * class_stride + pixels[None, :], [1, TILE_W]), [1, 1])
+
+
+@triton.jit
+def block_lanes(img_ptr, n, c0, CLASS_TILE: tl.constexpr, C: tl.constexpr,
+                TILE_W: tl.constexpr):
+    """Pointers [CLASS_TILE, TILE_W] to classes c0 .. c0 + CLASS_TILE - 1 of the centres with flat
+    indices ``n`` (>= 0) in an image of P, whose layout is blocked: TILE_W consecutive centres,
+    then their C classes at a stride of TILE_W (docs/contract.md's P is ours to lay out). A lane's
+    classes sit at compile-time offsets from one pointer, so a load or store per class needs no
+    address arithmetic; with the user's NCHW class stride (H * W, a run-time value) each costs
+    two or three instructions."""
+    tl.static_assert(TILE_W == 32)
+    lanes = img_ptr + (n >> 5) * (C * TILE_W) + (n & 31) + c0 * TILE_W
+    # The lanes' axis as contiguous: see lane_offsets (a block boundary breaks the run, which
+    # cannot mislead a vectorisation: a lane holds one centre).
+    return tl.max_contiguous(lanes[None, :] + (tl.arange(0, CLASS_TILE) * TILE_W)[:, None],
+                             [1, TILE_W])
 
 
 @triton.jit
