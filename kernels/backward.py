@@ -24,6 +24,8 @@ DRAM traffic per pixel at stride 1 (C classes of E bytes, labels of Y bytes): re
 logits (C*E) and labels (Y), writes the gradient (C*E); dL (4 B) only for the map.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -336,7 +338,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         s = s.to(acc).contiguous()
     wide = needs_wide_index(span(x.shape[1:], x.stride()[1:]),
                             span(dxv.shape[1:], dxv.stride()[1:]),
-                            span(y.shape[1:], y.stride()[1:]), P[0].numel(),
+                            span(y.shape[1:], y.stride()[1:]), math.prod(P.shape[1:]),
                             depth * height * width)
     radius = kernel_size // 2
     _backward_kernel[(programs,)](
