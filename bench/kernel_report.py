@@ -201,19 +201,23 @@ def compiled(fn, args, kwargs, arch):
 
 def describe(name, args, kwargs):
     shown = {k: v for k, v in kwargs.items()
-             if k in ("C", "CLASS_TILE", "ROWS", "RADIUS", "STRIDE", "TILE_W", "BLOCK",
+             if k in ("C", "CLASS_TILE", "ROWS", "UNROLL", "RADIUS", "STRIDE", "TILE_W", "BLOCK",
                       "num_warps")}
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
-def configs(quick):
-    """(label, C, dtype, K, option overrides, is a dispatcher default)."""
-    classes = (21, 150) if quick else (19, 21, 150, 1024)
+def configs(quick, all_classes=False):
+    """(label, C, dtype, K, option overrides, is a dispatcher default). The defaults take the
+    edges of config.ROW_PLANS (C = 21, 24, 28, 32); ``all_classes``: every C from 2 to 32 (ptxas
+    is not monotonic in C)."""
+    classes = (21, 150) if quick else (19, 21, 24, 28, 32, 150, 1024)
     sizes = (5,) if quick else (3, 5, 7)
-    for c in classes:
+    for c in range(2, 33) if all_classes else classes:
         for dtype in (torch.float32, torch.bfloat16):
             for k in sizes:
                 yield f"C={c} {TYPE_CODES[dtype]} K={k}", c, dtype, k, {}, True
+    if all_classes:
+        return
     variants = [dict(zscore=False, normalizer="weight"), dict(need_grad=False),
                 dict(need_grad=False, zscore=False), dict(weighted=True), dict(stride=2),
                 dict(reduction="none"), dict(labels=torch.int64)]
@@ -221,6 +225,8 @@ def configs(quick):
         for v in variants:
             yield f"C={c} fp32 K=5 {v}", c, torch.float32, 5, v, False
     yield "C=21 fp64 K=5", 21, torch.float64, 5, {}, False
+    for c in ((21,) if quick else (21, 150)):  # the generic window path
+        yield f"C={c} bf16 K=9", c, torch.bfloat16, 9, {}, False
     for dtype in (torch.float32, torch.bfloat16):
         yield (f"C=14 {TYPE_CODES[dtype]} K=3 3-D (2, 96, 128, 128)", 14, dtype, 3,
                dict(shape=(2, 96, 128, 128)), False)
@@ -233,9 +239,9 @@ def report(args):
     print(f"triton {triton.__version__}, torch {torch.__version__}; "
           f"logits (8, C, 513, 513), uint8 target")
     rows, failures, binaries = [], 0, set()
-    for label, classes, dtype, k, overrides, default in configs(args.quick):
+    for label, classes, dtype, k, overrides, default in configs(args.quick, args.all_classes):
         # --quick: the other compile-time paths for sm_90 only (the test's time in CI)
-        for arch in ARCHS if default or not args.quick else (90,):
+        for arch in ARCHS if (default or not args.quick) and not args.all_classes else (90,):
             for name, fn, a, kw in record_launches(classes, dtype, k, arch=arch, **overrides):
                 res, _ = compiled(fn, a, kw, arch)
                 binaries.add((compile_source(fn, a, kw)[0].hash(), arch))
@@ -295,11 +301,13 @@ def loop_trips(name, values):
         return []
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
-    window = [2 * values["radius_d"] + 1, 2 * values["radius"] + 1]
-    if values["ROWS"] == 1:  # one row per lane: the window's rows are a loop too
-        window.append(2 * values["radius"] + 1)
-    elif name == "_forward_kernel":  # depth offsets, window rows (the columns are unrolled)
+    if name == "_forward_kernel" and values["UNROLL"]:
+        # depth offsets, window rows (the columns are unrolled)
         window = [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["radius"]]
+    else:
+        window = [2 * values["radius_d"] + 1, 2 * values["radius"] + 1]
+        if values["ROWS"] == 1:  # one row per lane: the window's rows are a loop too
+            window.append(2 * values["radius"] + 1)
     if values["C"] <= values["CLASS_TILE"]:
         return window
     if name == "_forward_kernel":
@@ -440,6 +448,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="store_true", help="the performance model")
     parser.add_argument("--quick", action="store_true", help="fewer configs or workloads")
+    parser.add_argument("--all-classes", action="store_true",
+                        help="the default configs for every C from 2 to 32, sm_90 only")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     result, failures = (model if args.model else report)(args)

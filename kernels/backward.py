@@ -150,6 +150,9 @@ def _store_dx(dx_plane, dx_ptr, G, x, m, r, mean_G, mean_Gz, cls, cmask, dpix, l
 def _finish(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, eps, sxc, sdc,
             ACC: tl.constexpr, C: tl.constexpr, ZSCORE: tl.constexpr):
     """Every class in the lane: the pixel's statistics, the Jacobian and the store."""
+    # Padded classes out of the class sums: else their G (0 * omega * dL per neighbour, which
+    # IEEE cannot fold to 0) would be live and cost a multiply-add per neighbour each.
+    G = tl.where(cmask[:, None], G, 0.0)
     x = G
     m = tl.zeros([G.shape[1]], dtype=ACC)
     r = m
@@ -349,5 +352,5 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         *split_scalar(eps), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
         ROWS=cfg.backward_rows, FROWS=cfg.forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
-        MEAN=mean, WIDE=wide, **cfg.backward_launch)
+        MEAN=mean, WIDE=wide, **cfg.launch)
     return dx

@@ -43,13 +43,10 @@ def cdiv(a, b):
 # loaded once serves every one of them: per class and pixel, (rows + K - 1) * K / rows loads
 # instead of K^2 (11.7 instead of 25 at K=5, rows=3), which is what keeps the stencil's
 # instruction count down (python -m bench.kernel_report --model). Each row costs C accumulator
-# registers; the counts below are the most that compile without spills (bench/kernel_report.py
-# checks C = 19, 21, 150, 1024 and K = 3, 5, 7 under Triton 3.6 and 3.9; a fourth forward row
-# spills a few bytes): the backward holds two rows (P, read in its blocked layout, needs no
-# pointer per class); Triton 3.6 holds two forward rows and one backward row. With stride > 1
-# the windows of neighbouring centres barely overlap: one row. The kernels take any row counts
-# (tests force 1 to 4 under the interpreter), so a GPU's measurements can retune this table
-# alone.
+# registers and the forward's unrolled window columns C * K more: ROW_PLANS (below) holds the
+# most rows that compile without spills, by C, K and Triton's ptxas. With stride > 1 the windows
+# of neighbouring centres barely overlap: one row. The kernels take any row counts (tests force
+# 1 to 4 under the interpreter), so a GPU's measurements can retune the table alone.
 TILE_W = 32
 NUM_WARPS = 1
 # Up to CLASS_TILE classes a lane holds all of them; beyond, the kernels loop over chunks of
@@ -58,44 +55,39 @@ NUM_WARPS = 1
 CLASS_TILE = 32
 CHUNK_TILE = 16
 INTERPRETER_CHUNK_SCALE = 8
-# Register caps (maxnreg), each found by bench/kernel_report.py: the ptxas of Triton 3.9 spills
-# least when left to choose for the forward (a cap of 255 made it spill more); the backward, and
-# every kernel under Triton 3.6 (whose ptxas, left alone, stops at 64 registers and spills
-# kilobytes), want the cap.
+# Register cap (maxnreg) of every kernel: left to choose, ptxas stops short of what a lane's
+# rows need and spills (Triton 3.6's at 64 registers, 3.9's at 96 to 128 for small C, class
+# chunks and float64); bench/kernel_report.py checks that every plan compiles without spills
+# under the cap.
 NEW_PTXAS = tuple(map(int, re.findall(r"\d+", version("triton"))[:2])) >= (3, 9) \
     if _has_triton() else True
-FORWARD_MAX_REGISTERS = None if NEW_PTXAS else 255
-BACKWARD_MAX_REGISTERS = 255
+MAX_REGISTERS = 255
 
 
 class LaunchConfig:
     """Block sizes of the forward and backward for one problem."""
 
-    def __init__(self, classes, class_tile, forward_rows, backward_rows, max_registers=None):
+    def __init__(self, classes, class_tile, forward_rows, backward_rows, unrolled=True,
+                 max_registers=MAX_REGISTERS):
         self.classes, self.class_tile = classes, class_tile
         self.max_registers = max_registers
         self.forward_rows, self.backward_rows = forward_rows, backward_rows
+        self.unrolled = unrolled  # the forward's window columns as compile-time offsets
         self.single_chunk = classes <= class_tile
         self.chunks = cdiv(classes, class_tile)
         self.tile_w, self.num_warps = TILE_W, NUM_WARPS
 
     @property
     def launch(self):
-        """Launch options of the forward: ``kernel[grid](..., **cfg.launch)``. One stage: the
+        """Launch options of the kernels: ``kernel[grid](..., **cfg.launch)``. One stage: the
         kernels' loops hold no tl.dot for the pipeliner to overlap, and the model counts loops as
         written."""
-        options = dict(num_warps=self.num_warps, num_stages=1)
-        return dict(options, maxnreg=self.max_registers) if self.max_registers else options
-
-    @property
-    def backward_launch(self):
-        """The backward holds two rows of gradients and the Jacobian's sums: maxnreg=255 keeps
-        ptxas from stopping short and spilling."""
-        return dict(self.launch, maxnreg=BACKWARD_MAX_REGISTERS)
+        return dict(num_warps=self.num_warps, num_stages=1, maxnreg=self.max_registers)
 
     def __repr__(self):
         return (f"class_tile={self.class_tile} chunks={self.chunks} "
-                f"rows={self.forward_rows}/{self.backward_rows} tile_w={self.tile_w} "
+                f"rows={self.forward_rows}/{self.backward_rows} unrolled={self.unrolled} "
+                f"tile_w={self.tile_w} "
                 f"num_warps={self.num_warps}")
 
 
@@ -121,37 +113,62 @@ def target_of(tensor):
     return dict(arch=arch_of(tensor), interpreted=TARGET_ARCH is None and not tensor.is_cuda)
 
 
+# Rows per lane of the forward and the backward for the window sizes K = 3, 5, 7, by the largest
+# C of one class tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90: the most rows that
+# compile without spills for float32 and bfloat16 logits (python -m bench.kernel_report
+# --all-classes compiles every C from 2 to 32). A lane's registers grow with C times (rows + K),
+# and ptxas is not monotonic in them (C = 28 holds fewer backward rows at K = 5 than at K = 3).
+# 0 forward rows: the generic window path (one row, run-time loops), which also takes every
+# K > 7.
+ROW_PLANS = {
+    "3.9": [(21, (3, 3, 2), (3, 3, 3)), (24, (3, 2, 0), (3, 3, 1)), (28, (3, 2, 0), (3, 1, 1)),
+            (32, (3, 1, 0), (3, 1, 1)), ("chunks", (2, 2, 2), (2, 2, 2))],
+    "3.6": [(21, (3, 3, 2), (2, 2, 2)), (24, (3, 2, 1), (2, 2, 1)), (28, (3, 2, 0), (2, 2, 1)),
+            (32, (3, 1, 0), (2, 2, 1)), ("chunks", (2, 2, 2), (2, 2, 2))],
+}
+MAX_UNROLLED_K = 7
+
+
+def plan_rows(classes, kernel_size, new_ptxas=None):
+    """(forward rows, backward rows) at stride 1 on sm_90 from ROW_PLANS."""
+    plans = ROW_PLANS["3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas) else "3.6"]
+    if kernel_size > MAX_UNROLLED_K:
+        return 0, 1
+    k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
+    for largest, forward, backward in plans:
+        if largest == "chunks" or classes <= largest:
+            return forward[k], backward[k]
+    raise AssertionError("unreachable: the last plan takes every C")
+
+
 def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
                   arch=DEFAULT_ARCH, interpreted=False):
     """The one launch heuristic, shared by the forward and the backward (the backward indexes
-    the forward's tiles). Depends on C, K, the stride, the accumulation dtype, class weights, the
-    architecture and Triton's ptxas (sm_80's and Triton 3.6's spill at fewer rows than sm_90's
-    under Triton 3.9), never on B, D, H or W. The row counts are the most that compile without
-    spills in bench/kernel_report.py's configurations. Under the interpreter (``interpreted``),
-    which pays per operation and program, not per element, and has no registers to run out of:
-    4 rows per lane and class chunks INTERPRETER_CHUNK_SCALE times wider, the same code with
-    fewer programs and trips (tests/test_fused.py forces the GPUs' row counts and chunks)."""
+    the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
+    and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90), never on B, D, H or W.
+    Under the interpreter (``interpreted``), which pays per operation and program, not per
+    element, and has no registers to run out of: 4 rows per lane and class chunks
+    INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
+    (tests/test_fused.py forces the GPUs' row counts, chunks and the generic window path)."""
     classes = int(classes)
-    if classes > CLASS_TILE:  # chunks of classes, one row
-        chunk = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
-        # Triton 3.9's ptxas, left to choose, stops at 96 registers and spills 8 B on sm_80.
-        return LaunchConfig(classes, chunk * (INTERPRETER_CHUNK_SCALE if interpreted else 1),
-                            1, 1, 128 if NEW_PTXAS else FORWARD_MAX_REGISTERS)
-    class_tile = next_power_of_2(max(classes, 2))
+    chunked = classes > CLASS_TILE
+    if chunked:
+        class_tile = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
+    elif acc_dtype == torch.float64:  # registers twice as wide: a quarter of the classes
+        class_tile = min(next_power_of_2(max(classes, 2)), CHUNK_TILE // 2)
+    else:
+        class_tile = next_power_of_2(max(classes, 2))
     if interpreted:  # the fewest programs and chunks; the GPUs' plans are tested explicitly
-        return LaunchConfig(classes, class_tile, *((4, 4) if stride == 1 else (1, 1)))
-    if acc_dtype == torch.float64:  # registers twice as wide: a quarter of the classes
-        return LaunchConfig(classes, min(class_tile, CHUNK_TILE // 2), 1, 1,
-                            FORWARD_MAX_REGISTERS)
-    if stride > 1:
-        rows = (1, 1)
-    elif NEW_PTXAS:
-        rows = (3 if kernel_size <= 5 else 2, 2)
-    else:  # Triton 3.6's ptxas spills at three forward rows (volumes) and two backward rows
-        rows = (2, 1)
+        rows = 4 if stride == 1 else 1
+        unrolled = kernel_size <= MAX_UNROLLED_K
+        return LaunchConfig(classes, class_tile * (INTERPRETER_CHUNK_SCALE if chunked else 1),
+                            rows if unrolled else 1, rows, unrolled=unrolled)
+    forward, backward = plan_rows(classes if not chunked else CLASS_TILE + 1, kernel_size)
+    if stride > 1 or acc_dtype == torch.float64:  # windows barely overlap; wide registers
+        forward, backward = min(forward, 1), 1
     if arch < 90:
-        rows = (max(1, rows[0] // 2), max(1, rows[1] // 2))
-    return LaunchConfig(classes, class_tile, *rows, FORWARD_MAX_REGISTERS)
+        forward, backward = forward // 2 if forward > 1 else forward, max(1, backward // 2)
+    return LaunchConfig(classes, class_tile, max(forward, 1), backward, unrolled=forward > 0)
 
 
 def split_scalar(value):

@@ -20,16 +20,17 @@ of the raw logit, the mean's term once per neighbour and lane (m_q and rstd_q co
 would notice.
 
 Work per program: one warp, its 32 lanes on 32 consecutive columns, each lane holding every
-class (or a chunk of them) of ROWS vertically adjacent centres. With ROWS > 1 (stride 1) the
-window's rows are a run-time loop and each row is added to every centre of the lane (weight 0
-outside a centre's window), so a row is loaded once for ROWS centres; its columns are unrolled,
-compile-time offsets from one pointer per class, and columns outside the image are masked. With
-one row (strides > 1, float64, class chunks, Triton 3.6's plans) both are run-time loops and the
-neighbour coordinates are clamped into the image. Either way a neighbour outside the window, the
-image or the centre's class has coefficient 0, and its values are replaced by 0 when they are
-not finite (a where per element), so that a NaN in a pixel that takes part nowhere (ignored,
-another class) stays out of the loss, as in F.cross_entropy; a non-finite pixel that takes part
-makes its coefficient NaN.
+class (or a chunk of them) of ROWS vertically adjacent centres (one at strides > 1). For the
+common windows (UNROLL: K <= 7 where the registers allow, see config.ROW_PLANS) the window's
+rows are a run-time loop and each row is added to every centre of the lane (weight 0 outside a
+centre's window), so a row is loaded once for ROWS centres; its columns are unrolled,
+compile-time offsets from one pointer per class (no address arithmetic per class and column),
+rows are clamped into the image and columns outside it masked. The generic path (any K, one
+row) runs both as run-time loops, the neighbour coordinates clamped into the image. Either way
+a neighbour outside the window, the image or the centre's class has coefficient 0, and its
+values are replaced by 0 when they are not finite (a where, or the load's mask), so that a NaN
+in a pixel that takes part nowhere (ignored, another class) stays out of the loss, as in
+F.cross_entropy; a non-finite pixel that takes part makes its coefficient NaN.
 
 Why this design ("store", docs/contract.md's "The gradient, written out"): the backward needs
 g_p over a window of every pixel and only the Minkowski factor is global, so the forward stores
@@ -186,7 +187,7 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
           sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base, inv_base,
           ACC: tl.constexpr, C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr,
           ROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr,
-          WEIGHT_NORM: tl.constexpr, WIDE: tl.constexpr):
+          WEIGHT_NORM: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr):
     """Pooled sums (times xi) and xi of the ROWS centres of each lane, for classes
     [c0, c0 + CLASS_TILE): the centres sit at pixel rows row0 + RADIUS + o (o < ROWS; row0 is the
     first window row), column pj, depth pd; y0..y3 their labels. The loops: see the module's
@@ -214,7 +215,7 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
         qdc = clamp(qd, D - 1)
         x_plane = x_img + qdc * sxd
         y_plane = y_img + qdc * syd
-        if ROWS == 1:
+        if not UNROLL:  # the generic path: any window, one row
             for dv in range(-radius, radius + 1):
                 qj = pj + dv
                 col_in = (qj >= 0) & (qj < W)
@@ -379,14 +380,16 @@ def _forward_kernel(
     power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, STRIDE: tl.constexpr,
     ROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, NEED_P: tl.constexpr, MEAN: tl.constexpr, UNROLL: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """MEAN (reduction="mean"): P is stored scaled by the centre's share of the Minkowski
     factor, w_p (L_p / t)^(k-1) with t the tile's max L (so it stays <= 1: no overflow, and the
     backward needs no L), and L is not stored. Otherwise L is stored and P plain."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     SINGLE: tl.constexpr = C <= CLASS_TILE
-    tl.static_assert(ROWS <= 4 and (ROWS == 1 or STRIDE == 1))  # the row paths written below
+    # the row paths written below; the generic window path holds one row
+    tl.static_assert(ROWS <= 4 and (ROWS == 1 or (STRIDE == 1 and UNROLL)))
     power = scalar(power_hi, power_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / base
@@ -426,7 +429,7 @@ def _forward_kernel(
         a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
             x_img, y_img, mean_img, rstd_img, 0, D, H, W, pd, row0, pj, y0, y1, y2, y3,
             sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base, inv_base,
-            ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, WIDE)
+            ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, UNROLL, WIDE)
         m0, e0, s0, fy0 = _cost(a0, xi0, cmask, cls, c0)
         m1, e1, s1, fy1 = _cost(a1, xi1, cmask, cls, c1)
         m2, e2, s2, fy2 = _cost(a2, xi2, cmask, cls, c2)
@@ -446,7 +449,8 @@ def _forward_kernel(
             a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
                 x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0, pj,
                 y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base,
-                inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, WIDE)
+                inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, UNROLL,
+                WIDE)
             m0, s0, fy0 = _merge(a0, xi0, cmask, cls, c0, m0, s0, fy0)
             if ROWS > 1:
                 m1, s1, fy1 = _merge(a1, xi1, cmask, cls, c1, m1, s1, fy1)
@@ -540,7 +544,7 @@ def _forward_kernel(
                     x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0,
                     pj, y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
                     base, inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE,
-                    WEIGHT_NORM, WIDE)
+                    WEIGHT_NORM, UNROLL, WIDE)
                 c_lo = chunk * CLASS_TILE
                 _zero_padding(P_ptr, P_img, class_plane, last, c_lo, cmask, C, CLASS_TILE, TILE_W)
                 _store_P(P_ptr, P_img, _softmax(a0, xi0, m0, s0), g0 / xi0, g0 / xi0, valid0,
@@ -703,7 +707,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
         ROWS=cfg.forward_rows,
         TILE_W=cfg.tile_w, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
-        HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide, **cfg.launch)
+        HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, UNROLL=cfg.unrolled,
+        WIDE=wide, **cfg.launch)
     return L, partials, P
 
 

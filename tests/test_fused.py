@@ -79,6 +79,76 @@ def test_class_chunk_paths(block_c, options, monkeypatch):
     check_against_oracle((1, 7, 6, 7), options, backend="triton", n_labels=3)
 
 
+@pytest.mark.parametrize("rows", [(1, 1), (2, 2), (3, 1)])
+def test_class_chunks_with_rows(rows, monkeypatch):
+    # Class chunks with the row counts a GPU plans for them (two each way under Triton 3.9 on
+    # sm_90, one elsewhere) and one it does not; the interpreter's plan gives them four.
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import forward as kf
+
+    monkeypatch.setattr(kernel_config, "CLASS_TILE", 4)
+    monkeypatch.setattr(kernel_config, "CHUNK_TILE", 4)
+    monkeypatch.setattr(kernel_config, "INTERPRETER_CHUNK_SCALE", 1)
+    planned = kernel_config.launch_config
+
+    def with_rows(*args, **kwargs):
+        cfg = planned(*args, **kwargs)
+        assert cfg.chunks > 1
+        cfg.forward_rows, cfg.backward_rows = rows
+        return cfg
+
+    monkeypatch.setattr(kf, "launch_config", with_rows)
+    monkeypatch.setattr(kb, "launch_config", with_rows)
+    check_against_oracle((2, 7, 9, 11), dict(kernel_size=5), backend="triton", n_labels=3,
+                         seed=10 + sum(rows))
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=9),
+                                     dict(kernel_size=5, zscore=False, reduction="none"),
+                                     dict(kernel_size=3, normalizer="weight", stride=2)])
+def test_generic_window_path(options, monkeypatch):
+    # The forward's generic window path (run-time loops, one row), which takes every K > 7 and
+    # the C and K whose unrolled columns do not fit a lane's registers (config.ROW_PLANS).
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import forward as kf
+
+    planned = kernel_config.launch_config
+
+    def generic(*args, **kwargs):
+        cfg = planned(*args, **kwargs)
+        cfg.forward_rows, cfg.unrolled = 1, False
+        return cfg
+
+    monkeypatch.setattr(kf, "launch_config", generic)
+    monkeypatch.setattr(kb, "launch_config", generic)
+    check_against_oracle((2, 5, 11, 12), options, backend="triton", n_labels=2)
+
+
+def test_row_plans():
+    # What the GPUs get: K > 7 and the plans' zero rows take the generic path; strides > 1 and
+    # float64 one row; sm_80 fewer rows than sm_90; every C and K some rows.
+    plan = kernel_config.launch_config
+    for new in (True, False):
+        for c in range(2, 200):
+            for k in (1, 3, 5, 7, 9, 31):
+                forward, backward = kernel_config.plan_rows(c, k, new)
+                assert 0 <= forward <= 4 and 1 <= backward <= 4
+                if k > 7:
+                    assert forward == 0
+                elif c <= 21:  # VOC, Cityscapes and the like: the unrolled columns
+                    assert forward > 0
+    assert not plan(21, kernel_size=9).unrolled and plan(21, kernel_size=9).forward_rows == 1
+    assert plan(21, kernel_size=5).unrolled
+    assert plan(32, kernel_size=7).forward_rows == 1
+    for c in (21, 150):
+        assert (plan(c, stride=2).forward_rows, plan(c, stride=2).backward_rows) == (1, 1)
+        assert plan(c, acc_dtype=torch.float64).forward_rows == 1
+        for k in (3, 5, 7):
+            gpu, older = plan(c, kernel_size=k), plan(c, kernel_size=k, arch=80)
+            assert older.forward_rows <= gpu.forward_rows
+            assert older.backward_rows <= gpu.backward_rows
+
+
 @pytest.mark.parametrize("rows", [(1, 2), (2, 3), (3, 1), (4, 4)])
 @pytest.mark.parametrize("options", [dict(kernel_size=3),
                                      dict(kernel_size=5, reduction="none", zscore=False)])
@@ -267,8 +337,9 @@ def test_one_binary_per_stride_divisibility_never_per_shape():
 def test_kernel_report_compiles_everything_without_spills(tmp_path):
     # Compiled for sm_80 and sm_90 without a GPU (the interpreter forgives what ptxas does not).
     # --quick: C = 21 and 150 (one class tile, chunks of classes), float32 and bfloat16, K = 5;
-    # every kernel option at C = 21, float64 and a volume, for sm_90; the full report (C = 19, 21, 150,
-    # 1024, K = 3, 5, 7) is `python -m bench.kernel_report`, its latest run in bench/results/.
+    # every kernel option at C = 21, float64, a volume and K = 9 (the generic window path), for
+    # sm_90; the full report (C = 19, 21, 24, 28, 32, 150, 1024, K = 3, 5, 7) is
+    # `python -m bench.kernel_report`, its latest run in bench/results/.
     out = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--quick", "--json",
                              str(out)], capture_output=True, text=True, cwd=ROOT,
@@ -286,6 +357,7 @@ def test_kernel_report_compiles_everything_without_spills(tmp_path):
             for classes in (21, 150):
                 for dtype in ("fp32", "bf16"):
                     assert (kernel, arch, f"C={classes} {dtype} K=5") in seen
+    assert ("_forward_kernel", "sm_90", "C=21 bf16 K=9") in seen
 
 
 @pytest.mark.parametrize("dtype", TARGET_DTYPES)
