@@ -225,6 +225,10 @@ def configs(quick, all_classes=False):
         for v in variants:
             yield f"C={c} fp32 K=5 {v}", c, torch.float32, 5, v, False
     yield "C=21 fp64 K=5", 21, torch.float64, 5, {}, False
+    if not quick:  # one row at strides > 1 and float64: unrolled or generic by C and K
+        for c, k in ((28, 5), (32, 7)):
+            yield f"C={c} fp32 K={k} stride 2", c, torch.float32, k, dict(stride=2), False
+            yield f"C={c} fp64 K={k}", c, torch.float64, k, {}, False
     for c in ((21,) if quick else (21, 150)):  # the generic window path
         yield f"C={c} bf16 K=9", c, torch.bfloat16, 9, {}, False
     for dtype in (torch.float32, torch.bfloat16):

@@ -117,14 +117,16 @@ def target_of(tensor):
 # C of one class tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90: the most rows that
 # compile without spills for float32 and bfloat16 logits (python -m bench.kernel_report
 # --all-classes compiles every C from 2 to 32). A lane's registers grow with C times (rows + K),
-# and ptxas is not monotonic in them (C = 28 holds fewer backward rows at K = 5 than at K = 3).
-# 0 forward rows: the generic window path (one row, run-time loops), which also takes every
-# K > 7.
+# and ptxas is not monotonic in them (Triton 3.6's holds 3 float32 backward rows at C = 28,
+# K = 5, but 2 at C = 21). 0 forward rows: the generic window path (one row, run-time loops),
+# which also takes every K > 7.
 ROW_PLANS = {
-    "3.9": [(21, (3, 3, 2), (3, 3, 3)), (24, (3, 2, 0), (3, 3, 1)), (28, (3, 2, 0), (3, 1, 1)),
-            (32, (3, 1, 0), (3, 1, 1)), ("chunks", (2, 2, 2), (2, 2, 2))],
-    "3.6": [(21, (3, 3, 2), (2, 2, 2)), (24, (3, 2, 1), (2, 2, 1)), (28, (3, 2, 0), (2, 2, 1)),
-            (32, (3, 1, 0), (2, 2, 1)), ("chunks", (2, 2, 2), (2, 2, 2))],
+    "3.9": dict(single=[(21, (3, 3, 2), (3, 3, 3)), (24, (3, 2, 0), (3, 3, 1)),
+                        (28, (3, 2, 0), (3, 1, 1)), (32, (3, 1, 0), (3, 1, 1))],
+                chunks=((2, 2, 2), (2, 2, 2))),
+    "3.6": dict(single=[(21, (3, 3, 2), (2, 2, 2)), (24, (3, 2, 1), (2, 2, 1)),
+                        (28, (3, 2, 0), (2, 2, 1)), (32, (3, 1, 0), (2, 2, 1))],
+                chunks=((2, 2, 2), (2, 2, 2))),
 }
 MAX_UNROLLED_K = 7
 
@@ -135,17 +137,20 @@ def plan_rows(classes, kernel_size, new_ptxas=None):
     if kernel_size > MAX_UNROLLED_K:
         return 0, 1
     k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
-    for largest, forward, backward in plans:
-        if largest == "chunks" or classes <= largest:
-            return forward[k], backward[k]
-    raise AssertionError("unreachable: the last plan takes every C")
+    if classes > CLASS_TILE:
+        forward, backward = plans["chunks"]
+    else:
+        forward, backward = next((f, b) for largest, f, b in plans["single"]
+                                 if classes <= largest)
+    return forward[k], backward[k]
 
 
 def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
                   arch=DEFAULT_ARCH, interpreted=False):
     """The one launch heuristic, shared by the forward and the backward (the backward indexes
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
-    and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90), never on B, D, H or W.
+    and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
+    one), never on B, D, H or W.
     Under the interpreter (``interpreted``), which pays per operation and program, not per
     element, and has no registers to run out of: 4 rows per lane and class chunks
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
@@ -158,12 +163,14 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         class_tile = min(next_power_of_2(max(classes, 2)), CHUNK_TILE // 2)
     else:
         class_tile = next_power_of_2(max(classes, 2))
-    if interpreted:  # the fewest programs and chunks; the GPUs' plans are tested explicitly
+    # Under the interpreter the fewest programs and chunks (float64 keeps the GPUs' class tile);
+    # the GPUs' plans are tested explicitly.
+    if interpreted:
         rows = 4 if stride == 1 else 1
         unrolled = kernel_size <= MAX_UNROLLED_K
         return LaunchConfig(classes, class_tile * (INTERPRETER_CHUNK_SCALE if chunked else 1),
                             rows if unrolled else 1, rows, unrolled=unrolled)
-    forward, backward = plan_rows(classes if not chunked else CLASS_TILE + 1, kernel_size)
+    forward, backward = plan_rows(classes, kernel_size)
     if stride > 1 or acc_dtype == torch.float64:  # windows barely overlap; wide registers
         forward, backward = min(forward, 1), 1
     if arch < 90:
