@@ -7,7 +7,8 @@ still returns what it measured:
     python -m bench.gpu tests --out DIR     # the test suite compiled on the GPU (budgeted)
     python -m bench.gpu bench --out DIR     # python -m bench on CUDA: every workload and impl
     python -m bench.gpu kernels --out DIR   # each fused kernel measured beside the model
-    python -m bench.gpu all --out DIR       # the four in that order, then DIR/summary.md
+    python -m bench.gpu all --out DIR       # env, the first tests, kernels, bench, the rest of
+                                            # the tests, in one --deadline; then DIR/summary.md
     python -m bench.gpu ingest DIR          # here, afterwards: DIR into bench/results/ + README
 
 DIR receives at most seven plain files: env.json, tests.json, tests.xml (junit), bench.json,
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,27 +87,51 @@ def stage_env(out, dry_run):
     return info
 
 
-def _pytest(files, junit, budget_s, dry_run):
-    """One pytest run, killed at budget_s: (exit code or 'timeout', seconds)."""
-    command = [sys.executable, "-m", "pytest", *files, "-q", "-rfE", "--tb=short",
-               "-p", "no:cacheprovider", f"--junitxml={junit}"]
+def _run_until(command, budget_s, env):
+    """Run command, interrupted (SIGINT to its process group, as a terminal's Ctrl-C) when
+    budget_s runs out so that pytest still writes what it has; killed 60 s later.
+    (exit code or 'timeout', seconds)."""
     start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
     try:
-        code = subprocess.run(command, cwd=ROOT, env=child_env(dry_run),
-                              timeout=max(1.0, budget_s)).returncode
+        code = proc.wait(timeout=max(1.0, budget_s))
     except subprocess.TimeoutExpired:
         code = "timeout"
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return code, time.monotonic() - start
 
 
-def stage_tests(out, dry_run, budget_s):
-    first, rest = DRY_TESTS if dry_run else (
+def _pytest(files, junit, budget_s, dry_run):
+    """One pytest run, interrupted at budget_s. On a GPU machine, workers compile in parallel:
+    compiling the kernels, not running them, is what takes a GPU test run's time."""
+    command = [sys.executable, "-m", "pytest", *files, "-q", "-rfE", "--tb=short",
+               "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    if not dry_run:
+        command += ["-n", str(max(1, min(12, (os.cpu_count() or 2) - 2)))]
+    return _run_until(command, budget_s, child_env(dry_run))
+
+
+def stage_tests(out, dry_run, budget_s, parts=("first", "rest")):
+    """The suite in two parts, the kernels' own tests first; a later call with parts=("rest",)
+    adds to what an earlier one wrote."""
+    every = dict(zip(("first", "rest"), DRY_TESTS if dry_run else (
         FIRST_TESTS, sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                            if str(p.relative_to(ROOT)) not in FIRST_TESTS))
+                            if str(p.relative_to(ROOT)) not in FIRST_TESTS))))
     merged, runs = ET.Element("testsuites"), []
+    if parts[0] != "first" and (out / "tests.json").exists():
+        merged = ET.parse(out / "tests.xml").getroot()
+        runs = json.loads((out / "tests.json").read_text())["runs"]
     with tempfile.TemporaryDirectory() as tmp:
         deadline = time.monotonic() + budget_s
-        for name, files in (("first", first), ("rest", rest)):
+        for name in parts:
+            if time.monotonic() >= deadline - 5:
+                break
+            files = every[name]
             junit = Path(tmp) / f"{name}.xml"
             code, seconds = _pytest(files, junit, deadline - time.monotonic(), dry_run)
             run = dict(part=name, files=files, exit=code, seconds=round(seconds, 1))
@@ -118,8 +144,6 @@ def stage_tests(out, dry_run, budget_s):
                     for key in ("tests", "failures", "errors", "skipped"):
                         run[key] = run.get(key, 0) + int(suite.get(key, 0))
             runs.append(run)
-            if time.monotonic() >= deadline:
-                break
     failed = [f"{case.get('classname')}::{case.get('name')}: "
               f"{(case[0].get('message') or '')[:300]}"
               for case in merged.iter("testcase")
@@ -130,11 +154,12 @@ def stage_tests(out, dry_run, budget_s):
     return result
 
 
-def stage_bench(out, dry_run):
+def stage_bench(out, dry_run, budget_s=None, quick=False):
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "bench", "--out", tmp]
         command += ["--device", "cpu", "--quick"] if dry_run else ["--device", "cuda"]
-        code = subprocess.run(command, cwd=ROOT, env=child_env(dry_run)).returncode
+        command += ["--quick"] if quick and not dry_run else []
+        code, _ = _run_until(command, budget_s or 1e9, child_env(dry_run))
         produced = {p.suffix: p for p in Path(tmp).iterdir()}
         for suffix in (".json", ".md"):
             if suffix in produced:
@@ -201,18 +226,57 @@ print(json.dumps(rows))
 """
 
 
-def stage_kernels(out, dry_run):
-    import torch
+WARM_SCRIPT = """
+import sys, torch, lad_triton
+b, c, h, w, k = map(int, sys.argv[1:6])
+x = torch.randn(b, c, h, w, device="cuda", dtype=getattr(torch, sys.argv[6]), requires_grad=True)
+y = torch.randint(0, c, (b, h, w), device="cuda")
+lad_triton.locally_adaptive_loss(x, y, kernel_size=k, backend="triton",
+                                 check_target=False).backward()
+torch.cuda.synchronize()
+"""
 
-    device = torch.device("cpu" if dry_run else "cuda")
-    # The model reads code compiled for sm_90 without a GPU: bench.kernel_report turns the
-    # interpreter off for its process, so it runs in its own.
+
+def model_rows(dry_run, model_file=None):
+    """The model's rows: read from a file that ``python -m bench.kernel_report --model --json``
+    wrote (the same Triton version: compiling every workload for the model takes minutes of a
+    lent machine's time), else computed here."""
+    if model_file:
+        data = json.loads(Path(model_file).read_text())
+        import triton
+
+        if data["triton"] != triton.__version__:
+            print(f"kernels: the model file is for Triton {data['triton']}, this machine has "
+                  f"{triton.__version__}", flush=True)
+        return [dict(workload=r["workload"], shape=r["shape"], kernel_size=r["kernel_size"],
+                     dtype=r["dtype"], model_triton=data["triton"],
+                     model=[dict(name=k["name"], issue_us=k["issue_us"], l1_us=k["l1_us"],
+                                 dram_us=k["dram_us"], bound=k["bound"],
+                                 us=max(k["issue_us"], k["l1_us"], k["dram_us"]))
+                            for k in r["kernels"]])
+                for r in data["rows"]]
     print("kernels: the performance model", flush=True)
     model = subprocess.run([sys.executable, "-c", MODEL_SCRIPT, "tiny" if dry_run else "all"],
                            cwd=ROOT, env=child_env(False), capture_output=True, text=True)
     if model.returncode != 0:
         raise SystemExit(f"the performance model failed:\n{model.stderr[-3000:]}")
-    rows = json.loads(model.stdout.strip().splitlines()[-1])
+    return json.loads(model.stdout.strip().splitlines()[-1])
+
+
+def stage_kernels(out, dry_run, model_file=None):
+    import torch
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    # The model reads code compiled for sm_90 without a GPU: bench.kernel_report turns the
+    # interpreter off for its process, so it runs in its own.
+    rows = model_rows(dry_run, model_file)
+    if not dry_run:  # compile every workload's kernels at once, one process each
+        start = time.monotonic()
+        warm = [subprocess.Popen([sys.executable, "-c", WARM_SCRIPT,
+                                  *map(str, row["shape"]), str(row["kernel_size"]), row["dtype"]],
+                                 cwd=ROOT, env=child_env(False)) for row in rows]
+        codes = [p.wait() for p in warm]
+        print(f"kernels: compiled in {time.monotonic() - start:.0f} s, exits {codes}", flush=True)
     for row in rows:
         print(f"kernels: {row['workload']} {row['shape']} K={row['kernel_size']} {row['dtype']}",
               flush=True)
@@ -312,7 +376,14 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="on the CPU: every stage's code path, tiny shapes")
     parser.add_argument("--budget", type=float, default=540.0,
-                        help="tests: seconds for the whole stage (default 540)")
+                        help="tests: seconds for the whole stage (default 540); all: for the "
+                             "first tests")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="all: seconds for everything; the bench and the rest of the tests "
+                             "are cut to fit")
+    parser.add_argument("--model", help="kernels: the model's JSON (python -m "
+                        "bench.kernel_report --model --json FILE) instead of compiling it here")
+    parser.add_argument("--bench-quick", action="store_true", help="bench: python -m bench --quick")
     args = parser.parse_args(argv)
     if args.stage == "ingest":
         if not args.folder:
@@ -330,18 +401,31 @@ def main(argv=None):
                          "the stages' code on the CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    # all: what says whether the kernels are right first, then the measurements, then the
+    # rest of the suite in whatever time is left.
+    stages = (("env", "tests:first", "kernels", "bench", "tests:rest") if args.stage == "all"
+              else (args.stage,))
+    end = time.monotonic() + (args.deadline or 1e9)
     for stage in stages:
         start = time.monotonic()
-        print(f"== bench.gpu {stage} ({datetime.datetime.now():%H:%M:%S})", flush=True)
+        left = end - start
+        if left < 20:
+            print(f"== bench.gpu {stage}: skipped, the deadline is near", flush=True)
+            continue
+        print(f"== bench.gpu {stage} ({datetime.datetime.now():%H:%M:%S}, {left:.0f} s left)",
+              flush=True)
         if stage == "env":
             stage_env(out, args.dry_run)
         elif stage == "tests":
-            stage_tests(out, args.dry_run, args.budget)
+            stage_tests(out, args.dry_run, min(args.budget, left))
+        elif stage == "tests:first":
+            stage_tests(out, args.dry_run, min(args.budget, left), parts=("first",))
+        elif stage == "tests:rest":
+            stage_tests(out, args.dry_run, left - 10, parts=("rest",))
         elif stage == "bench":
-            stage_bench(out, args.dry_run)
+            stage_bench(out, args.dry_run, left - 30, args.bench_quick)
         else:
-            stage_kernels(out, args.dry_run)
+            stage_kernels(out, args.dry_run, args.model)
         print(f"== bench.gpu {stage}: {time.monotonic() - start:.0f} s", flush=True)
         summary(out)
     return 0
