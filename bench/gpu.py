@@ -196,6 +196,16 @@ def measured_kernels(shape, kernel_size, dtype, device, repeats):
         run()  # compile, warm the caches
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        # One call from the host's start to the device's end, as python -m bench times it:
+        # the kernels plus the host time the device waits for.
+        wall = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            wall.append(time.perf_counter() - start)
+        result[f"{name}_call_us"] = sorted(wall)[len(wall) // 2] * 1e6
         with profile(activities=[activity]) as prof:
             for _ in range(repeats):
                 run()
@@ -303,6 +313,12 @@ def calibration_lines(kernels):
             ratio = f"{us / model['us']:.2f}" if us and model["us"] else "-"
             lines.append(f"| {label} | {model['name']} | {model['us']:.1f} | "
                          f"{'-' if us is None else f'{us:.1f}'} | {ratio} |")
+        call = row.get("measured", {}).get("lad_call_us")
+        if call is not None:
+            kernels = sum(measured.get(m["name"], 0) for m in row["model"])
+            ce = row["measured"].get("cross_entropy_call_us")
+            lines.append(f"| {label} | one call, host to device end (kernels {kernels:.0f} us; "
+                         f"F.cross_entropy {ce:.0f} us) | - | {call:.1f} | - |")
     return lines
 
 
