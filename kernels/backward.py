@@ -352,5 +352,5 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         *split_scalar(eps), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
         ROWS=cfg.backward_rows, FROWS=cfg.forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
-        MEAN=mean, WIDE=wide, **cfg.launch)
+        MEAN=mean, WIDE=wide, **cfg.backward_launch)
     return dx

@@ -55,40 +55,47 @@ NUM_WARPS = 1
 CLASS_TILE = 32
 CHUNK_TILE = 16
 INTERPRETER_CHUNK_SCALE = 8
-# Register cap (maxnreg) of every kernel: left to choose, ptxas stops short of what a lane's
-# rows need and spills (Triton 3.6's at 64 registers, 3.9's at 96 to 128 for small C, class
-# chunks and float64); bench/kernel_report.py checks that every plan compiles without spills
-# under the cap.
+# Register cap (maxnreg) of every kernel unless ROW_PLANS sets a lower one: left to choose, ptxas
+# stops short of what a lane's rows need and spills (Triton 3.6's at 64 registers, 3.9's at 96 to
+# 128 for small C, class chunks and float64); bench/kernel_report.py checks that every plan
+# compiles without spills under its cap.
 NEW_PTXAS = tuple(map(int, re.findall(r"\d+", version("triton"))[:2])) >= (3, 9) \
     if _has_triton() else True
 MAX_REGISTERS = 255
 
 
 class LaunchConfig:
-    """Block sizes of the forward and backward for one problem."""
+    """Block sizes and register caps of the forward and backward for one problem."""
 
     def __init__(self, classes, class_tile, forward_rows, backward_rows, unrolled=True,
-                 max_registers=MAX_REGISTERS):
+                 forward_registers=MAX_REGISTERS, backward_registers=MAX_REGISTERS):
         self.classes, self.class_tile = classes, class_tile
-        self.max_registers = max_registers
+        self.forward_registers, self.backward_registers = forward_registers, backward_registers
         self.forward_rows, self.backward_rows = forward_rows, backward_rows
         self.unrolled = unrolled  # the forward's window columns as compile-time offsets
         self.single_chunk = classes <= class_tile
         self.chunks = cdiv(classes, class_tile)
         self.tile_w, self.num_warps = TILE_W, NUM_WARPS
 
+    def _launch(self, registers):
+        # One stage: the kernels' loops hold no tl.dot for the pipeliner to overlap, and the
+        # model counts loops as written.
+        return dict(num_warps=self.num_warps, num_stages=1, maxnreg=registers)
+
     @property
-    def launch(self):
-        """Launch options of the kernels: ``kernel[grid](..., **cfg.launch)``. One stage: the
-        kernels' loops hold no tl.dot for the pipeliner to overlap, and the model counts loops as
-        written."""
-        return dict(num_warps=self.num_warps, num_stages=1, maxnreg=self.max_registers)
+    def forward_launch(self):
+        """Launch options of the statistics, the forward and the combine."""
+        return self._launch(self.forward_registers)
+
+    @property
+    def backward_launch(self):
+        return self._launch(self.backward_registers)
 
     def __repr__(self):
         return (f"class_tile={self.class_tile} chunks={self.chunks} "
                 f"rows={self.forward_rows}/{self.backward_rows} unrolled={self.unrolled} "
-                f"tile_w={self.tile_w} "
-                f"num_warps={self.num_warps}")
+                f"maxnreg={self.forward_registers}/{self.backward_registers} "
+                f"tile_w={self.tile_w} num_warps={self.num_warps}")
 
 
 # The architecture the launch heuristic plans for when the tensors do not say (CPU tensors under
@@ -113,36 +120,59 @@ def target_of(tensor):
     return dict(arch=arch_of(tensor), interpreted=TARGET_ARCH is None and not tensor.is_cuda)
 
 
-# Rows per lane of the forward and the backward for the window sizes K = 3, 5, 7, by the largest
-# C of one class tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90: the most rows that
-# compile without spills for float32 and bfloat16 logits (python -m bench.kernel_report
-# --all-classes compiles every C from 2 to 32). A lane's registers grow with C times (rows + K),
-# and ptxas is not monotonic in them (Triton 3.6's holds 3 float32 backward rows at C = 28,
-# K = 5, but 2 at C = 21). 0 forward rows: the generic window path (one row, run-time loops),
-# which also takes every K > 7.
+# Rows per lane of the forward and the backward for the window sizes K = 3, 5, 7, by the largest C
+# of one class tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90, and the register cap
+# (maxnreg) of each kernel. A lane's registers grow with C times (rows + K); an SM holds 65536 / 32
+# / registers warps (8 at 255, 12 at 168), and with one-warp programs those few warps are all that
+# hides the loads' latency. Measured on an H200 with Triton 3.6 (python -m bench.sweep,
+# bench/results/nvidia-h200-2026-11-26-sweep.*; the kernels stage after the change,
+# nvidia-h200-2026-11-26-after-*), fewer rows under a lower cap beat the most rows that fit in 255
+# registers at K = 3 (C = 21: forward 237 -> 200 us with 2 rows at 168 registers, backward 251 ->
+# 225 us) and in the class chunks' forward (C = 150, K = 5: 5.84 -> 4.80 ms bfloat16, 6.18 -> 4.45
+# ms float32, at 168). At C = 21, K = 5 only 168 registers helped (367 -> 313 us), and they spill in
+# some kernel options (8 to 48 B at 168 to 200 registers; 216 measured no better than 255): K = 5
+# keeps 3 rows in 255. Each cap compiles without spills under that Triton's ptxas for every kernel
+# option (python -m bench.kernel_report compiles them; Triton 3.9's chunks spill at 168 to 200, so
+# 216 there, unmeasured). Where nothing was measured (22 <= C <= 32, K = 7) the plans keep the most
+# rows that compile without spills in 255 registers; ptxas is not monotonic in them (Triton 3.6's
+# holds 3 float32 backward rows at C = 28, K = 5, but 2 at C = 21). 0 forward rows: the generic
+# window path (one row, run-time loops), which also takes every K > 7. Entries: (largest C, forward
+# rows, backward rows[, forward caps, backward caps]), each by K = 3, 5, 7.
 ROW_PLANS = {
-    "3.9": dict(single=[(21, (3, 3, 2), (3, 3, 3)), (24, (3, 2, 0), (3, 3, 1)),
-                        (28, (3, 2, 0), (3, 1, 1)), (32, (3, 1, 0), (3, 1, 1))],
-                chunks=((2, 2, 2), (2, 2, 2))),
-    "3.6": dict(single=[(21, (3, 3, 2), (2, 2, 2)), (24, (3, 2, 1), (2, 2, 1)),
-                        (28, (3, 2, 0), (2, 2, 1)), (32, (3, 1, 0), (2, 2, 1))],
-                chunks=((2, 2, 2), (2, 2, 2))),
+    "3.9": dict(single=[(21, (2, 3, 2), (2, 3, 3), (168, 255, 255), (168, 255, 255)),
+                        (24, (3, 2, 0), (3, 3, 1)), (28, (3, 2, 0), (3, 1, 1)),
+                        (32, (3, 1, 0), (3, 1, 1))],
+                chunks=((2, 2, 2), (2, 2, 2), (168, 216, 255), (255, 255, 255))),
+    "3.6": dict(single=[(21, (2, 3, 2), (2, 2, 2), (168, 255, 255), (168, 255, 255)),
+                        (24, (3, 2, 1), (2, 2, 1)), (28, (3, 2, 0), (2, 2, 1)),
+                        (32, (3, 1, 0), (2, 2, 1))],
+                chunks=((2, 2, 2), (2, 2, 2), (168, 168, 255), (255, 255, 255))),
 }
 MAX_UNROLLED_K = 7
 
 
-def plan_rows(classes, kernel_size, new_ptxas=None):
-    """(forward rows, backward rows) at stride 1 on sm_90 from ROW_PLANS."""
+def _plan(classes, kernel_size, new_ptxas):
+    """(forward rows, backward rows, forward cap, backward cap) at stride 1 on sm_90."""
     plans = ROW_PLANS["3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas) else "3.6"]
     if kernel_size > MAX_UNROLLED_K:
-        return 0, 1
+        return 0, 1, MAX_REGISTERS, MAX_REGISTERS
     k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
     if classes > CLASS_TILE:
-        forward, backward = plans["chunks"]
+        entry = plans["chunks"]
     else:
-        forward, backward = next((f, b) for largest, f, b in plans["single"]
-                                 if classes <= largest)
-    return forward[k], backward[k]
+        entry = next(e[1:] for e in plans["single"] if classes <= e[0])
+    caps = entry[2:] or ((MAX_REGISTERS,) * 3,) * 2
+    return entry[0][k], entry[1][k], caps[0][k], caps[1][k]
+
+
+def plan_rows(classes, kernel_size, new_ptxas=None):
+    """(forward rows, backward rows) at stride 1 on sm_90 from ROW_PLANS."""
+    return _plan(classes, kernel_size, new_ptxas)[:2]
+
+
+def plan_registers(classes, kernel_size, new_ptxas=None):
+    """(forward cap, backward cap) of the plan's rows at stride 1 on sm_90 (ROW_PLANS)."""
+    return _plan(classes, kernel_size, new_ptxas)[2:]
 
 
 def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
@@ -171,11 +201,16 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         return LaunchConfig(classes, class_tile * (INTERPRETER_CHUNK_SCALE if chunked else 1),
                             rows if unrolled else 1, rows, unrolled=unrolled)
     forward, backward = plan_rows(classes, kernel_size)
+    # The caps were measured for the plan's rows on sm_90; elsewhere the registers vary (twice
+    # as wide for float64), and 255 is what the report checks them under.
+    caps = plan_registers(classes, kernel_size)
     if stride > 1 or acc_dtype == torch.float64:  # windows barely overlap; wide registers
-        forward, backward = min(forward, 1), 1
+        forward, backward, caps = min(forward, 1), 1, (MAX_REGISTERS, MAX_REGISTERS)
     if arch < 90:
         forward, backward = forward // 2 if forward > 1 else forward, max(1, backward // 2)
-    return LaunchConfig(classes, class_tile, max(forward, 1), backward, unrolled=forward > 0)
+        caps = (MAX_REGISTERS, MAX_REGISTERS)
+    return LaunchConfig(classes, class_tile, max(forward, 1), backward, unrolled=forward > 0,
+                        forward_registers=caps[0], backward_registers=caps[1])
 
 
 def split_scalar(value):

@@ -696,7 +696,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         _zscore_stats_kernel[(programs,)](
             x, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
             *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
-            TILE_W=cfg.tile_w, WIDE=wide, **cfg.launch)
+            TILE_W=cfg.tile_w, WIDE=wide, **cfg.forward_launch)
     tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     radius = kernel_size // 2
     _forward_kernel[(programs,)](
@@ -708,7 +708,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         ROWS=cfg.forward_rows,
         TILE_W=cfg.tile_w, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
         HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, UNROLL=cfg.unrolled,
-        WIDE=wide, **cfg.launch)
+        WIDE=wide, **cfg.forward_launch)
     return L, partials, P
 
 
@@ -728,3 +728,9 @@ def combine(partials, power, loss_dtype):
                           *split_scalar(power), BLOCK=COMBINE_BLOCK, num_warps=8, num_stages=1,
                           maxnreg=128)
     return loss, scalars, scales
+
+
+# Whether @triton.jit made these kernels interpreted (TRITON_INTERPRET when this module was
+# imported): a plain bool, which torch.compile reads as a constant, where looking at a compiled
+# kernel's type inside a traced function is an error ("TritonKernelVariable() has no type").
+INTERPRETED = type(_forward_kernel).__name__ == "InterpretedFunction"

@@ -13,6 +13,10 @@ the autograd wiring of the fused Minkowski mean.
   all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
   forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
   materialised for non-differentiable outputs, and neither pass syncs with the host.
+
+In eager mode the mean calls the operators' implementations directly (``_eager``): an
+operator's Python dispatch costs tens of microseconds of host time per call, which a training
+step waits for when the GPU runs ahead of it. ``torch.compile`` still sees the operators.
 """
 
 from typing import Optional
@@ -30,6 +34,29 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else _NoDevice()
 
 
+def _operator(name, impl):
+    """The custom operator ``name`` implemented by ``impl``; ``_eager(op)`` finds impl again."""
+    op = torch.library.custom_op(name, mutates_args=())(impl)
+    _IMPLS[op] = impl
+    return op
+
+
+_IMPLS = {}
+
+
+def _eager(op):
+    """``op`` under torch.compile (one traced node) or where autograd must see it (a gradient
+    of the gradient: the operator raises, as it has no formula); else its implementation."""
+    impl = _IMPLS[op]
+
+    def call(*args):
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return op(*args)
+        return impl(*args)
+
+    return call
+
+
 class _NoDevice:
     def __enter__(self):
         return None
@@ -38,17 +65,19 @@ class _NoDevice:
         return False
 
 
-@torch.library.custom_op("lad_triton::fused_costs", mutates_args=())
-def fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
-                power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
-                normalizer: str, zscore: bool, need_grad: bool,
-                mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
+                 power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
+                 normalizer: str, zscore: bool, need_grad: bool,
+                 mean: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(L, partials, P); see kernels/forward.py."""
     with _on_device(logits):
         return kernels_forward.forward(
             logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
             ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
             zscore=zscore, need_grad=need_grad, mean=mean)
+
+
+fused_costs = _operator("lad_triton::fused_costs", _fused_costs)
 
 
 @fused_costs.register_fake
@@ -58,15 +87,17 @@ def _(logits, target, weight, kernel_size, power, stride, ignore_index, eps, wei
                                     need_grad=need_grad, mean=mean, weighted=weight is not None)
 
 
-@torch.library.custom_op("lad_triton::fused_costs_backward", mutates_args=())
-def fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
-                         kernel_size: int, stride: int, eps: float, weight_base: float,
-                         zscore: bool) -> Tensor:
+def _fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
+                          kernel_size: int, stride: int, eps: float, weight_base: float,
+                          zscore: bool) -> Tensor:
     """d output / d logits from the map dL = d output / d L; see kernels/backward.py."""
     with _on_device(logits):
         return kernels_backward.backward(dL, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
                                          zscore=zscore)
+
+
+fused_costs_backward = _operator("lad_triton::fused_costs_backward", _fused_costs_backward)
 
 
 @fused_costs_backward.register_fake
@@ -100,13 +131,15 @@ def _backward(ctx, dL, *_):
 fused_costs.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("lad_triton::fused_combine", mutates_args=())
-def fused_combine(partials: Tensor, power: float,
-                  loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_combine(partials: Tensor, power: float,
+                   loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, scalars, scales): the Minkowski mean, float64 (loss, max L, a) and the per-tile
     scales of d loss / d L; see kernels/forward.py."""
     with _on_device(partials):
         return kernels_forward.combine(partials, power, loss_dtype)
+
+
+fused_combine = _operator("lad_triton::fused_combine", _fused_combine)
 
 
 @fused_combine.register_fake
@@ -115,15 +148,17 @@ def _(partials, power, loss_dtype):
             partials.new_empty(3, dtype=torch.float64), partials.new_empty(partials.shape[0]))
 
 
-@torch.library.custom_op("lad_triton::fused_mean_backward", mutates_args=())
-def fused_mean_backward(grad: Tensor, scales: Tensor, logits: Tensor, target: Tensor,
-                        P: Tensor, kernel_size: int, stride: int, eps: float,
-                        weight_base: float, zscore: bool, weighted: bool) -> Tensor:
+def _fused_mean_backward(grad: Tensor, scales: Tensor, logits: Tensor, target: Tensor,
+                         P: Tensor, kernel_size: int, stride: int, eps: float,
+                         weight_base: float, zscore: bool, weighted: bool) -> Tensor:
     """d output / d logits of the fused Minkowski mean; see kernels/backward.py."""
     with _on_device(logits):
         return kernels_backward.backward(scales, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
                                          zscore=zscore, weighted=weighted, grad=grad)
+
+
+fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_backward)
 
 
 @fused_mean_backward.register_fake
@@ -135,7 +170,7 @@ def _(grad, scales, logits, target, P, kernel_size, stride, eps, weight_base, zs
 def _reduce(partials, power, group, dtype):
     """(loss, scales) from the partials: one program locally, PyTorch across processes."""
     if group is None:
-        loss, _, scales = fused_combine(partials, power, dtype)
+        loss, _, scales = _eager(fused_combine)(partials, power, dtype)
         return loss, scales
     loss, scalars = synced_scalars(partials, power, group, dtype)
     # A tile's scale a * (t / max L)^(k-1), as the combine kernel computes it.
@@ -150,9 +185,9 @@ class FusedMinkowskiMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, power, group, kernel_size, stride, ignore_index,
                 eps, weight_base, normalizer, zscore):
-        _, partials, P = fused_costs(logits, target, weight, kernel_size, power, stride,
-                                     ignore_index, eps, weight_base, normalizer, zscore, True,
-                                     True)
+        _, partials, P = _eager(fused_costs)(logits, target, weight, kernel_size, power, stride,
+                                             ignore_index, eps, weight_base, normalizer, zscore,
+                                             True, True)
         loss, scales = _reduce(partials, power, group, logits.dtype)
         ctx.save_for_backward(scales, logits, target, P)
         ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None)
@@ -161,7 +196,7 @@ class FusedMinkowskiMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         scales, logits, target, P = ctx.saved_tensors
-        dx = fused_mean_backward(grad, scales, logits, target, P, *ctx.options)
+        dx = _eager(fused_mean_backward)(grad, scales, logits, target, P, *ctx.options)
         return (dx,) + (None,) * 11
 
 
@@ -171,6 +206,6 @@ def fused_mean(logits, target, weight, options, power, group, need_grad):
     weight_base, normalizer, zscore)."""
     if need_grad:
         return FusedMinkowskiMean.apply(logits, target, weight, power, group, *options)
-    _, partials, _ = fused_costs(logits, target, weight, options[0], power, *options[1:], False,
-                                 True)
+    _, partials, _ = _eager(fused_costs)(logits, target, weight, options[0], power,
+                                         *options[1:], False, True)
     return _reduce(partials, power, group, logits.dtype)[0]

@@ -175,3 +175,35 @@ def test_opcheck_check_labels(weighted, pixel_weighted):
     target = make_labels(2, (4, 5), 5, dtype=torch.uint8)
     opcheck(check_labels, (target, torch.rand(5) if weighted else None, 5, 255,
                            torch.rand(2, 4, 5) if pixel_weighted else None))
+
+
+CPU_LOSS_ON_A_GPU_MACHINE = """
+import sys, torch, torch.utils._triton
+# What differs on a machine with a GPU: there Dynamo wraps Triton's compiled kernels as
+# TritonKernelVariables (has_triton() is True), and the dispatcher's check whether the kernels
+# are interpreted once looked at a kernel's type inside the traced code, which torch 2.11's
+# Dynamo rejects ("TritonKernelVariable() has no type"; 2.13's accepts it).
+torch.utils._triton.has_triton = lambda: True
+import lad_triton
+x = torch.randn(2, 4, 8, 9, requires_grad=True)
+y = torch.randint(0, 4, (2, 8, 9))
+loss = lambda a, b: lad_triton.locally_adaptive_loss(a, b, kernel_size=3)  # auto: CPU -> torch
+compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+assert torch.allclose(compiled(x, y), loss(x, y), rtol=1e-5)
+print("ok")
+"""
+
+
+def test_cpu_logits_compile_where_the_kernels_are_compiled_for_a_gpu():
+    # A user evaluating on the CPU of a GPU machine: Triton present, not interpreted.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-c", CPU_LOSS_ON_A_GPU_MACHINE], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
