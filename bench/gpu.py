@@ -42,7 +42,7 @@ DRY_TESTS = (["tests/test_module.py"], ["tests/test_validation.py"])
 # The fused kernels as the profiler names them (Triton launches a kernel under its function's
 # name), in launch order.
 FUSED_KERNELS = ("_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
-                 "_combine_kernel", "_backward_kernel")
+                 "_combine_blocks_kernel", "_combine_kernel", "_backward_kernel")
 
 
 def child_env(dry_run):
@@ -97,13 +97,24 @@ def _run_until(command, budget_s, env):
         code = proc.wait(timeout=max(1.0, budget_s))
     except subprocess.TimeoutExpired:
         code = "timeout"
-        os.killpg(proc.pid, signal.SIGINT)
+        _signal_group(proc, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    finally:  # interrupted here: leave no workers behind in their own session
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
     return code, time.monotonic() - start
+
+
+def _signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # ended meanwhile
+        pass
 
 
 def _pytest(files, junit, budget_s, dry_run):
@@ -183,12 +194,13 @@ def measured_kernels(shape, kernel_size, dtype, device, repeats):
     logits.requires_grad_(True)
     target = torch.randint(0, classes, (batch, height, width), generator=gen).to(device)
 
+    # The gradient returned, not accumulated into logits.grad: as python -m bench times a pass.
     def lad():
-        lad_triton.locally_adaptive_loss(logits, target, kernel_size=kernel_size,
-                                         backend="triton", check_target=False).backward()
+        torch.autograd.grad(lad_triton.locally_adaptive_loss(
+            logits, target, kernel_size=kernel_size, backend="triton", check_target=False), logits)
 
     def cross_entropy():
-        F.cross_entropy(logits, target, ignore_index=255).backward()
+        torch.autograd.grad(F.cross_entropy(logits, target, ignore_index=255), logits)
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     result = {}
@@ -439,6 +451,9 @@ def main(argv=None):
         elif stage == "tests:rest":
             stage_tests(out, args.dry_run, left - 10, parts=("rest",))
         elif stage == "bench":
+            if left < 90:
+                print("== bench.gpu bench: skipped, too little time left", flush=True)
+                continue
             stage_bench(out, args.dry_run, left - 30, args.bench_quick)
         else:
             stage_kernels(out, args.dry_run, args.model)

@@ -84,7 +84,7 @@ class LaunchConfig:
 
     @property
     def forward_launch(self):
-        """Launch options of the statistics, the forward and the combine."""
+        """Launch options of the statistics and the forward."""
         return self._launch(self.forward_registers)
 
     @property
@@ -127,13 +127,15 @@ def target_of(tensor):
 # hides the loads' latency. Measured on an H200 with Triton 3.6 (python -m bench.sweep,
 # bench/results/nvidia-h200-2026-11-26-sweep.*; the kernels stage after the change,
 # nvidia-h200-2026-11-26-after-*), fewer rows under a lower cap beat the most rows that fit in 255
-# registers at K = 3 (C = 21: forward 237 -> 200 us with 2 rows at 168 registers, backward 251 ->
+# registers at K = 3 (C = 21: forward 238 -> 200 us with 2 rows at 168 registers, backward 251 ->
 # 225 us) and in the class chunks' forward (C = 150, K = 5: 5.84 -> 4.80 ms bfloat16, 6.18 -> 4.45
-# ms float32, at 168). At C = 21, K = 5 only 168 registers helped (367 -> 313 us), and they spill in
-# some kernel options (8 to 48 B at 168 to 200 registers; 216 measured no better than 255): K = 5
-# keeps 3 rows in 255. Each cap compiles without spills under that Triton's ptxas for every kernel
-# option (python -m bench.kernel_report compiles them; Triton 3.9's chunks spill at 168 to 200, so
-# 216 there, unmeasured). Where nothing was measured (22 <= C <= 32, K = 7) the plans keep the most
+# ms float32, at 168). At C = 21, K = 5 only 168 registers helped the forward (367 -> 313 us), and
+# they spill in some kernel options (8 to 48 B at 168 to 200 registers; 216 measured no better than
+# 255): K = 5 keeps 3 rows in 255. The chunks' backward keeps 255: 128 registers ran 7% faster but
+# spill 192 B, 168 within 1%. Triton 3.9 takes the same rows and caps, unmeasured, except where its
+# ptxas spills (the chunks' forward at K = 5 from 168 to 200 registers: 216). Every cap compiles
+# without spills for every kernel option (python -m bench.kernel_report compiles them, --all-classes
+# every C from 2 to 32). Where nothing was measured (22 <= C <= 32, K = 7) the plans keep the most
 # rows that compile without spills in 255 registers; ptxas is not monotonic in them (Triton 3.6's
 # holds 3 float32 backward rows at C = 28, K = 5, but 2 at C = 21). 0 forward rows: the generic
 # window path (one row, run-time loops), which also takes every K > 7. Entries: (largest C, forward
@@ -201,13 +203,14 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         return LaunchConfig(classes, class_tile * (INTERPRETER_CHUNK_SCALE if chunked else 1),
                             rows if unrolled else 1, rows, unrolled=unrolled)
     forward, backward = plan_rows(classes, kernel_size)
-    # The caps were measured for the plan's rows on sm_90; elsewhere the registers vary (twice
-    # as wide for float64), and 255 is what the report checks them under.
+    # The caps were measured for the plan's rows on sm_90; elsewhere (other rows, float64's
+    # registers twice as wide, other GPUs) 255, which the report checks them under.
     caps = plan_registers(classes, kernel_size)
     if stride > 1 or acc_dtype == torch.float64:  # windows barely overlap; wide registers
         forward, backward, caps = min(forward, 1), 1, (MAX_REGISTERS, MAX_REGISTERS)
     if arch < 90:
         forward, backward = forward // 2 if forward > 1 else forward, max(1, backward // 2)
+    if arch != 90:
         caps = (MAX_REGISTERS, MAX_REGISTERS)
     return LaunchConfig(classes, class_tile, max(forward, 1), backward, unrolled=forward > 0,
                         forward_registers=caps[0], backward_registers=caps[1])

@@ -44,13 +44,21 @@ def _operator(name, impl):
 _IMPLS = {}
 
 
+def _plain(args):
+    """Plain tensors and no Python dispatch mode: nothing (a fake tensor mode, make_fx, a
+    FlopCounterMode, a tensor subclass) that must see the operator rather than its launches."""
+    return torch._C._len_torch_dispatch_stack() == 0 and all(
+        type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))
+
+
 def _eager(op):
-    """``op`` under torch.compile (one traced node) or where autograd must see it (a gradient
-    of the gradient: the operator raises, as it has no formula); else its implementation."""
+    """``op`` under torch.compile (one traced node), under anything else that traces or
+    dispatches (``_plain``), or where autograd must see it (a gradient of the gradient: the
+    operator raises, as it has no formula); else its implementation."""
     impl = _IMPLS[op]
 
     def call(*args):
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not _plain(args):
             return op(*args)
         return impl(*args)
 

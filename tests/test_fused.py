@@ -144,6 +144,9 @@ def test_row_plans():
     assert plan(32, kernel_size=7).forward_rows == 1 and not plan(32, kernel_size=7).unrolled
     # The lower register caps were measured for the plans' rows on sm_90 only.
     assert plan(21, kernel_size=3).forward_registers < 255
+    chunked = plan(150, kernel_size=5)
+    assert chunked.forward_registers < chunked.backward_registers == 255
+    assert plan(21, kernel_size=3, arch=100).forward_registers == 255
     for c in (21, 150):
         assert (plan(c, stride=2).forward_rows, plan(c, stride=2).backward_rows) == (1, 1)
         assert plan(c, acc_dtype=torch.float64).forward_rows == 1
@@ -340,8 +343,8 @@ def test_one_binary_per_stride_divisibility_never_per_shape():
         "      len({str(sorted(k.items())) for k in odd}))", TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-3000:]
     kernels, aligned_variants, odd_variants = map(int, result.stdout.split())
-    # label check, statistics, forward, combine, backward
-    assert kernels == 5 and aligned_variants == 1 and odd_variants == 1
+    # label check, statistics, forward, the combine's two levels, backward
+    assert kernels == 6 and aligned_variants == 1 and odd_variants == 1
 
 
 def test_kernel_report_compiles_everything_without_spills(tmp_path):
@@ -361,7 +364,7 @@ def test_kernel_report_compiles_everything_without_spills(tmp_path):
     assert all("error" not in r and r["spills"] == 0 for r in rows)
     seen = {(r["kernel"], r["arch"], r["config"]) for r in rows}
     kernels = {"_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
-               "_combine_kernel", "_backward_kernel"}
+               "_combine_blocks_kernel", "_combine_kernel", "_backward_kernel"}
     for kernel in kernels:
         for arch in ("sm_80", "sm_90"):
             for classes in (21, 150):
@@ -428,3 +431,53 @@ def test_eager_mean_calls_the_operators_implementations():
     grad, = torch.autograd.grad(loss(), logits, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         grad.sum().backward()
+
+
+@pytest.mark.parametrize("tiles, block", [(1, 1024), (1000, 1024), (5000, 1024), (600, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combine_by_blocks_against_float64(tiles, block, dtype):
+    # The Minkowski mean from the forward's per-tile partials (max L, sum w (L / max L)^k,
+    # sum w) in two levels, by blocks of tiles, against the formula in float64 on the same
+    # partials, including tiles whose max is 0 (no valid centre); bitwise repeatable. Blocks of
+    # 16 take the second level through 3 rounds, as 3 M tiles would with the GPUs' 1024.
+    from lad_triton.kernels import forward as kf
+
+    gen = torch.Generator().manual_seed(tiles)
+    power = 2.5
+    top = 4 * torch.rand(tiles, generator=gen, dtype=torch.float64)
+    top *= 10.0 ** -(torch.arange(tiles) // block % 4)  # blocks of maxima 1000x apart
+    top[3::7] = 0
+    weights = torch.rand(tiles, generator=gen, dtype=torch.float64) * 30 * (top > 0)
+    scaled = weights * torch.rand(tiles, generator=gen, dtype=torch.float64)
+    partials = torch.stack([top, scaled, weights], 1).to(dtype).to(DEVICE)
+    loss, scalars, scales = kf.combine(partials, power, dtype, block)
+    p = partials.cpu().double()
+    big = p[:, 0].max()
+    total = (p[:, 1] * (p[:, 0] / big) ** power).sum()
+    mean_ratio = total / p[:, 2].sum()
+    a = mean_ratio ** (1 / power - 1) / p[:, 2].sum()
+    tol = dict(rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    torch.testing.assert_close(scalars.cpu()[0], big * mean_ratio ** (1 / power), **tol)
+    torch.testing.assert_close(scalars.cpu()[1:], torch.stack([big, a]), **tol)
+    torch.testing.assert_close(loss.cpu().double(), scalars.cpu()[0], **tol)
+    torch.testing.assert_close(scales.cpu().double(), a * (p[:, 0] / big) ** (power - 1),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    again = kf.combine(partials, power, dtype, block)
+    assert all(torch.equal(x, y) for x, y in zip((loss, scalars, scales), again))
+    partials[min(tiles - 1, 2100), 0] = float("nan")  # a NaN cost anywhere: the loss is NaN
+    loss, scalars, _ = kf.combine(partials, power, dtype, block)
+    assert torch.isnan(loss) and torch.isnan(scalars).all()
+
+
+def test_fake_tensors_and_dispatch_modes_see_the_operators():
+    # Shape propagation (FakeTensorMode, as torch.compile and torch.export use it) runs the
+    # operators' fake implementations: the eager shortcut must not launch kernels on fake data.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(1, 5, 9, 11, device=DEVICE, requires_grad=True)
+        target = torch.zeros(1, 9, 11, dtype=torch.long, device=DEVICE)
+        loss = locally_adaptive_loss(logits, target, kernel_size=3, backend="triton",
+                                     check_target=False)
+        grad, = torch.autograd.grad(loss, logits)
+    assert loss.shape == () and grad.shape == logits.shape

@@ -51,7 +51,8 @@ def test_every_stage_writes_its_file_within_a_visits_limits(visit):
 def test_kernels_stage_puts_the_model_beside_a_measurement(visit):
     (row,) = json.loads((visit / "kernels.json").read_text())["rows"]
     assert [k["name"] for k in row["model"]] == ["_zscore_stats_kernel", "_forward_kernel",
-                                                 "_combine_kernel", "_backward_kernel"]
+                                                 "_combine_blocks_kernel", "_combine_kernel",
+                                                 "_backward_kernel"]
     assert all(k["us"] == max(k["issue_us"], k["l1_us"], k["dram_us"]) for k in row["model"])
     # On the CPU the profiler sees the loss's autograd Function, not the kernels (they run
     # interpreted; in eager mode it calls the custom operators' implementations directly).
