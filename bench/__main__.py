@@ -7,7 +7,8 @@ Writes ``<device>-<date>.{json,md,png}`` to ``bench/runs/`` (git-ignored) or ``-
 ``--save-reference`` writes them to ``bench/results/`` instead, the committed results that the
 README quotes.
 
-    python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--out DIR | --save-reference]
+    python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--impl NAME ...]
+                    [--out DIR | --save-reference]
 
 Columns: ``ms`` median time of one call (CUDA synchronised); ``Mpx/s`` pixels per second;
 ``MiB`` peak memory the call allocates beyond its inputs (CUDA: max_memory_allocated; CPU: the
@@ -85,6 +86,7 @@ def run_suite(args, json_path):
                f"--device={args.device}", "--benchmark-disable-gc", "--benchmark-quiet",
                "-W", "ignore::DeprecationWarning", "-W", "ignore::UserWarning"]
     command += ["--quick"] if args.quick else []
+    command += [f"--impl={impl}" for impl in args.impl or []]
     command += ["--run-slow"] if args.run_slow else []
     # The suite imports the lad_triton this process imported (installed, or this source tree).
     package_parent = str(Path(lad_triton.__file__).resolve().parents[1])
@@ -159,6 +161,8 @@ def skipped_reasons(device, args):
             if reason and not (device.type == "cpu" and w.slow and not args.run_slow):
                 reasons.add(f"{impl}: {reason}" if impl != "torch_unfold"
                             else f"{impl} on {w.id}: {reason}")
+    if args.impl:
+        reasons.add(f"only {', '.join(args.impl)} timed (--impl)")
     if device.type == "cpu" and not args.run_slow:
         reasons.add("full-size workloads (VOC, Cityscapes, ADE20K) are not timed on a CPU "
                     "unless --run-slow")
@@ -227,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="K=5, forward+backward, VOC-like (CUDA) or small (CPU), fewer rounds")
+    parser.add_argument("--impl", action="append", choices=wl.IMPLS,
+                        help="time only this implementation (repeatable; default: all)")
     parser.add_argument("--run-slow", action="store_true",
                         help="also the full-size workloads on a CPU")
     where = parser.add_mutually_exclusive_group()

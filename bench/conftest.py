@@ -1,4 +1,5 @@
-"""Options of the benchmark suite: ``pytest bench/ [--device cuda|cpu] [--quick] [--run-slow]``,
+"""Options of the benchmark suite: ``pytest bench/ [--device cuda|cpu] [--quick] [--run-slow]
+[--impl NAME ...]``,
 and its progress: one line per timed benchmark (what runs, then its median), not pytest's dots.
 
 No TRITON_INTERPRET here: interpreter timings mean nothing, so the fused kernels are timed only
@@ -16,6 +17,8 @@ def pytest_addoption(parser):
                     help="device to time on (default: cuda if present)")
     group.addoption("--quick", action="store_true",
                     help="VOC-like (CUDA) or small (CPU), K=5, forward+backward, fewer rounds")
+    group.addoption("--impl", action="append", default=None,
+                    help="time only this implementation (repeatable; default: all)")
     group.addoption("--run-slow", action="store_true",
                     help="also time the full-size workloads on a CPU (minutes each)")
 
@@ -34,12 +37,15 @@ def pytest_collection_modifyitems(config, items):
     device = torch.device(config.getoption("--device"))
     on_cpu = device.type == "cpu"
     quick = config.getoption("--quick")
+    impls = config.getoption("--impl")
     keep = []
     for item in items:
         case = getattr(item, "callspec", None)
         case = case.params.get("case") if case else None
         if case is not None:
             workload, impl, pass_ = case
+            if impls and impl not in impls:
+                continue
             if quick and (workload.kernel_size != 5 or pass_ != "forward+backward"
                           or workload.name not in (("small",) if on_cpu else ("voc",))):
                 continue

@@ -21,7 +21,7 @@ FILES = {"env.json", "tests.json", "tests.xml", "bench.json", "bench.md", "kerne
          "summary.md"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def visit(tmp_path_factory):
     out = tmp_path_factory.mktemp("visit")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -32,7 +32,7 @@ def visit(tmp_path_factory):
     return out
 
 
-def test_every_stage_writes_its_file_within_a_visits_limits(visit):
+def every_stage_writes_its_file_within_a_visits_limits(visit):
     files = {p.name for p in visit.iterdir()}
     assert files == FILES  # at most 8 plain files, one folder: what a visit can bring back
     assert all((visit / f).stat().st_size < 16 * 2**20 for f in files)
@@ -48,7 +48,7 @@ def test_every_stage_writes_its_file_within_a_visits_limits(visit):
     assert {r["impl"] for r in bench["rows"]} >= {"cross_entropy", "torch"}
 
 
-def test_kernels_stage_puts_the_model_beside_a_measurement(visit):
+def kernels_stage_puts_the_model_beside_a_measurement(visit):
     (row,) = json.loads((visit / "kernels.json").read_text())["rows"]
     assert [k["name"] for k in row["model"]] == ["_zscore_stats_kernel", "_forward_kernel",
                                                  "_combine_blocks_kernel", "_combine_kernel",
@@ -65,7 +65,7 @@ def test_kernels_stage_puts_the_model_beside_a_measurement(visit):
     assert "measured beside the model" in summary and "| _forward_kernel |" in summary
 
 
-def test_ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
+def ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
     sys.path.insert(0, str(ROOT))
     from bench import gpu
 
@@ -81,3 +81,10 @@ def test_ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
     text = readme.read_text()
     assert "pending" not in text and text.endswith("<!-- gpu:end -->\n\nrest\n")
     assert "python -m bench.gpu all" in text and "| _forward_kernel |" in text
+
+
+def test_a_visit_dry_run(visit, tmp_path):
+    # One test over the one dry run: pytest-xdist would run a module fixture once per worker.
+    every_stage_writes_its_file_within_a_visits_limits(visit)
+    kernels_stage_puts_the_model_beside_a_measurement(visit)
+    ingest_files_the_results_and_fills_the_readme(visit, tmp_path)
