@@ -8,8 +8,8 @@ the autograd wiring of the fused Minkowski mean.
   ``lad_triton::fused_costs_backward``, takes the map d loss / d L: it serves reduction="none"
   and any reduction computed in PyTorch.
 - ``FusedMinkowskiMean`` is reduction="mean": the costs with ``mean=True`` (P scaled by each
-  centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (one program
-  adds the partials into the loss and one scale per forward tile; the synchronised mean
+  centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (two small
+  launches add the partials into the loss and one scale per forward tile; the synchronised mean
   all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
   forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
   materialised for non-differentiable outputs, and neither pass syncs with the host.
@@ -176,7 +176,7 @@ def _(grad, scales, logits, target, P, kernel_size, stride, eps, weight_base, zs
 
 
 def _reduce(partials, power, group, dtype):
-    """(loss, scales) from the partials: one program locally, PyTorch across processes."""
+    """(loss, scales) from the partials: the combine kernels locally, PyTorch across processes."""
     if group is None:
         loss, _, scales = _eager(fused_combine)(partials, power, dtype)
         return loss, scales
