@@ -36,7 +36,7 @@ STAGES = ("env", "tests", "bench", "kernels")
 # The tests that say whether the kernels are right on this GPU run first; the rest after, in
 # what is left of the stage's budget.
 FIRST_TESTS = ["tests/test_fused.py", "tests/test_precision.py", "tests/test_reference.py",
-               "tests/test_compile.py", "tests/test_amp.py"]
+               "tests/test_compile.py", "tests/test_amp.py", "tests/test_validation.py"]
 # --dry-run: one file each way, enough to run the path.
 DRY_TESTS = (["tests/test_module.py"], ["tests/test_validation.py"])
 # The fused kernels as the profiler names them (Triton launches a kernel under its function's
@@ -197,29 +197,42 @@ def measured_kernels(shape, kernel_size, dtype, device, repeats):
     target = torch.randint(0, classes, (batch, height, width), generator=gen).to(device)
 
     # The gradient returned, not accumulated into logits.grad: as python -m bench times a pass.
-    def lad():
+    def lad(check_target=False):
         torch.autograd.grad(lad_triton.locally_adaptive_loss(
-            logits, target, kernel_size=kernel_size, backend="triton", check_target=False), logits)
+            logits, target, kernel_size=kernel_size, backend="triton",
+            check_target=check_target), logits)
+
+    def lad_checked():  # the default: the label check's one sync inside the call
+        lad(check_target=True)
 
     def cross_entropy():
         torch.autograd.grad(F.cross_entropy(logits, target, ignore_index=255), logits)
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     result = {}
-    for name, run in (("lad", lad), ("cross_entropy", cross_entropy)):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    for name, run in (("lad", lad), ("lad_checked", lad_checked),
+                      ("cross_entropy", cross_entropy)):
         run()  # compile, warm the caches
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         # One call from the host's start to the device's end, as python -m bench times it:
         # the kernels plus the host time the device waits for.
         wall = []
         for _ in range(repeats):
             start = time.perf_counter()
             run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             wall.append(time.perf_counter() - start)
         result[f"{name}_call_us"] = sorted(wall)[len(wall) // 2] * 1e6
+        # The host's time per call while the device runs behind (no sync between calls): what
+        # a training step pays on the CPU side.
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        result[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
+        sync(device)
+        if name == "lad_checked":
+            continue
         with profile(activities=[activity]) as prof:
             for _ in range(repeats):
                 run()
@@ -330,9 +343,15 @@ def calibration_lines(kernels):
         call = row.get("measured", {}).get("lad_call_us")
         if call is not None:
             kernels = sum(measured.get(m["name"], 0) for m in row["model"])
-            ce = row["measured"].get("cross_entropy_call_us")
+            got = row["measured"]
+            ce = got.get("cross_entropy_call_us")
             lines.append(f"| {label} | one call, host to device end (kernels {kernels:.0f} us; "
                          f"F.cross_entropy {ce:.0f} us) | - | {call:.1f} | - |")
+            if "lad_host_us" in got:  # visits before the host figures had none
+                lines.append(
+                    f"| {label} | host time per call, no sync (F.cross_entropy "
+                    f"{got['cross_entropy_host_us']:.0f} us); one call with check_target=True "
+                    f"{got['lad_checked_call_us']:.0f} us | - | {got['lad_host_us']:.1f} | - |")
     return lines
 
 
@@ -371,6 +390,10 @@ def ingest(folder, readme=ROOT / "README.md", results=ROOT / "bench" / "results"
     env = json.loads((folder / "env.json").read_text())
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     stem = f"{slug}-{env['date']}"
+    visit = 1
+    while (results / f"{stem}-env.json").exists():  # a second visit the same day keeps the first
+        visit += 1
+        stem = f"{slug}-{env['date']}-{visit}"
     results.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in ("env.json", "tests.json", "tests.xml", "bench.json", "bench.md",

@@ -59,10 +59,13 @@ def kernels_stage_puts_the_model_beside_a_measurement(visit):
     assert "error" not in row["measured"], row["measured"]
     measured = {k["kernel"] for k in row["measured"]["lad"]}
     assert row["measured"]["lad_call_us"] > 0 and row["measured"]["cross_entropy_call_us"] > 0
+    assert all(row["measured"][f"{name}_host_us"] > 0
+               for name in ("lad", "lad_checked", "cross_entropy"))
     assert "FusedMinkowskiMean" in measured
     assert any("log_softmax" in k["kernel"] for k in row["measured"]["cross_entropy"])
     summary = (visit / "summary.md").read_text()
     assert "measured beside the model" in summary and "| _forward_kernel |" in summary
+    assert "host time per call, no sync" in summary
 
 
 def ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
@@ -81,6 +84,11 @@ def ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
     text = readme.read_text()
     assert "pending" not in text and text.endswith("<!-- gpu:end -->\n\nrest\n")
     assert "python -m bench.gpu all" in text and "| _forward_kernel |" in text
+    # A second visit the same day is filed beside the first, never over it.
+    first = {p: p.read_bytes() for p in written if p != readme}
+    again = gpu.ingest(folder, readme=readme, results=tmp_path / "results")
+    assert all(p.read_bytes() == data for p, data in first.items())
+    assert all(f"{date}-2" in p.name for p in again if p != readme) and len(again) == len(written)
 
 
 def test_a_visit_dry_run(visit, tmp_path):
@@ -88,3 +96,27 @@ def test_a_visit_dry_run(visit, tmp_path):
     every_stage_writes_its_file_within_a_visits_limits(visit)
     kernels_stage_puts_the_model_beside_a_measurement(visit)
     ingest_files_the_results_and_fills_the_readme(visit, tmp_path)
+
+
+def test_sweep_dry_run_times_every_variant_of_the_same_loss(tmp_path):
+    # bench.sweep on the CPU: each variant (rows per lane, register cap) forced on the kernels,
+    # timed, and the gradient's checksum the same, since a launch plan must not change the math.
+    sys.path.insert(0, str(ROOT))
+    from bench import sweep
+
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "bench.sweep", "--dry-run", "--json", str(out), "--only"]
+    result = subprocess.run(command + ["tiny-3-float32"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] and tuple(r["variant"]) for r in rows] == sweep.DRY_WORKLOADS[0][4]
+    # (No times on the CPU: the interpreted kernels are no profiler events.)
+    assert all("error" not in r and "us" in r for r in rows), rows
+    # Other rows per lane add in another order: float32 rounding apart.
+    assert all(abs(r["check"] - rows[0]["check"]) <= 1e-5 * abs(rows[0]["check"]) for r in rows)
+    result = subprocess.run(command + ["no-such-workload"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "no such workload" in result.stderr
