@@ -328,8 +328,9 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     ``weighted``: the forward had class weights (its tiling depends on it)."""
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
-    x, y, dxv = as_volume(logits, 4), as_volume(target, 3), as_volume(dx, 4)
-    batch, classes, depth, height, width = x.shape
+    (batch, classes, depth, height, width), sx = as_volume(logits, 4)
+    y_shape, sy = as_volume(target, 3)
+    sdx = as_volume(dx, 4)[1]
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     mean = grad is not None
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -339,15 +340,15 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     forward_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     if not mean:
         s = s.to(acc).contiguous()
-    wide = needs_wide_index(span(x.shape[1:], x.stride()[1:]),
-                            span(dxv.shape[1:], dxv.stride()[1:]),
-                            span(y.shape[1:], y.stride()[1:]), math.prod(P.shape[1:]),
+    pixels = (classes, depth, height, width)
+    wide = needs_wide_index(span(pixels, sx[1:]), span(pixels, sdx[1:]),
+                            span(y_shape[1:], sy[1:]), math.prod(P.shape[1:]),
                             depth * height * width)
     radius = kernel_size // 2
     _backward_kernel[(programs,)](
-        x, y, P, s, grad if mean else s, dxv,
+        logits, target, P, s, grad if mean else s, dx,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
-        *x.stride(), *y.stride(), *dxv.stride(),
+        *sx, *sy, *sdx,
         radius, radius if volume else 0, cfg.chunks,
         *split_scalar(eps), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,

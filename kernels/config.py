@@ -2,6 +2,7 @@
 scalar passing, index widths and the loops each kernel runs. Pure Python, so that the package's
 PyTorch path and the benchmark's traffic model import it on machines without Triton."""
 
+import functools
 import re
 import struct
 from importlib.metadata import PackageNotFoundError, version
@@ -109,9 +110,15 @@ def arch_of(tensor):
     if TARGET_ARCH is not None:
         return TARGET_ARCH
     if tensor.is_cuda:
-        major, minor = torch.cuda.get_device_capability(tensor.device)
-        return 10 * major + minor
+        return _cuda_arch(tensor.get_device())
     return DEFAULT_ARCH
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index):
+    # Asked once per device: torch's query costs microseconds of host time on every call.
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def target_of(tensor):
@@ -216,6 +223,7 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
                         forward_registers=caps[0], backward_registers=caps[1])
 
 
+@functools.lru_cache(maxsize=256)
 def split_scalar(value):
     """A float as a (hi, lo) pair of float32 values with hi + lo == value to ~2^-48: Triton's
     interpreter passes Python floats to kernels as float32 whatever the annotation, and float64

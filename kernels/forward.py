@@ -664,8 +664,14 @@ def _combine_kernel(
 
 
 def as_volume(t, dims):
-    """A (B, [C,] H, W) image as a (B, [C,] 1, H, W) volume view; volumes unchanged."""
-    return t if t.dim() == dims + 1 else t.unsqueeze(-3)
+    """(shape, strides) of a (B, [C,] H, W) image as the (B, [C,] 1, H, W) volume the kernels
+    index (the strides ``unsqueeze(-3)`` would give), of a volume its own. Tuples, not a view:
+    a view per tensor and call costs host time."""
+    shape, strides = t.shape, t.stride()
+    if t.dim() == dims + 1:
+        return tuple(shape), strides
+    return (*shape[:-2], 1, *shape[-2:]), (*strides[:-2], shape[-2] * strides[-2],
+                                           *strides[-2:])
 
 
 def centre_shape(spatial, stride):
@@ -680,16 +686,17 @@ def grid_of(rows, tile_w, centres):
     return tiles_h, tiles_w, batch * depth * tiles_h * tiles_w
 
 
-def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted):
+def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted, cfg=None):
     """The forward's outputs (L, partials, P), allocated with ``new_empty`` so that the fake
     implementation (torch.compile's shape propagation) shares this one definition. L is empty
-    for the mean (``mean``), P when no gradient is needed."""
-    x = as_volume(logits, 4)
-    batch, classes, depth, height, width = x.shape
+    for the mean (``mean``), P when no gradient is needed. ``cfg``: the launch_config, when the
+    caller has it."""
+    batch, classes, depth, height, width = as_volume(logits, 4)[0]
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    # int(): under torch.compile's dynamic shapes C specialises, as the kernel's C does.
-    cfg = launch_config(int(classes), stride, kernel_size, acc, weighted, **target_of(logits))
+    if cfg is None:  # int(): under torch.compile's dynamic shapes C specialises, as the kernel's
+        cfg = launch_config(int(classes), stride, kernel_size, acc, weighted,
+                            **target_of(logits))
     n_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))[2]
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
@@ -708,16 +715,17 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     see ``_forward_kernel``). ``weight`` is None or C class weights in the accumulation dtype.
     No host sync; the z-score statistics are a temporary of the forward."""
     volume = logits.dim() == 5
-    x, y = as_volume(logits, 4), as_volume(target, 3)
-    batch, classes, depth, height, width = x.shape
-    L, partials, P = allocate(logits, kernel_size=kernel_size, stride=stride,
-                              need_grad=need_grad, mean=mean, weighted=weight is not None)
-    d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    acc = partials.dtype
+    (batch, classes, depth, height, width), sx = as_volume(logits, 4)
+    y_shape, sy = as_volume(target, 3)
+    acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         **target_of(logits))
-    sx, sy = x.stride(), y.stride()
-    wide = needs_wide_index(span(x.shape[1:], sx[1:]), span(y.shape[1:], sy[1:]),
+    L, partials, P = allocate(logits, kernel_size=kernel_size, stride=stride,
+                              need_grad=need_grad, mean=mean, weighted=weight is not None,
+                              cfg=cfg)
+    d_c, h_c, w_c = centre_shape((depth, height, width), stride)
+    wide = needs_wide_index(span((classes, depth, height, width), sx[1:]),
+                            span(y_shape[1:], sy[1:]),
                             classes * cdiv(d_c * h_c * w_c, cfg.tile_w) * cfg.tile_w,
                             depth * height * width)
     stats = (batch, depth, height, width) if zscore else (0,)
@@ -725,13 +733,13 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     if zscore:
         tiles_h, tiles_w, programs = grid_of(1, cfg.tile_w, (batch, depth, height, width))
         _zscore_stats_kernel[(programs,)](
-            x, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
+            logits, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
             *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
             TILE_W=cfg.tile_w, WIDE=wide, **cfg.forward_launch)
     tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     radius = kernel_size // 2
     _forward_kernel[(programs,)](
-        x, y, partials if weight is None else weight, mean_, rstd, P, L, partials,
+        logits, target, partials if weight is None else weight, mean_, rstd, P, L, partials,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
         radius, radius if volume else 0, cfg.chunks, ignore_index,
         *split_scalar(power), *split_scalar(weight_base),

@@ -1,7 +1,7 @@
 """The label check (``check_target=True``) in one pass over the labels: per block of labels, how
 many are neither in [0, C) nor ignore_index. PyTorch's version reads the labels once per
-comparison (four or five passes); this one reads them once and writes one int per block, which
-the caller sums in the one device-to-host sync the check costs."""
+comparison (four or five passes); this one reads them once and adds each block's count into
+one integer (no further launch before the one device-to-host sync the check costs)."""
 
 import torch
 import triton
@@ -13,7 +13,7 @@ BLOCK = 4096
 @triton.jit
 def _count_bad_labels_kernel(
     y_ptr,        # labels, contiguous, any integer dtype
-    out_ptr,      # out (programs,) int32: the block's count of bad labels
+    out_ptr,      # in/out 0-dim int64, zeroed: the count of bad labels
     n, classes, ignore_index,
     HAS_IGNORE: tl.constexpr,  # ignore_index fits the labels' dtype
     BLOCK: tl.constexpr,
@@ -25,7 +25,8 @@ def _count_bad_labels_kernel(
     bad = (y < 0) | (y >= classes)
     if HAS_IGNORE:
         bad = bad & (y != ignore_index)
-    tl.store(out_ptr + tl.program_id(0), tl.sum((bad & inside).to(tl.int32), axis=0))
+    # An integer sum: exact in any order, so one atomic per block keeps it deterministic.
+    tl.atomic_add(out_ptr, tl.sum((bad & inside).to(tl.int64), axis=0))
 
 
 def count_bad_labels(target, classes, ignore_index):
@@ -34,8 +35,8 @@ def count_bad_labels(target, classes, ignore_index):
     info = torch.iinfo(target.dtype)
     n = target.numel()
     programs = triton.cdiv(n, BLOCK)
-    counts = torch.empty(programs, dtype=torch.int32, device=target.device)
+    count = torch.zeros((), dtype=torch.int64, device=target.device)
     _count_bad_labels_kernel[(programs,)](
-        target, counts, n, classes, ignore_index,
+        target, count, n, classes, ignore_index,
         HAS_IGNORE=info.min <= ignore_index <= info.max, BLOCK=BLOCK, num_warps=8)
-    return counts.sum(dtype=torch.int64)
+    return count

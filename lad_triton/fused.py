@@ -30,8 +30,11 @@ from .reduction import synced_scalars
 
 
 def _on_device(tensor):
-    """Kernels launch on the current CUDA device: make it the tensor's (nothing on the CPU)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else _NoDevice()
+    """Kernels launch on the current CUDA device: make it the tensor's (nothing on the CPU, nor
+    where it already is: switching costs host time on every call)."""
+    if not tensor.is_cuda or tensor.get_device() == torch.cuda.current_device():
+        return _NO_DEVICE
+    return torch.cuda.device(tensor.device)
 
 
 def _operator(name, impl):
@@ -71,6 +74,9 @@ class _NoDevice:
 
     def __exit__(self, *exc):
         return False
+
+
+_NO_DEVICE = _NoDevice()
 
 
 def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,

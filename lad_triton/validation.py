@@ -45,10 +45,29 @@ def _ratio(value):
     return _is_real(value) and 0 < value <= 1
 
 
-def check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
-                  zscore, reduction, backend, check_target, sync=False, process_group=None,
-                  pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
-    """Raise ``ValueError`` for any hyper-parameter outside the contract's domain."""
+_VALID_OPTIONS = set()
+
+
+def check_options(**options):
+    """Raise ``ValueError`` for any hyper-parameter outside the contract's domain. Options seen
+    valid before pass at once (a training loop passes the same ones every step): a set lookup
+    by name, type and value, not a dozen checks of host time per call."""
+    try:
+        key = tuple((name, type(value), value) for name, value in options.items())
+        if key in _VALID_OPTIONS:
+            return
+    except TypeError:  # an unhashable value: checked (and rejected) below
+        key = None
+    _check_options(**options)
+    # Not with a process group: whether torch.distributed is initialised may change.
+    if (key is not None and not options.get("sync") and options.get("process_group") is None
+            and len(_VALID_OPTIONS) < 1024):
+        _VALID_OPTIONS.add(key)
+
+
+def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
+                   zscore, reduction, backend, check_target, sync=False, process_group=None,
+                   pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
     if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
     if not (_is_real(power) and math.isfinite(power) and power >= 1):
@@ -189,36 +208,49 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     non-finite class weight, or a negative or non-finite pixel weight. One device-to-host sync;
     on CUDA the labels are read once (one kernel, kernels/labels.py), elsewhere by a few
     PyTorch comparisons."""
+    raise_bad_values(start_value_check(target, weight, classes, ignore_index, pixel_weight),
+                     target, weight, classes, ignore_index, pixel_weight)
+
+
+def start_value_check(target, weight, classes, ignore_index, pixel_weight=None):
+    """:func:`check_values`' device work, queued without a sync: a 0-dim tensor that is nonzero
+    when some value is bad. The loss queues its kernels before :func:`raise_bad_values` reads
+    it, so that the sync finds the GPU busy with the loss rather than waiting for it."""
     if target.is_cuda and target.is_contiguous() and _triton_imports():
         from .kernels.labels import count_bad_labels
 
-        flags = [count_bad_labels(target, classes, ignore_index) > 0]
+        flag = count_bad_labels(target, classes, ignore_index)
     else:
-        flags = [_bad_labels(target, classes, ignore_index).any()]
+        flag = _bad_labels(target, classes, ignore_index).any()
     if weight is not None:
-        flags.append(((weight < 0) | ~torch.isfinite(weight)).any())
-    bad_pixel = None
+        flag = flag + ((weight < 0) | ~torch.isfinite(weight)).any()
     if pixel_weight is not None:
-        bad_pixel = (pixel_weight < 0) | ~torch.isfinite(pixel_weight)
-        flags.append(bad_pixel.any())
-    found = torch.stack(flags).tolist()  # the one sync
-    if found[0]:  # the error path may take another pass to say where
-        bad = _bad_labels(target, classes, ignore_index)
+        flag = flag + ((pixel_weight < 0) | ~torch.isfinite(pixel_weight)).any()
+    return flag
+
+
+def raise_bad_values(flag, target, weight, classes, ignore_index, pixel_weight=None):
+    """The one sync of the value check: raise for what :func:`start_value_check` found (the
+    error path takes more passes, to say where)."""
+    if not flag.item():
+        return
+    bad = _bad_labels(target, classes, ignore_index)
+    if bad.any():
         where = tuple(bad.nonzero()[0].tolist())
         value = target[where].item()
         raise ValueError(
             f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}, "
             f"got target[{', '.join(map(str, where))}]={value} "
             "(check_target=False skips this check)")
-    if weight is not None and found[1]:
+    if weight is not None and ((weight < 0) | ~torch.isfinite(weight)).any():
         raise ValueError("weight must hold finite, non-negative class weights, got "
                          f"weight={weight.tolist()} (check_target=False skips this check)")
-    if pixel_weight is not None and found[-1]:
-        where = tuple(bad_pixel.nonzero()[0].tolist())
-        value = pixel_weight[where].item()
-        raise ValueError("pixel_weight must hold finite, non-negative weights, got "
-                         f"pixel_weight[{', '.join(map(str, where))}]={value} "
-                         "(check_target=False skips this check)")
+    bad_pixel = (pixel_weight < 0) | ~torch.isfinite(pixel_weight)
+    where = tuple(bad_pixel.nonzero()[0].tolist())
+    value = pixel_weight[where].item()
+    raise ValueError("pixel_weight must hold finite, non-negative weights, got "
+                     f"pixel_weight[{', '.join(map(str, where))}]={value} "
+                     "(check_target=False skips this check)")
 
 
 def _triton_imports():

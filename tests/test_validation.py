@@ -119,3 +119,52 @@ def test_uint8_labels_with_an_unrepresentable_ignore_index():
     # ignore_index=-100 cannot occur in a uint8 mask: all labels are classes and must be in range.
     target = TARGET.to(torch.uint8)
     assert torch.isfinite(locally_adaptive_loss(LOGITS, target, ignore_index=-100))
+
+
+@pytest.mark.parametrize("bad", ["label", "weight", "pixel_weight", None])
+def test_fused_path_queues_the_loss_before_the_checks_one_sync(bad, monkeypatch):
+    # On the fused path the value check's device work is queued first, the kernels next, and the
+    # one sync (which raises) last: the same errors as the PyTorch path, raised by the call.
+    from lad_triton import functional
+    from lad_triton.kernels import forward as kf
+
+    order = []
+    for module, name in ((functional, "start_value_check"), (functional, "raise_bad_values"),
+                         (kf, "forward")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k:
+                            (order.append(_n), _f(*a, **k))[1])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU
+    logits = LOGITS.to(device)
+    target, weight, pixel_weight = (t.to(device) for t in (TARGET.clone(), torch.ones(5),
+                                                           torch.ones(2, 4, 6)))
+    if bad == "label":
+        target[0, 1, 2] = 7
+    elif bad == "weight":
+        weight[3] = -1.0
+    elif bad == "pixel_weight":
+        pixel_weight[1, 0, 5] = float("nan")
+    messages = {"label": r"got target\[0, 1, 2\]=7", "weight": r"weight must hold finite",
+                "pixel_weight": r"got pixel_weight\[1, 0, 5\]=nan"}
+    for kwargs in (dict(weight=weight), dict(pixel_weight=pixel_weight)):
+        if bad in ("weight", "pixel_weight") and bad not in kwargs:
+            continue
+        order.clear()
+        call = lambda: locally_adaptive_loss(logits, target, backend="triton", **kwargs)  # noqa
+        if bad is None:
+            assert torch.isfinite(call())
+        else:
+            with pytest.raises(ValueError, match=messages[bad]):
+                call()
+        assert order == ["start_value_check", "forward", "raise_bad_values"], order
+
+
+def test_options_seen_valid_are_not_trusted_for_other_values_or_types():
+    # check_options remembers valid options by name, type and value: 1 passing must not let True
+    # (a bool is not a window size) or 1.0 through, nor a bad value after a good one.
+    locally_adaptive_loss(LOGITS, TARGET, kernel_size=1, power=2.0)
+    for name, value in (("kernel_size", True), ("kernel_size", 1.0), ("power", 0.5)):
+        options = dict(kernel_size=1, power=2.0)
+        options[name] = value
+        with pytest.raises(ValueError, match=rf"got {name}={value}"):
+            locally_adaptive_loss(LOGITS, TARGET, **options)
