@@ -9,8 +9,7 @@ from .pooling import pooled_mean
 from .reduction import centre_weights, cost_map, minkowski_mean, valid_centres, weighted_sum
 from .kernels.config import accumulation_dtype
 from .unfused import UnfusedCosts
-from .validation import (check_labels, check_options, check_tensors, check_values,
-                         raise_bad_values, start_value_check, sync_group)
+from .validation import check_labels, check_options, check_tensors, check_values, sync_group
 
 
 def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
@@ -117,29 +116,14 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     classes = logits.shape[1]
     if classes == 2 and zscore:
         _warn_binary_zscore()
-    guard = pending = None
+    guard = None
     if check_target and target.numel() > 0:
         if torch.compiler.is_compiling():
             guard = check_labels(target, weight, classes, ignore_index, pixel_weight)
-        elif chosen == "triton":
-            # The fused kernels read any label safely, so they are queued before the check's
-            # one sync: the host's launch work then overlaps the GPU's instead of following it.
-            pending = start_value_check(target, weight, classes, ignore_index, pixel_weight)
         else:
             check_values(target, weight, classes, ignore_index, pixel_weight)
-    out = _loss(logits, target, weight, pixel_weight, chosen, options, power, reduction,
-                pooling, lmp_ratio, lmp_p, topk_ratio, sync, process_group)
-    if pending is not None:
-        raise_bad_values(pending, target, weight, classes, ignore_index, pixel_weight)
-    return out if guard is None else out + guard.to(out.dtype)
-
-
-def _loss(logits, target, weight, pixel_weight, chosen, options, power, reduction, pooling,
-          lmp_ratio, lmp_p, topk_ratio, sync, process_group):
-    """The loss of validated arguments on the ``chosen`` backend."""
     if logits.numel() == 0:  # empty batch: exactly 0 (a map of zeros), zero gradient
         return (logits.sum(dim=1) if reduction == "none" else logits.sum()) * 0
-    classes = logits.shape[1]
     acc = accumulation_dtype(logits.dtype)
     if weight is not None:
         weight = weight.detach().to(acc).contiguous()
@@ -150,18 +134,17 @@ def _loss(logits, target, weight, pixel_weight, chosen, options, power, reductio
     # that evaluation neither computes nor keeps what only the backward needs.
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     group = sync_group(sync, process_group) if reduction == "mean" else None
-    kernel_size, stride, ignore_index = (options[k] for k in ("kernel_size", "stride",
-                                                              "ignore_index"))
     if chosen == "triton":
         from .fused import fused_costs, fused_mean
 
-        fused_options = (kernel_size, stride, ignore_index, float(options["eps"]),
-                         float(options["weight_base"]), options["normalizer"], options["zscore"])
+        fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
+                         normalizer, zscore)
         # The kernels reduce the Minkowski mean themselves with class weights; pixel weights,
         # the sum and the other poolings reduce the costs L in PyTorch (as reduction="none").
         if reduction == "mean" and pooling == "minkowski" and pixel_weight is None:
-            return fused_mean(logits, target, weight, fused_options, float(power), group,
-                              need_grad)
+            out = fused_mean(logits, target, weight, fused_options, float(power), group,
+                             need_grad)
+            return out if guard is None else out + guard.to(out.dtype)
         L = fused_costs(logits, target, weight, kernel_size, float(power), *fused_options[1:],
                         need_grad, False)[0]
     else:
@@ -170,13 +153,15 @@ def _loss(logits, target, weight, pixel_weight, chosen, options, power, reductio
     valid = valid_centres(target, ignore_index, stride)
     w = centre_weights(target, valid, weight, classes, stride, pixel_weight)
     if reduction == "none":
-        return cost_map(L, w, stride, target.shape[1:]).to(logits.dtype)
-    if reduction == "sum":
-        return weighted_sum(L, w).to(logits.dtype)
-    if pooling == "minkowski":
-        return minkowski_mean(L, w, None, float(power), group).to(logits.dtype)
-    return pooled_mean(L, w, valid, pooling, lmp_ratio=float(lmp_ratio), lmp_p=float(lmp_p),
-                       topk_ratio=float(topk_ratio)).to(logits.dtype)
+        out = cost_map(L, w, stride, target.shape[1:]).to(logits.dtype)
+    elif reduction == "sum":
+        out = weighted_sum(L, w).to(logits.dtype)
+    elif pooling == "minkowski":
+        out = minkowski_mean(L, w, None, float(power), group).to(logits.dtype)
+    else:
+        out = pooled_mean(L, w, valid, pooling, lmp_ratio=float(lmp_ratio), lmp_p=float(lmp_p),
+                          topk_ratio=float(topk_ratio)).to(logits.dtype)
+    return out if guard is None else out + guard.to(out.dtype)
 
 
 _WARNED = set()

@@ -205,17 +205,14 @@ def _bad_labels(target, classes, ignore_index):
 
 def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, a negative or
-    non-finite class weight, or a negative or non-finite pixel weight. One device-to-host sync;
-    on CUDA the labels are read once (one kernel, kernels/labels.py), elsewhere by a few
-    PyTorch comparisons."""
-    raise_bad_values(start_value_check(target, weight, classes, ignore_index, pixel_weight),
-                     target, weight, classes, ignore_index, pixel_weight)
+    non-finite class weight, or a negative or non-finite pixel weight. One device-to-host sync,
+    of one number; on CUDA the labels are read once (one kernel, kernels/labels.py), elsewhere by
+    a few PyTorch comparisons.
 
-
-def start_value_check(target, weight, classes, ignore_index, pixel_weight=None):
-    """:func:`check_values`' device work, queued without a sync: a 0-dim tensor that is nonzero
-    when some value is bad. The loss queues its kernels before :func:`raise_bad_values` reads
-    it, so that the sync finds the GPU busy with the loss rather than waiting for it."""
+    The sync comes before the loss launches anything: the GPU then runs the loss's forward while
+    the host goes on to the backward's launches. Queued after the forward instead (measured on an
+    H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
+    took ~0.3 ms longer."""
     if target.is_cuda and target.is_contiguous() and _triton_imports():
         from .kernels.labels import count_bad_labels
 
@@ -226,14 +223,9 @@ def start_value_check(target, weight, classes, ignore_index, pixel_weight=None):
         flag = flag + ((weight < 0) | ~torch.isfinite(weight)).any()
     if pixel_weight is not None:
         flag = flag + ((pixel_weight < 0) | ~torch.isfinite(pixel_weight)).any()
-    return flag
-
-
-def raise_bad_values(flag, target, weight, classes, ignore_index, pixel_weight=None):
-    """The one sync of the value check: raise for what :func:`start_value_check` found (the
-    error path takes more passes, to say where)."""
-    if not flag.item():
+    if not flag.item():  # the one sync
         return
+    # The error path takes more passes, to say where.
     bad = _bad_labels(target, classes, ignore_index)
     if bad.any():
         where = tuple(bad.nonzero()[0].tolist())

@@ -120,3 +120,15 @@ def test_sweep_dry_run_times_every_variant_of_the_same_loss(tmp_path):
     result = subprocess.run(command + ["no-such-workload"], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no such workload" in result.stderr
+
+
+def test_host_profile_dry_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run([sys.executable, "-m", "bench.host_profile", "--dry-run", "--out",
+                             str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = (tmp_path / "host_profile.txt").read_text()
+    for name in ("lad", "lad_checked", "lad_forward", "cross_entropy"):
+        assert f" {name} " in text
+    assert "by tottime" in text and "locally_adaptive_loss" in text

@@ -122,15 +122,15 @@ def test_uint8_labels_with_an_unrepresentable_ignore_index():
 
 
 @pytest.mark.parametrize("bad", ["label", "weight", "pixel_weight", None])
-def test_fused_path_queues_the_loss_before_the_checks_one_sync(bad, monkeypatch):
-    # On the fused path the value check's device work is queued first, the kernels next, and the
-    # one sync (which raises) last: the same errors as the PyTorch path, raised by the call.
+def test_fused_path_checks_values_before_launching_the_loss(bad, monkeypatch):
+    # On the fused path the value check's one sync comes first, so the loss's forward runs on the
+    # GPU while the host launches the backward (validation.check_values says what the other order
+    # measured); the errors are the PyTorch path's.
     from lad_triton import functional
     from lad_triton.kernels import forward as kf
 
     order = []
-    for module, name in ((functional, "start_value_check"), (functional, "raise_bad_values"),
-                         (kf, "forward")):
+    for module, name in ((functional, "check_values"), (kf, "forward")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k:
                             (order.append(_n), _f(*a, **k))[1])
@@ -153,10 +153,11 @@ def test_fused_path_queues_the_loss_before_the_checks_one_sync(bad, monkeypatch)
         call = lambda: locally_adaptive_loss(logits, target, backend="triton", **kwargs)  # noqa
         if bad is None:
             assert torch.isfinite(call())
+            assert order == ["check_values", "forward"], order
         else:
             with pytest.raises(ValueError, match=messages[bad]):
                 call()
-        assert order == ["start_value_check", "forward", "raise_bad_values"], order
+            assert order == ["check_values"], order
 
 
 def test_options_seen_valid_are_not_trusted_for_other_values_or_types():
