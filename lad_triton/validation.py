@@ -214,9 +214,11 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
     took ~0.3 ms longer."""
     if target.is_cuda and target.is_contiguous() and _triton_imports():
+        from .fused import _on_device
         from .kernels.labels import count_bad_labels
 
-        flag = count_bad_labels(target, classes, ignore_index)
+        with _on_device(target):  # Triton launches on the current device
+            flag = count_bad_labels(target, classes, ignore_index)
     else:
         flag = _bad_labels(target, classes, ignore_index).any()
     if weight is not None:
@@ -237,12 +239,16 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     if weight is not None and ((weight < 0) | ~torch.isfinite(weight)).any():
         raise ValueError("weight must hold finite, non-negative class weights, got "
                          f"weight={weight.tolist()} (check_target=False skips this check)")
-    bad_pixel = (pixel_weight < 0) | ~torch.isfinite(pixel_weight)
-    where = tuple(bad_pixel.nonzero()[0].tolist())
-    value = pixel_weight[where].item()
-    raise ValueError("pixel_weight must hold finite, non-negative weights, got "
-                     f"pixel_weight[{', '.join(map(str, where))}]={value} "
-                     "(check_target=False skips this check)")
+    bad_pixel = (None if pixel_weight is None
+                 else (pixel_weight < 0) | ~torch.isfinite(pixel_weight))
+    if bad_pixel is not None and bad_pixel.any():
+        where = tuple(bad_pixel.nonzero()[0].tolist())
+        value = pixel_weight[where].item()
+        raise ValueError("pixel_weight must hold finite, non-negative weights, got "
+                         f"pixel_weight[{', '.join(map(str, where))}]={value} "
+                         "(check_target=False skips this check)")
+    raise RuntimeError("lad_triton's value check flagged a value that its second look did not "
+                       "find (was a tensor modified during the call?)")
 
 
 def _triton_imports():

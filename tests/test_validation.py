@@ -126,6 +126,7 @@ def test_fused_path_checks_values_before_launching_the_loss(bad, monkeypatch):
     # On the fused path the value check's one sync comes first, so the loss's forward runs on the
     # GPU while the host launches the backward (validation.check_values says what the other order
     # measured); the errors are the PyTorch path's.
+    pytest.importorskip("triton")
     from lad_triton import functional
     from lad_triton.kernels import forward as kf
 
@@ -169,3 +170,14 @@ def test_options_seen_valid_are_not_trusted_for_other_values_or_types():
         options[name] = value
         with pytest.raises(ValueError, match=rf"got {name}={value}"):
             locally_adaptive_loss(LOGITS, TARGET, **options)
+
+
+def test_a_flag_the_second_look_cannot_explain_raises_runtime_error(monkeypatch):
+    # The error path looks again to say where; if it finds nothing (a tensor modified in between)
+    # it says so instead of failing on a missing pixel weight.
+    from lad_triton import validation
+
+    looks = iter([torch.ones(2, 4, 6, dtype=torch.bool), torch.zeros(2, 4, 6, dtype=torch.bool)])
+    monkeypatch.setattr(validation, "_bad_labels", lambda *a: next(looks))
+    with pytest.raises(RuntimeError, match="second look did not find"):
+        validation.check_values(TARGET, None, 5, 255)
