@@ -9,7 +9,6 @@ read in one device-to-host sync by :func:`check_values`; ``check_target=False`` 
 so it raises without a graph break.
 """
 
-import math
 import numbers
 from typing import Optional
 
@@ -37,8 +36,15 @@ def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _finite(value):
+    """math.isfinite for a real number, written so that torch.compile can trace it where it made
+    the number symbolic (it changed between calls): a comparison it guards on, where
+    math.isfinite breaks the graph."""
+    return value - value == 0
+
+
 def _positive_finite(value):
-    return _is_real(value) and math.isfinite(value) and value > 0
+    return _is_real(value) and _finite(value) and value > 0
 
 
 def _ratio(value):
@@ -70,7 +76,7 @@ def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base
                    pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
     if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
-    if not (_is_real(power) and math.isfinite(power) and power >= 1):
+    if not (_is_real(power) and _finite(power) and power >= 1):
         _fail(ValueError, "power", "a finite number >= 1 (the Minkowski exponent k)", power)
     if not (_is_int(stride) and stride >= 1):
         _fail(ValueError, "stride", "an integer >= 1 (the centre-grid step s)", stride)
@@ -92,7 +98,7 @@ def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base
     if not _ratio(lmp_ratio):
         _fail(ValueError, "lmp_ratio", "a number in (0, 1] (the share of centres loss max-pooling "
               "may weight fully)", lmp_ratio)
-    if not (_is_real(lmp_p) and math.isfinite(lmp_p) and lmp_p > 1):
+    if not (_is_real(lmp_p) and _finite(lmp_p) and lmp_p > 1):
         _fail(ValueError, "lmp_p", "a finite number > 1 (the p-norm of loss max-pooling)", lmp_p)
     if not _ratio(topk_ratio):
         _fail(ValueError, "topk_ratio", "a number in (0, 1] (the share of centres top-k pooling "

@@ -207,3 +207,24 @@ def test_cpu_logits_compile_where_the_kernels_are_compiled_for_a_gpu():
     result = subprocess.run([sys.executable, "-c", CPU_LOSS_ON_A_GPU_MACHINE], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_that_change_between_calls_compile(backend):
+    # After a float option changes, torch.compile traces it as a symbol: the option checks must
+    # trace too (math.isfinite did not: "torch.* op returned non-Tensor").
+    from lad_triton import locally_adaptive_loss
+
+    torch._dynamo.reset()
+    logits = make_logits((1, 5, 6, 7), device=DEVICE)
+    target = make_labels(1, (6, 7), 5, device=DEVICE)
+    loss = torch.compile(lambda x, y, p, eps: locally_adaptive_loss(
+        x, y, kernel_size=3, power=p, eps=eps, backend=backend), fullgraph=True,
+        backend=compiler())
+    # Compiled first: an eager call with the same options would let check_options' cache
+    # answer (a set lookup), hiding the checks from the trace.
+    for p, eps in ((2.0, 1e-5), (3.0, 1e-4), (4.5, 1e-3)):
+        got = loss(logits, target, p, eps)
+        expected = locally_adaptive_loss(logits, target, kernel_size=3, power=p, eps=eps,
+                                         backend=backend)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
