@@ -53,7 +53,7 @@ def main(argv=None):
     device = torch.device("cpu" if args.dry_run else "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shapes, repeats = ([(1, 3, 4, 8)], 1) if args.dry_run else (SHAPES, args.repeats)
-    warm, timed = (1, 1) if args.dry_run else (3, max(3, repeats // 5))
+    warm, timed = (0, 1) if args.dry_run else (3, max(3, repeats // 5))
     lines = []
 
     def say(text):
@@ -89,14 +89,14 @@ def main(argv=None):
     run = calls(x, y, args.kernel_size)["lad"]
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(2 * repeats):
+    for _ in range(repeats if args.dry_run else 2 * repeats):
         run()
     profiler.disable()
     sync()
     for key in ("tottime", "cumulative"):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(40)
-        say(f"cProfile of {2 * repeats} fused forward + backward calls at "
+        say(f"cProfile of the fused forward + backward calls at "
             f"{'x'.join(map(str, shapes[0]))}, by {key}:\n{text.getvalue()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def main(argv=None):
     for (name, shape, k, dtype, _), variant in jobs:
         try:
             times, check = time_variant(shape, k, dtype, variant, device,
-                                        2 if args.dry_run else args.repeats)
+                                        1 if args.dry_run else args.repeats)
             row = dict(workload=name, shape=list(shape), kernel_size=k, dtype=dtype,
                        variant=variant, us=times, total_us=sum(times.values()), check=check)
         except Exception as err:  # a variant that does not compile or run: say so, go on

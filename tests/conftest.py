@@ -60,3 +60,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         _call_helpers_without_repatching()
     except (ImportError, AttributeError):  # no Triton, or an interpreter laid out otherwise
         pass
+
+
+# Tests that take tens of seconds on a CPU (the interpreter, Inductor's C++ build, subprocesses):
+# first, so that `pytest -n auto`'s workers do not end on one of them while the others idle.
+SLOW_FIRST = ("test_a_visit_dry_run", "test_random_volumes", "test_random_problems",
+              "test_training_step_compiles_without_graph_breaks", "test_two_ranks_synced",
+              "test_sweep_dry_run", "test_host_profile_dry_run", "test_float16_training",
+              "test_window_sizes_up_to_15", "test_opcheck_fused_costs", "test_volumes_compile")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):  # the slowest first; the rest as collected (the sort is stable)
+        return next((i for i, name in enumerate(SLOW_FIRST) if item.name.startswith(name)),
+                    len(SLOW_FIRST))
+
+    items.sort(key=rank)
