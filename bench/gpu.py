@@ -252,7 +252,7 @@ MODEL_SCRIPT = """
 import json, sys, torch
 from bench import kernel_report as kr
 workloads = kr.WORKLOADS if sys.argv[1] == "all" else [
-    ("tiny", (1, 5, 6, 36), 3, torch.float32, None)]
+    ("tiny", (1, 5, 4, 36), 3, torch.float32, None)]
 rows = []
 for name, shape, k, dtype, _ in workloads:
     models, _ = kr.model_workload(shape, k, dtype)

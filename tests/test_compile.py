@@ -24,19 +24,19 @@ def model_and_batch(device, spatial=(9, 11), classes=5):
 
 def compiler(inductor_on_cpu=False):
     """torch.compile's backend for a test. On a CPU, Inductor generates and builds C++: tens of
-    seconds per graph. There, the cases that say so compile with Inductor (a training step per
-    backend, the fused volume); the others check what does not depend on the code generator
+    seconds per graph. There, the cases that say so compile with Inductor (the fused kernels'
+    training step and volume); the others check what does not depend on the code generator
     (Dynamo's single graph, the custom operators' fake kernels under AOTAutograd, the values)
-    with aot_eager. On a GPU every case uses Inductor."""
+    with aot_eager. Inductor on the PyTorch backend's forward and backward runs in CI all the
+    same: the README's first command, `python -m bench --quick`, compiles it for its
+    torch_compile rows and checks the loss against eager (52 s of C++ builds as a test here). On
+    a GPU every case uses Inductor."""
     return "inductor" if inductor_on_cpu or DEVICE == "cuda" else "aot_eager"
 
 
 def compiles_like_eager(step, model, images, target, backend):
-    """One graph, no break; the compiled step's loss and parameter gradients are eager's."""
-    explained = torch._dynamo.explain(step)(images, target)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
-        explained.break_reasons
-    torch._dynamo.reset()
+    """One graph, no break (fullgraph=True raises at the first break, with its reason); the
+    compiled step's loss and parameter gradients are eager's."""
     loss = torch.compile(step, fullgraph=True, backend=backend)(images, target)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     eager = step(images, target)
@@ -71,7 +71,7 @@ def test_training_step_compiles_without_graph_breaks(backend, options):
         return criterion(model(images), target).sum()
 
     compiles_like_eager(step, model, images, target,
-                        compiler("kernel_size" in options and len(options) == 1))
+                        compiler(backend == "triton" and options == dict(kernel_size=3)))
 
 
 @pytest.mark.parametrize("pooling", ["lmp", "topk"])
