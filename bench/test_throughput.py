@@ -20,12 +20,20 @@ def case_id(case):
     return f"{w.id}-{impl}-{'fwd' if p == 'forward' else 'fwdbwd'}"
 
 
-def check_numerics(fn, logits, target, w):
-    """torch.compile and F.unfold must compute the eager PyTorch implementation's loss."""
-    expected = loss_function("torch", w)(logits, target).float()
+def check_numerics(fn, logits, target, w, pass_):
+    """torch.compile and F.unfold must compute the eager PyTorch implementation's loss, and for
+    forward + backward its gradient (relative to its norm: the values differ in summation order
+    only)."""
+    eager = loss_function("torch", w)
+    expected = eager(logits, target).float()
     got = fn(logits, target).float()
     tol = 1e-4 if w.dtype == torch.float32 else 2e-2
     assert abs(got.item() - expected.item()) <= tol * abs(expected.item()), (got, expected)
+    if pass_ != "forward":
+        (expected,) = torch.autograd.grad(eager(logits, target), logits)
+        (got,) = torch.autograd.grad(fn(logits, target), logits)
+        error = (got.float() - expected.float()).norm() / expected.float().norm()
+        assert error <= tol, error
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
@@ -41,7 +49,7 @@ def test_loss(benchmark, case, device, quick, request):
     run()  # warm-up: compilation, autotuning, allocator
     sync()
     if impl in ("torch_compile", "torch_unfold"):
-        check_numerics(fn, logits, target, w)
+        check_numerics(fn, logits, target, w, pass_)
     peak = peak_memory_mib(run, device)
 
     def timed():

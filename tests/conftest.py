@@ -56,9 +56,9 @@ def _call_helpers_without_repatching():
 
 
 def _numpy_dtypes_once():
-    """Triton's interpreter maps a Triton dtype to numpy's by building a table of twenty entries
-    on every operation (_get_np_dtype: 5-8% of an interpreted launch). The answer depends only
-    on the scalar type: remember it per scalar type (pointers, unhashable, take Triton's path)."""
+    """Triton's interpreter maps a Triton dtype to numpy's by building its table anew on every
+    operation (_get_np_dtype: 5-8% of an interpreted launch). The answer depends only on the
+    scalar type: remember it per scalar type (pointers, unhashable, take Triton's path)."""
     import triton.language as tl
     from triton.runtime import interpreter
 

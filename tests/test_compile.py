@@ -29,8 +29,8 @@ def compiler(inductor_on_cpu=False):
     (Dynamo's single graph, the custom operators' fake kernels under AOTAutograd, the values)
     with aot_eager. Inductor on the PyTorch backend's forward and backward runs in CI all the
     same: the README's first command, `python -m bench --quick`, compiles it for its
-    torch_compile rows and checks the loss against eager (52 s of C++ builds as a test here). On
-    a GPU every case uses Inductor."""
+    torch_compile rows and checks its loss and gradient against eager (52 s of C++ builds as a
+    test here). On a GPU every case uses Inductor."""
     return "inductor" if inductor_on_cpu or DEVICE == "cuda" else "aot_eager"
 
 

@@ -95,8 +95,8 @@ def volume_problems(draw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_volumes(backend):
-    # Interpreted, an example takes seconds: 3 in CI (the "ci" profile's 200 / 70), 42 under
-    # HYPOTHESIS_PROFILE=explore (3000).
+    # Interpreted, an example takes seconds: 3 in CI (max(3, 200 // 70) under the "ci"
+    # profile), 42 under HYPOTHESIS_PROFILE=explore (3000).
     examples = (max(3, settings().max_examples // 70) if backend == "triton"
                 else max(10, settings().max_examples // 4))
 
