@@ -136,9 +136,10 @@ def target_of(tensor):
 # nvidia-h200-2026-11-26-after-*), fewer rows under a lower cap beat the most rows that fit in 255
 # registers at K = 3 (C = 21: forward 238 -> 200 us with 2 rows at 168 registers, backward 251 ->
 # 225 us) and in the class chunks' forward (C = 150, K = 5: 5.84 -> 4.80 ms bfloat16, 6.18 -> 4.45
-# ms float32, at 168). At C = 21, K = 5 only 168 registers helped the forward (367 -> 313 us), and
-# they spill in some kernel options (8 to 48 B at 168 to 200 registers; 216 measured no better than
-# 255): K = 5 keeps 3 rows in 255. The chunks' backward keeps 255: 128 registers ran 7% faster but
+# ms float32, at 168). At C = 21, K = 5 only 168 registers helped the forward (367 -> 313 us, 2
+# rows), and there they spill 48 B (Triton 3.6; 8 B at 184 in two options, none in the others;
+# 216 measured no better than 255): K = 5 keeps 3 rows in 255 until a GPU times 2 rows at 184
+# (bench.sweep's (2, 2, 184)). The chunks' backward keeps 255: 128 registers ran 7% faster but
 # spill 192 B, 168 within 1%. Triton 3.9 takes the same rows and caps, unmeasured, except where its
 # ptxas spills (the chunks' forward at K = 5 from 168 to 200 registers: 216). Every cap compiles
 # without spills for every kernel option (python -m bench.kernel_report compiles them, --all-classes
