@@ -230,7 +230,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="K=5, forward+backward, VOC-like (CUDA) or small (CPU), fewer rounds")
+                        help="K=5, forward+backward, VOC-like (CUDA) or small float32 (CPU), "
+                             "fewer rounds")
     parser.add_argument("--impl", action="append", choices=wl.IMPLS,
                         help="time only this implementation (repeatable; default: all)")
     parser.add_argument("--run-slow", action="store_true",
