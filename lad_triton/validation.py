@@ -57,7 +57,12 @@ _VALID_OPTIONS = set()
 def check_options(**options):
     """Raise ``ValueError`` for any hyper-parameter outside the contract's domain. Options seen
     valid before pass at once (a training loop passes the same ones every step): a set lookup
-    by name, type and value, not a dozen checks of host time per call."""
+    by name, type and value, not a dozen checks of host time per call. Not under torch.compile,
+    which runs the checks once per compile anyway: there the lookup would make Dynamo guard on
+    each option's value and on the set's size, and compile afresh for every new value."""
+    if torch.compiler.is_compiling():
+        _check_options(**options)
+        return
     try:
         key = tuple((name, type(value), value) for name, value in options.items())
         if key in _VALID_OPTIONS:

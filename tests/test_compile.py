@@ -228,3 +228,24 @@ def test_options_that_change_between_calls_compile(backend="torch"):
         expected = locally_adaptive_loss(logits, target, kernel_size=3, power=p, eps=eps,
                                          backend=backend)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_eager_calls_with_other_options_leave_a_compiled_loss_compiled():
+    # check_options remembers options it has seen valid; read under Dynamo, that set made every
+    # compiled graph guard on its size, so an eager call with new options (an evaluation with
+    # reduction="none", say) recompiled the training step at its next call.
+    from torch._dynamo.testing import CompileCounter
+
+    from lad_triton import locally_adaptive_loss
+
+    logits = make_logits((1, 5, 6, 7), device=DEVICE)
+    target = make_labels(1, (6, 7), 5, device=DEVICE)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x, y: locally_adaptive_loss(x, y, kernel_size=3,
+                                                                backend="torch"),
+                             fullgraph=True, backend=counter)
+    first = compiled(logits, target)
+    for power in (2.0, 4.0):
+        locally_adaptive_loss(logits, target, kernel_size=3, power=power, backend="torch")
+    assert torch.equal(compiled(logits, target), first)
+    assert counter.frame_count == 1
