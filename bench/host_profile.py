@@ -2,12 +2,13 @@
 
 Per workload, four calls timed three ways: ``host`` (the host's time per call while the
 device runs behind, no sync between calls), ``pipelined`` (the same loop until the device ends)
-and ``synced`` (one call from the host's start to the device's end, the median): the fused loss's forward +
-backward (``check_target=False``), the same with the label check's one sync (the default), its
-forward alone (no gradient) and ``F.cross_entropy``'s forward + backward. Then a cProfile of the
-fused forward + backward at the small shape, where the device never holds the host back, by
-time spent in each function itself and cumulated. Writes DIR/host_profile.txt. ``--dry-run``: a
-tiny shape on the CPU under Triton's interpreter, to prove the code path.
+and ``synced`` (one call from the host's start to the device's end, the median): the fused
+loss's forward + backward (``check_target=False``), the same with the label check's one sync
+(the default), its forward alone (no gradient) and ``F.cross_entropy``'s forward + backward.
+Then a cProfile of the fused forward + backward at the small shape, where the device never
+holds the host back, by time spent in each function itself and cumulated. Writes
+DIR/host_profile.txt. ``--dry-run``: a tiny shape on the CPU under Triton's interpreter, to
+prove the code path.
 """
 
 import argparse

@@ -221,8 +221,7 @@ def test_options_that_change_between_calls_compile(backend="torch"):
     loss = torch.compile(lambda x, y, p, eps: locally_adaptive_loss(
         x, y, kernel_size=3, power=p, eps=eps, backend=backend), fullgraph=True,
         backend=compiler())
-    # Compiled first: an eager call with the same options would let check_options' cache
-    # answer (a set lookup), hiding the checks from the trace.
+    # Compiled first, as a training step is (check_options skips its cache while compiling).
     for p, eps in ((2.0, 1e-5), (3.0, 1e-4), (4.5, 1e-3)):
         got = loss(logits, target, p, eps)
         expected = locally_adaptive_loss(logits, target, kernel_size=3, power=p, eps=eps,
