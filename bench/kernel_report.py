@@ -53,6 +53,7 @@ from lad_triton import dispatch  # noqa: E402
 from lad_triton.kernels import backward as kb  # noqa: E402
 from lad_triton.kernels import config as kernel_config  # noqa: E402
 from lad_triton.kernels import forward as kf  # noqa: E402
+from lad_triton.kernels import halo as kh  # noqa: E402
 from lad_triton.kernels import labels as kl  # noqa: E402
 
 ARCHS = (80, 90)
@@ -60,7 +61,8 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
               torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
               torch.int32: "i32", torch.int64: "i64"}
 KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_blocks_kernel": kf,
-           "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl}
+           "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
+           "_halo_forward_kernel": kh, "_halo_backward_kernel": kh}
 
 
 class Recorder:

@@ -20,34 +20,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (workload, shape, K, dtype, [(forward rows, backward rows, maxnreg), ...]); None: the plan's.
-# (2, 2, 184): at C = 21, K = 5 two forward rows spill 48 B at 168 registers under Triton 3.6
-# (the fastest forward measured, 12 warps per SM) and none at 184 in the default options (10).
-ROWS_AND_CAPS = [(1, 1, 96), (1, 1, 128), (1, 1, 168), (1, 1, 255), (2, 2, 128), (2, 2, 168),
-                 (2, 2, 184), (2, 2, 255), (3, 3, 168), (3, 3, 255)]
+# (workload, shape, K, dtype, [variant, ...]). A variant: None, the plan; "old", the plan of the
+# kernels of forward.py and backward.py; (forward rows, backward rows, maxnreg) of those kernels;
+# ("halo", forward rows, backward rows, forward maxnreg, backward maxnreg) of kernels/halo.py.
+# The first variant of each workload is the reference its gradients are compared with.
+HALO_VARIANTS = [("halo", 1, 1, 128, 128), ("halo", 2, 2, 128, 128), ("halo", 2, 2, 168, 128),
+                 ("halo", 2, 2, 168, 168), ("halo", 4, 4, 255, 255), ("halo", 1, 2, 128, 128),
+                 ("halo", 2, 4, 128, 255)]
 WORKLOADS = [
-    ("voc", (8, 21, 513, 513), 5, "float32", [None] + ROWS_AND_CAPS),
-    ("voc", (8, 21, 513, 513), 5, "bfloat16", [None] + ROWS_AND_CAPS),
-    ("voc", (8, 21, 513, 513), 3, "float32", [None] + ROWS_AND_CAPS),
-    # K = 7 measured 2-3x its model on the first visits, its plan never swept.
-    ("voc", (8, 21, 513, 513), 7, "float32",
-     [None, (1, 1, 168), (1, 1, 255), (1, 2, 255), (2, 1, 255), (2, 2, 168)]),
-    ("ade", (8, 150, 512, 512), 5, "bfloat16",
-     [None, (1, 1, 96), (1, 1, 128), (1, 1, 168), (2, 2, 128), (2, 2, 168), (2, 2, 255)]),
+    ("voc", (8, 21, 513, 513), 5, "float32", ["old", (2, 2, 168)] + HALO_VARIANTS),
+    ("voc", (8, 21, 513, 513), 5, "bfloat16", ["old"] + HALO_VARIANTS),
+    ("voc", (8, 21, 513, 513), 3, "float32", ["old"] + HALO_VARIANTS),
+    ("voc", (8, 21, 513, 513), 7, "float32", ["old"] + HALO_VARIANTS),
+    ("voc", (8, 21, 513, 513), 3, "bfloat16", ["old", ("halo", 2, 2, 128, 128),
+                                               ("halo", 4, 4, 255, 255)]),
+    ("cityscapes", (4, 19, 512, 1024), 5, "float32", ["old", ("halo", 1, 1, 128, 128),
+                                                      ("halo", 2, 2, 128, 128),
+                                                      ("halo", 4, 4, 255, 255)]),
+    ("cityscapes", (4, 19, 512, 1024), 5, "bfloat16", ["old", ("halo", 2, 2, 128, 128),
+                                                       ("halo", 4, 4, 255, 255)]),
 ]
-DRY_WORKLOADS = [("tiny", (1, 5, 4, 36), 3, "float32", [None, (2, 1, 255)])]
+DRY_WORKLOADS = [("tiny", (1, 5, 4, 36), 3, "float32",
+                  ["old", (2, 1, 255), ("halo", 2, 1, 128, 128)])]
 
 
 def force(variant):
-    """Make the kernels launch with ``variant`` = (forward rows, backward rows, maxnreg)."""
+    """Make the kernels launch with ``variant`` (see WORKLOADS)."""
     from lad_triton.kernels import backward, config, forward
 
     def launch_config(*args, **kwargs):
+        config.HALO = variant is None or (variant != "old" and variant[0] == "halo")
         cfg = config.launch_config(*args, **kwargs)  # the plan, never an earlier variant's
-        if variant is not None:
-            cfg.forward_rows, cfg.backward_rows, cap = variant
-            cfg.forward_registers = cfg.backward_registers = cap
-            cfg.unrolled = True
+        if variant not in (None, "old"):
+            if variant[0] == "halo":
+                assert cfg.halo, "the workload does not take the window-row kernels"
+                (_, cfg.forward_rows, cfg.backward_rows, cfg.forward_registers,
+                 cfg.backward_registers) = variant
+            else:
+                cfg.forward_rows, cfg.backward_rows, cap = variant
+                cfg.forward_registers = cfg.backward_registers = cap
+                cfg.unrolled = True
         return cfg
 
     forward.launch_config = backward.launch_config = launch_config
@@ -63,8 +75,12 @@ def run_once(shape, kernel_size, dtype, device, seed=0):
     logits = torch.randn(shape, generator=gen).to(device=device, dtype=getattr(torch, dtype))
     logits.requires_grad_(True)
     target = torch.randint(0, classes, (batch, height, width), generator=gen).to(device)
-    return lambda: torch.autograd.grad(lad_triton.locally_adaptive_loss(
-        logits, target, kernel_size=kernel_size, backend="triton", check_target=False), logits)
+    def run():
+        loss = lad_triton.locally_adaptive_loss(logits, target, kernel_size=kernel_size,
+                                                backend="triton", check_target=False)
+        return loss, torch.autograd.grad(loss, logits)[0]
+
+    return run
 
 
 def time_variant(shape, kernel_size, dtype, variant, device, repeats):
@@ -74,7 +90,7 @@ def time_variant(shape, kernel_size, dtype, variant, device, repeats):
 
     force(variant)
     run = run_once(shape, kernel_size, dtype, device)
-    grad = run()[0]  # compiles (from the disk cache after the parallel phase)
+    loss, grad = run()  # compiles (from the disk cache after the parallel phase)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -85,7 +101,7 @@ def time_variant(shape, kernel_size, dtype, variant, device, repeats):
             torch.cuda.synchronize(device)
     times = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / repeats
              for e in prof.key_averages() if e.key.startswith("_") and e.key.endswith("_kernel")}
-    return times, float(grad.double().abs().sum())
+    return times, float(loss), grad
 
 
 def main(argv=None):
@@ -126,21 +142,34 @@ def main(argv=None):
         codes += [p.wait() for p in running]
         print(f"sweep: {len(jobs)} variants compiled in {time.monotonic() - start:.0f} s, "
               f"{sum(c != 0 for c in codes)} failed", flush=True)
-    rows = []
-    for (name, shape, k, dtype, _), variant in jobs:
+    rows, reference = [], {}
+    for (name, shape, k, dtype, variants), variant in jobs:
         try:
-            times, check = time_variant(shape, k, dtype, variant, device,
-                                        1 if args.dry_run else args.repeats)
+            times, check, grad = time_variant(shape, k, dtype, variant, device,
+                                              1 if args.dry_run else args.repeats)
+            # Every variant computes the same function: its gradient against the workload's
+            # first variant's, relative to its norm (the contract's measure).
+            key = (name, shape, k, dtype)
+            if variant == variants[0]:
+                reference[key] = grad.double()
+            ref = reference.get(key)
+            grad_err = (float((grad.double() - ref).norm() / ref.norm()) if ref is not None
+                        else float("nan"))
+            del grad
             row = dict(workload=name, shape=list(shape), kernel_size=k, dtype=dtype,
-                       variant=variant, us=times, total_us=sum(times.values()), check=check)
+                       variant=variant, us=times, total_us=sum(times.values()), check=check,
+                       grad_err=grad_err)
         except Exception as err:  # a variant that does not compile or run: say so, go on
             row = dict(workload=name, shape=list(shape), kernel_size=k, dtype=dtype,
                        variant=variant, error=f"{type(err).__name__}: {err}"[:500])
         rows.append(row)
         us = row.get("us", {})
-        print(f"{name} K={k} {dtype:8} {str(variant or 'plan'):16} "
-              + (f"total {row['total_us']:8.1f} us  fwd {us.get('_forward_kernel', 0):7.1f}  "
-                 f"bwd {us.get('_backward_kernel', 0):7.1f}  check {row['check']:.6e}"
+        fwd = us.get("_forward_kernel", 0) + us.get("_zscore_stats_kernel", 0) \
+            + us.get("_halo_forward_kernel", 0)
+        bwd = us.get("_backward_kernel", 0) + us.get("_halo_backward_kernel", 0)
+        print(f"{name} K={k} {dtype:8} {str(variant or 'plan'):28} "
+              + (f"total {row['total_us']:8.1f} us  fwd+stats {fwd:7.1f}  bwd {bwd:7.1f}  "
+                 f"loss {row['check']:.6e}  grad err {row['grad_err']:.1e}"
                  if "us" in row else row["error"]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(dict(device=str(device), rows=rows), indent=1))

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import launch_config, needs_wide_index, span, split_scalar, target_of
+from . import halo
+from .config import launch_config, needs_wide_index, span, split_scalar, target_of, tile_grid
 from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, scalar,
                      tile_coordinates)
@@ -335,9 +336,9 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     mean = grad is not None
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cfg = launch_config(classes, stride, kernel_size, acc, weighted, **target_of(logits))
-    tiles_h, tiles_w, programs = grid_of(cfg.backward_rows, cfg.tile_w,
-                                         (batch, depth, height, width))
-    forward_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
+    tiles_h, tiles_w, programs = tile_grid(cfg, cfg.backward_rows, kernel_size,
+                                           (batch, depth, height, width))
+    forward_tiles = tile_grid(cfg, cfg.forward_rows, kernel_size, (batch, d_c, h_c, w_c))
     if not mean:
         s = s.to(acc).contiguous()
     pixels = (classes, depth, height, width)
@@ -345,6 +346,14 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
                             span(y_shape[1:], sy[1:]), math.prod(P.shape[1:]),
                             depth * height * width)
     radius = kernel_size // 2
+    if cfg.halo:
+        halo._halo_backward_kernel[(programs,)](
+            logits, target, P, s, grad if mean else s, dx,
+            depth, height, width, tiles_h, tiles_w, *forward_tiles[:2], *sx, *sy, *sdx,
+            radius if volume else 0, *split_scalar(eps), *split_scalar(weight_base),
+            C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, ROWS=cfg.backward_rows,
+            FROWS=cfg.forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
+        return dx
     _backward_kernel[(programs,)](
         logits, target, P, s, grad if mean else s, dx,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],

@@ -69,8 +69,10 @@ class LaunchConfig:
     """Block sizes and register caps of the forward and backward for one problem."""
 
     def __init__(self, classes, class_tile, forward_rows, backward_rows, unrolled=True,
-                 forward_registers=MAX_REGISTERS, backward_registers=MAX_REGISTERS):
+                 forward_registers=MAX_REGISTERS, backward_registers=MAX_REGISTERS, halo=False):
         self.classes, self.class_tile = classes, class_tile
+        # the window-row kernels (kernels/halo.py) instead of forward's and backward's
+        self.halo = halo
         self.forward_registers, self.backward_registers = forward_registers, backward_registers
         self.forward_rows, self.backward_rows = forward_rows, backward_rows
         self.unrolled = unrolled  # the forward's window columns as compile-time offsets
@@ -96,7 +98,7 @@ class LaunchConfig:
         return (f"class_tile={self.class_tile} chunks={self.chunks} "
                 f"rows={self.forward_rows}/{self.backward_rows} unrolled={self.unrolled} "
                 f"maxnreg={self.forward_registers}/{self.backward_registers} "
-                f"tile_w={self.tile_w} num_warps={self.num_warps}")
+                f"tile_w={self.tile_w} num_warps={self.num_warps} halo={self.halo}")
 
 
 # The architecture the launch heuristic plans for when the tensors do not say (CPU tensors under
@@ -160,6 +162,13 @@ ROW_PLANS = {
 }
 MAX_UNROLLED_K = 7
 
+# The window-row kernels (kernels/halo.py) take stride 1, C <= CLASS_TILE and K <= 7: rows of
+# centres per program (a power of 2: a block dimension) and their register cap on sm_90.
+HALO = True
+HALO_ROWS = 2
+HALO_REGISTERS = 128
+HALO_ROWS_INTERPRETED = 4
+
 
 def _plan(classes, kernel_size, new_ptxas):
     """(forward rows, backward rows, forward cap, backward cap) at stride 1 on sm_90."""
@@ -196,6 +205,12 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
     (tests/test_fused.py forces the GPUs' row counts, chunks and the generic window path)."""
     classes = int(classes)
+    if HALO and stride == 1 and classes <= CLASS_TILE and kernel_size <= MAX_UNROLLED_K:
+        rows = HALO_ROWS_INTERPRETED if interpreted else HALO_ROWS
+        cap = (MAX_REGISTERS if interpreted or arch != 90 or acc_dtype == torch.float64
+               else HALO_REGISTERS)
+        return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows,
+                            forward_registers=cap, backward_registers=cap, halo=True)
     chunked = classes > CLASS_TILE
     if chunked:
         class_tile = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
@@ -222,6 +237,16 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         caps = (MAX_REGISTERS, MAX_REGISTERS)
     return LaunchConfig(classes, class_tile, max(forward, 1), backward, unrolled=forward > 0,
                         forward_registers=caps[0], backward_registers=caps[1])
+
+
+def tile_grid(cfg, rows, kernel_size, grid):
+    """(tiles_h, tiles_w, programs) for tiles of ``rows`` rows over a (B, D, H, W) grid of
+    centres or pixels: 32 columns each, or with the window-row kernels 32 - (K - 1), the rest of
+    the warp's lanes being the window's halo."""
+    batch, depth, height, width = grid
+    cols = cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)
+    tiles_h, tiles_w = cdiv(height, rows), cdiv(width, cols)
+    return tiles_h, tiles_w, batch * depth * tiles_h * tiles_w
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,8 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import halo
 from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
-                     split_scalar, target_of)
+                     split_scalar, target_of, tile_grid)
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
                      tile_coordinates, window_weight)
 
@@ -697,7 +698,7 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted, cfg=None
     if cfg is None:  # int(): under torch.compile's dynamic shapes C specialises, as the kernel's
         cfg = launch_config(int(classes), stride, kernel_size, acc, weighted,
                             **target_of(logits))
-    n_tiles = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))[2]
+    n_tiles = tile_grid(cfg, cfg.forward_rows, kernel_size, (batch, d_c, h_c, w_c))[2]
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
     # P in blocks of tile_w centres (tiling.block_lanes), each image padded to whole blocks.
@@ -728,6 +729,19 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
                             span(y_shape[1:], sy[1:]),
                             classes * cdiv(d_c * h_c * w_c, cfg.tile_w) * cfg.tile_w,
                             depth * height * width)
+    if cfg.halo:
+        tiles_h, tiles_w, programs = tile_grid(cfg, cfg.forward_rows, kernel_size,
+                                               (batch, depth, height, width))
+        halo._halo_forward_kernel[(programs,)](
+            logits, target, partials if weight is None else weight, P, L, partials,
+            depth, height, width, tiles_h, tiles_w, *sx, *sy,
+            kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),
+            *split_scalar(power), *split_scalar(weight_base),
+            C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2,
+            ROWS=cfg.forward_rows, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
+            HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide,
+            **cfg.forward_launch)
+        return L, partials, P
     stats = (batch, depth, height, width) if zscore else (0,)
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:

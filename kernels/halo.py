@@ -1,0 +1,373 @@
+"""The window-row kernels: forward and backward of the common case (stride 1, every class of a
+pixel in one lane, K <= 7), each in one pass over the logits and one launch.
+
+A program is one warp whose 32 lanes hold 32 consecutive pixels of a row, of which the middle
+32 - 2r are the tile's centres (or, in the backward, its output pixels) and r on each side the
+halo. A window row is loaded once per class, one value per lane, and its column shifts come from
+the neighbouring lanes (``tl.gather`` along the lanes: warp shuffles, no shared memory), so a
+lane keeps one row of C values live instead of K shifted copies. That is what lets the kernels
+run at about 100 registers (16 or more warps per SM to hide the loads' latency) where the
+kernels of ``forward``/``backward`` hold C x K values per window row.
+
+ROWS centre rows share every loaded window row: the rows are a block dimension of the
+accumulators ([ROWS, CLASS_TILE, 32]), each window row added to every centre row it is in the
+window of (weight 0 elsewhere).
+
+Forward: the z-score statistics of each loaded pixel come from the row in registers (no
+statistics pass), then z = (x - m) * rstd is pooled. Per tile it writes the Minkowski partials
+and P exactly as ``forward._forward_kernel`` does (same meaning, same P layout), so the combine
+is shared. Backward: the gather of docs/math.md over the centre rows, then the z-score Jacobian,
+as ``backward._backward_kernel``.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiling import also, clamp, omega_of, power_of, scalar
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+LANES = tl.constexpr(32)
+
+
+@triton.jit
+def _tile(tiles_h, tiles_w, planes, ROWS: tl.constexpr, RADIUS: tl.constexpr,
+          WIDE: tl.constexpr):
+    """(image: an int64 scalar; plane, first row: scalars; the lanes' pixel columns [32]; the centre
+    rows [ROWS]). Programs run over (image, plane, tile row, tile column), the column fastest;
+    tile column t covers centres t * (32 - 2r) ..; its lanes start r columns to the left."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_col = pid % tiles_w
+    rest = pid // tiles_w
+    tile_row = rest % tiles_h
+    rest = rest // tiles_h
+    plane = rest % planes
+    image = rest // planes
+    row0 = (tile_row * ROWS).to(tl.int32)
+    cols = (tile_col * (LANES - 2 * RADIUS)).to(tl.int32) - RADIUS + tl.arange(0, LANES)
+    rows = row0 + tl.arange(0, ROWS)
+    if WIDE:
+        row0, cols, rows = row0.to(tl.int64), cols.to(tl.int64), rows.to(tl.int64)
+    else:  # 32-bit offsets inside an image; only the image's base offset needs 64 bits
+        plane = plane.to(tl.int32)
+    return image, plane, row0, cols, rows
+
+
+@triton.jit
+def _source(DV: tl.constexpr):
+    """The lane each lane reads to see its neighbour DV columns away (lanes beyond the warp's edge
+    read an edge lane: only halo lanes do, and their results are never used)."""
+    return tl.minimum(tl.maximum(tl.arange(0, LANES) + DV, 0), LANES - 1)
+
+
+@triton.jit
+def _shift(v, DV: tl.constexpr):
+    """Lane values [32] moved by DV lanes (warp shuffles; none for DV = 0, which Triton would
+    still shuffle)."""
+    if DV == 0:
+        return v
+    return tl.gather(v, _source(DV), 0)
+
+
+@triton.jit
+def _shift_rows(v, DV: tl.constexpr):
+    """Per-class lane values [CLASS_TILE, 32] moved by DV lanes."""
+    if DV == 0:
+        return v
+    return tl.gather(v, tl.broadcast_to(_source(DV)[None, :], v.shape), 1)
+
+
+@triton.jit
+def _outer(a, b):
+    """a[:, None] + b[None, :], offsets [N, 32] of the lanes' pixels b, marked as consecutive along
+    the lanes with one element per lane: clamped columns and blocked P hide that from Triton, and
+    without it Triton 3.6 lays the lanes along the classes (uncoalesced loads, shared-memory
+    conversions, spills); see tiling.lane_offsets. (The hint must mark an operation computed
+    here: on a function's argument Triton drops it.)"""
+    return tl.multiple_of(tl.max_contiguous(a[:, None] + b[None, :], [1, LANES]), [1, 1])
+
+
+@triton.jit
+def _outer3(a, b):
+    """a[:, None, :] + b[None, :, None]: offsets [ROWS, N, 32] from a [ROWS, 32], as _outer."""
+    return tl.multiple_of(tl.max_contiguous(a[:, None, :] + b[None, :, None], [1, 1, LANES]),
+                          [1, 1, 1])
+
+
+@triton.jit
+def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.constexpr):
+    """omega(max(du, |DV|)) [ROWS] for the rows' distances du [ROWS] (max with DV and -DV: JIT
+    code has no abs() of a compile-time constant)."""
+    far = tl.maximum(tl.maximum(du, DV), -DV)
+    return tl.zeros([ROWS], base.dtype) + omega_of(far, base, inv_base, RADIUS)
+
+
+@triton.jit
+def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, ACC: tl.constexpr,
+                C: tl.constexpr, ZSCORE: tl.constexpr):
+    """One loaded row of pixels (row qi, the lanes' columns): (z [CLASS_TILE, 32], ok: in the
+    image [32], nan: 1 where the pixel is finite, NaN where not). z is 0 where the pixel is
+    outside the image or not finite, so that a pixel that takes part nowhere contributes exact
+    zeros and one that takes part carries its NaN through its coefficient."""
+    ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
+    qic = clamp(qi, H - 1)
+    qjc = clamp(cols, W - 1)
+    x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
+                mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+    if ZSCORE:
+        m = tl.sum(x, axis=0) / C
+        dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
+        finite = rstd == rstd  # a NaN or infinite logit makes the pixel's variance NaN
+        z = dev * rstd[None, :]
+    else:
+        total = tl.sum(x, axis=0)
+        finite = (total - total) == 0
+        z = x
+    z = tl.where((finite & ok)[None, :], z, 0.0)
+    return z, ok, tl.where(finite, 1.0, float("nan"))
+
+
+@triton.jit
+def _labels(y_plane, qi, cols, ok, H, W, syh, syw):
+    """Labels (int32: they are only compared) of a row of pixels, -1 outside the image: -1 is
+    never a valid centre's label (labels are checked to lie in [0, C) or be ignore_index, and an
+    ignored centre's results are discarded)."""
+    y = tl.load(y_plane + clamp(qi, H - 1) * syh + clamp(cols, W - 1) * syw, mask=ok, other=0)
+    return tl.where(ok, y.to(tl.int32), -1)
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "radius_d", "ignore_index"])
+def _halo_forward_kernel(
+    x_ptr,        # logits (B, C, D, H, W), any strides
+    y_ptr,        # target (B, D, H, W), any integer dtype, any strides
+    weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
+    P_ptr,        # out (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
+    L_ptr,        # out (B, D, H, W) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
+    part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
+    D, H, W, tiles_h, tiles_w,
+    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
+    syb, syd, syh, syw,       # target strides of B, D, H, W
+    radius_d, ignore_index,
+    eps_hi, eps_lo, power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+    ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+):
+    """The costs of a tile of ROWS x (32 - 2r) centres; P and the partials as
+    forward._forward_kernel writes them (MEAN: P scaled by w_p (L_p / t)^(k-1), t the tile's max
+    L, and no L)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    eps = scalar(eps_hi, eps_lo, ACC)
+    power = scalar(power_hi, power_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    image, pd, row0, cols, rows = _tile(tiles_h, tiles_w, D, ROWS, RADIUS, WIDE)
+    lane = tl.arange(0, LANES)
+    cls = tl.arange(0, CLASS_TILE)
+    cmask = cls < C  # compile-time per register: padded lanes fold away
+    x_img = x_ptr + image * sxb
+    y_img = y_ptr + image * syb
+    if WIDE:
+        plane = D.to(tl.int64) * H * W
+    else:
+        plane = D * H * W
+
+    # The centres: lanes r .. 31 - r of each row.
+    centre_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols < W)
+    live = centre_lane[None, :] & (rows < H)[:, None]                       # [ROWS, 32]
+    y_c = tl.load(y_img + pd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
+                  mask=live, other=0)
+    valid = live & (y_c.to(tl.int64) != ignore_index)
+    y_c = y_c.to(tl.int32)
+    y_cls = tl.minimum(tl.maximum(y_c, 0), C - 1)  # in bounds whatever check_target allowed
+
+    acc = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
+    xi = tl.zeros([ROWS, LANES], dtype=ACC)
+    nan = tl.full([ROWS, LANES], 1.0, ACC)  # NaN where a non-finite pixel takes part
+    for dd in range(-radius_d, radius_d + 1):
+        qd = pd + dd
+        plane_ok = (qd >= 0) & (qd < D)
+        qdc = clamp(qd, D - 1)
+        x_plane = x_img + qdc * sxd
+        y_plane = y_img + qdc * syd
+        far = tl.abs(dd)
+        for t in range(0, ROWS + 2 * RADIUS):
+            qi = tl.where(plane_ok, row0 - RADIUS + t, -1)  # a plane outside: no row inside
+            z, ok, fin = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps,
+                                     ACC, C, ZSCORE)
+            y_q = _labels(y_plane, qi, cols, ok, H, W, syh, syw)
+            # each centre row's distance to this window row (depth included)
+            du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)          # [ROWS]
+            near = du <= RADIUS
+            for DV in tl.static_range(-RADIUS, RADIUS + 1):
+                same = (_shift(y_q, DV)[None, :] == y_c) & near[:, None]           # [ROWS, 32]
+                omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)                # [ROWS]
+                a = tl.where(same, omega[:, None], 0.0)
+                acc += a[:, None, :] * _shift_rows(z, DV)[None, :, :]
+                nan = tl.where(same, nan * _shift(fin, DV)[None, :], nan)
+                if WEIGHT_NORM:
+                    xi += a
+                else:
+                    xi += same.to(ACC)
+    acc = acc * nan[:, None, :]
+
+    # L = logsumexp(f) - f[y] with f = acc / xi, differences taken in acc's units before the
+    # scaling, so that L is exactly 0 where y's value dominates.
+    k = LOG2E / tl.where(xi > 0, xi, 1.0)
+    a_m = tl.where(cmask[None, :, None], acc, float("-inf"))
+    top = tl.max(a_m, axis=1)
+    e = tl.exp2((a_m - top[:, None, :]) * k[:, None, :])
+    total = tl.sum(e, axis=1)
+    onehot = cls[None, :, None] == y_cls[:, None, :]
+    acc_y = tl.sum(tl.where(onehot, acc, 0.0), axis=1)
+    L = (top - acc_y) / tl.where(xi > 0, xi, 1.0) \
+        + tl.log2(tl.where(total == 0, 1.0, total)) * LN2
+    L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
+    L = tl.where(valid, L, 0.0)
+
+    # Minkowski partials scaled by the tile's max L: L^k never overflows or underflows.
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + y_cls, mask=valid, other=0.0)
+    else:
+        w = valid.to(ACC)
+    w = tl.where(valid, w, 0.0)
+    has_nan = tl.max(tl.max((L != L).to(tl.int32), axis=1), axis=0)
+    l_max = tl.max(tl.max(L, axis=1), axis=0)
+    l_max = tl.where(has_nan > 0, float("nan"), l_max)
+    unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
+    r = power_of(L * unit, power - 1.0)
+    tile = tl.program_id(0).to(tl.int64)
+    tl.store(part_ptr + 3 * tile, l_max)
+    tl.store(part_ptr + 3 * tile + 1, tl.sum(tl.sum(w * r * L * unit, axis=1), axis=0))
+    tl.store(part_ptr + 3 * tile + 2, tl.sum(tl.sum(w, axis=1), axis=0))
+
+    n = _outer((pd * H + rows) * W, cols)  # the centres' flat index in the image
+    if MEAN:
+        # d loss / d L_p = [a * (t / max L)^(k-1)] * [w_p (L_p / t)^(k-1)]: the second factor
+        # goes into P now, the first (per tile) comes from the combine.
+        g = w * r
+    else:
+        tl.store(L_ptr + image * plane + n, L, mask=live)
+        g = tl.full([ROWS, LANES], 1.0, ACC)
+    if NEED_P:
+        scale = g / tl.where(xi > 0, xi, 1.0)
+        P = e * (scale / total)[:, None, :] - tl.where(onehot, scale[:, None, :], 0.0)
+        P = tl.where(valid[:, None, :], P, 0.0)  # a where: a NaN at an invalid centre stays out
+        blocks = (plane + LANES - 1) // LANES
+        P_img = P_ptr + image * (C * LANES) * blocks
+        lanes = (n >> 5) * (C * LANES) + (n & 31)
+        tl.store(P_img + _outer3(lanes, cls * LANES),
+                 P.to(P_ptr.dtype.element_ty), mask=cmask[None, :, None] & live[:, None, :])
+        # The padding of the image's last block of P: zeros, so that P is a function of the
+        # inputs (never read). The program whose tile holds the image's last centre writes it.
+        last = (pd == D - 1) & (row0 + ROWS >= H) & (tl.program_id(0) % tiles_w == tiles_w - 1)
+        m = ((plane - 1) // LANES) * LANES + lane
+        pad = also(m >= plane, last)
+        tl.store(P_img + _outer(cls * LANES, (m >> 5) * (C * LANES) + (m & 31)),
+                 tl.zeros([CLASS_TILE, LANES], P_ptr.dtype.element_ty),
+                 mask=cmask[:, None] & pad[None, :])
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "ftiles_h", "ftiles_w",
+                               "radius_d"])
+def _halo_backward_kernel(
+    x_ptr,       # logits (B, C, D, H, W), any strides
+    y_ptr,       # target (B, D, H, W), any integer dtype, any strides
+    P_ptr,       # (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
+    s_ptr,       # MEAN: (forward tiles,) ACC, per tile a * (t / max L)^(k-1); else (B, D, H, W)
+                 # contiguous ACC, the map dL = d output / d L
+    grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
+    dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
+    D, H, W, tiles_h, tiles_w, ftiles_h, ftiles_w,
+    sxb, sxc, sxd, sxh, sxw,
+    syb, syd, syh, syw,
+    sdb, sdc, sdd, sdh, sdw,
+    radius_d,
+    eps_hi, eps_lo, base_hi, base_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+    FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+):
+    """dx of a tile of ROWS x (32 - 2r) pixels q: G_q = sum over the centres p whose window holds
+    q, with y_p == y_q, of omega * dL_p * P_p (gathered from the centre rows, each loaded once),
+    then dx_q = rstd_q (G_q - mean_c G_q - z_q mean_c(G_q z_q)). MEAN: dL_p = grad * the scale of
+    p's forward tile (FROWS rows of 32 - 2r centres) times the factor already in P."""
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
+    TW: tl.constexpr = LANES - 2 * RADIUS
+    eps = scalar(eps_hi, eps_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    image, qd, row0, cols, rows = _tile(tiles_h, tiles_w, D, ROWS, RADIUS, WIDE)
+    lane = tl.arange(0, LANES)
+    cls = tl.arange(0, CLASS_TILE)
+    cmask = cls < C
+    grad = tl.zeros([], dtype=ACC)
+    if MEAN:
+        grad = tl.load(grad_ptr).to(ACC)
+    y_img = y_ptr + image * syb
+    if WIDE:
+        plane = D.to(tl.int64) * H * W
+    else:
+        plane = D * H * W
+    P_img = P_ptr + image * (C * LANES) * ((plane + LANES - 1) // LANES)
+    s_img = s_ptr + image * plane
+
+    out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols < W)
+    live = out_lane[None, :] & (rows < H)[:, None]                            # [ROWS, 32]
+    y_q = tl.load(y_img + qd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
+                  mask=live, other=0).to(tl.int32)
+    y_q = tl.where(live, y_q, -2)  # never a centre's (-1 marks centres outside the image)
+
+    G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
+    col_in = (cols >= 0) & (cols < W)
+    for dd in range(-radius_d, radius_d + 1):
+        pd = qd - dd
+        plane_ok = (pd >= 0) & (pd < D)
+        pdc = clamp(pd, D - 1)
+        far = tl.abs(dd)
+        tile_plane = (image * D + pdc) * ftiles_h
+        for t in range(0, ROWS + 2 * RADIUS):
+            pi = row0 - RADIUS + t
+            ok = also(col_in, (pi >= 0) & (pi < H) & plane_ok)
+            pic = clamp(pi, H - 1)
+            pjc = clamp(cols, W - 1)
+            y_p = _labels(y_img + pdc * syd, tl.where(plane_ok, pi, -1), cols, ok, H, W, syh,
+                          syw)
+            n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
+            if MEAN:
+                s = grad * tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
+            else:
+                s = tl.load(s_img + n)
+            s = tl.where(ok, s, 0.0)
+            Pr = tl.load(P_img + _outer(cls * LANES, (n >> 5) * (C * LANES) + (n & 31)),
+                         mask=cmask[:, None] & ok[None, :],
+                         other=0.0).to(ACC)
+            du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
+            near = du <= RADIUS
+            for DV in tl.static_range(-RADIUS, RADIUS + 1):
+                same = (_shift(y_p, DV)[None, :] == y_q) & near[:, None]
+                omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)
+                a = tl.where(same, omega[:, None] * _shift(s, DV)[None, :], 0.0)
+                G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
+
+    # The Jacobian: every class of the output pixels in the lane.
+    x_plane = x_ptr + image * sxb + qd * sxd
+    pix = rows[:, None] * sxh + cols[None, :] * sxw
+    mask3 = cmask[None, :, None] & live[:, None, :]
+    G = tl.where(cmask[None, :, None], G, 0.0)
+    dx = G
+    if ZSCORE:
+        x = tl.load(x_plane + _outer3(pix, cls * sxc),
+                    mask=mask3,
+                    other=0.0).to(ACC)
+        m = tl.sum(x, axis=1) / C
+        dev = tl.where(cmask[None, :, None], x - m[:, None, :], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / C + eps)
+        mean_G = tl.sum(G, axis=1) / C
+        mean_Gz = tl.sum(G * dev, axis=1) * rstd / C
+        dx = rstd[:, None, :] * (G - mean_G[:, None, :] - dev * (rstd * mean_Gz)[:, None, :])
+    dpix = rows[:, None] * sdh + cols[None, :] * sdw
+    tl.store(dx_ptr + image * sdb + qd * sdd
+             + _outer3(dpix, cls * sdc),
+             dx.to(dx_ptr.dtype.element_ty), mask=mask3)
+
