@@ -291,6 +291,8 @@ STREAMED = {
     "_combine_kernel": ("part_ptr", "scale_ptr"),
     "_count_bad_labels_kernel": ("y_ptr",),
     "_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
+    "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
+    "_halo_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -308,6 +310,8 @@ def loop_trips(name, values):
         return []
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
+    if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
+        return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:
         # depth offsets, window rows (the columns are unrolled)
         window = [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["radius"]]

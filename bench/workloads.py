@@ -98,14 +98,17 @@ def flops_per_pixel(w, pass_):
 
 
 def design_bytes_per_pixel(w, pass_):
-    """DRAM bytes of the fused kernels per pixel, as kernels/forward.py and kernels/backward.py
-    count them (zscore=True, stride 1, reduction="mean"): the statistics pass reads the logits
-    and writes 8 B; the forward reads the logits, the labels and the 8 B, and writes P (the
-    logits' size and dtype); the backward reads P, the logits and the labels and writes the
-    gradient. The per-tile partials and scales are a few bytes per 128 pixels."""
+    """DRAM bytes of the fused kernels per pixel, as the kernels count them (zscore=True, stride
+    1, reduction="mean"): the forward reads the logits and the labels and writes P (the logits'
+    size and dtype), the backward reads P, the logits and the labels and writes the gradient.
+    Where the window-row kernels do not apply (C > 32, K > 7) a statistics pass reads the logits
+    once more and writes 8 B that the forward reads. The per-tile partials and scales are a few
+    bytes per 100 pixels."""
     e = torch.finfo(w.dtype).bits // 8
     y = 8  # int64 labels
-    forward = (w.classes * e + 8) + (2 * w.classes * e + y + 8)
+    forward = 2 * w.classes * e + y
+    if w.classes > 32 or w.kernel_size > 7:  # the statistics: logits read, 8 B written and read
+        forward += w.classes * e + 16
     return forward if pass_ == "forward" else forward + 3 * w.classes * e + y
 
 

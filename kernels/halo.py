@@ -166,6 +166,8 @@ def _halo_forward_kernel(
     lane = tl.arange(0, LANES)
     cls = tl.arange(0, CLASS_TILE)
     cmask = cls < C  # compile-time per register: padded lanes fold away
+    if WIDE:  # cls * class stride can pass 2^31
+        cls = cls.to(tl.int64)
     x_img = x_ptr + image * sxb
     y_img = y_ptr + image * syb
     if WIDE:
@@ -301,6 +303,8 @@ def _halo_backward_kernel(
     lane = tl.arange(0, LANES)
     cls = tl.arange(0, CLASS_TILE)
     cmask = cls < C
+    if WIDE:
+        cls = cls.to(tl.int64)
     grad = tl.zeros([], dtype=ACC)
     if MEAN:
         grad = tl.load(grad_ptr).to(ACC)

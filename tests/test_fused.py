@@ -119,14 +119,30 @@ def test_generic_window_path(options, monkeypatch):
         cfg.forward_rows, cfg.unrolled = 1, False
         return cfg
 
+    monkeypatch.setattr(kernel_config, "HALO", False)
     monkeypatch.setattr(kf, "launch_config", generic)
     monkeypatch.setattr(kb, "launch_config", generic)
     check_against_oracle((1, 5, 9, 12), options, backend="triton", n_labels=2)
 
 
-def test_row_plans():
-    # What the GPUs get: K > 7 and the plans' zero rows take the generic path; strides > 1 and
-    # float64 one row; sm_80 fewer rows than sm_90; every C and K some rows.
+def test_window_row_plans():
+    # Stride 1, a lane's classes in one tile and K <= 7 take the window-row kernels, with rows a
+    # power of 2 (a block dimension) and a register cap only on sm_90; everything else not.
+    plan = kernel_config.launch_config
+    for c in (2, 19, 21, 32):
+        for k in (1, 3, 5, 7):
+            cfg = plan(c, kernel_size=k)
+            assert cfg.halo and cfg.forward_rows in (1, 2, 4) and cfg.backward_rows in (1, 2, 4)
+            assert cfg.forward_registers <= 168 and cfg.backward_registers <= 168
+            assert plan(c, kernel_size=k, arch=80).forward_registers == 255
+    assert not any(cfg.halo for cfg in (plan(33), plan(150), plan(21, stride=2),
+                                        plan(21, kernel_size=9)))
+
+
+def test_row_plans(monkeypatch):
+    # The kernels of forward.py and backward.py: K > 7 and the plans' zero rows take the generic
+    # path; strides > 1 and float64 one row; sm_80 fewer rows than sm_90; every C and K some rows.
+    monkeypatch.setattr(kernel_config, "HALO", False)
     plan = kernel_config.launch_config
     for new in (True, False):
         for c in range(2, 200):
@@ -165,10 +181,11 @@ def test_row_plans():
 def test_every_row_count(rows, options, monkeypatch):
     # A lane's rows (forward and backward apart: the backward reads the forward's tiles) as the
     # launch heuristic may pick them on some GPU and Triton, whatever it picks here; 9 rows are
-    # no multiple of any of them.
+    # no multiple of any of them. The kernels of forward.py and backward.py.
     from lad_triton.kernels import backward as kb
     from lad_triton.kernels import forward as kf
 
+    monkeypatch.setattr(kernel_config, "HALO", False)
     planned = kernel_config.launch_config
 
     def with_rows(*args, **kwargs):
@@ -179,6 +196,30 @@ def test_every_row_count(rows, options, monkeypatch):
     monkeypatch.setattr(kf, "launch_config", with_rows)
     monkeypatch.setattr(kb, "launch_config", with_rows)
     check_against_oracle((2, 4, 9, 11), options, backend="triton", n_labels=2, seed=sum(rows))
+
+
+@pytest.mark.parametrize("rows", [(1, 2), (2, 4), (4, 1), (2, 2)])
+@pytest.mark.parametrize("options", [dict(kernel_size=5),
+                                     dict(kernel_size=3, reduction="none", zscore=False),
+                                     dict(kernel_size=7, normalizer="weight")])
+def test_window_row_kernels_every_row_count(rows, options, monkeypatch):
+    # The window-row kernels with the rows a GPU's plan may give them (the interpreter's plan is
+    # 4 each way), forward and backward apart: the backward reads the forward's tiles. 70
+    # columns: tiles of 32 - (K - 1) centres, the last one partial.
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import forward as kf
+
+    planned = kernel_config.launch_config
+
+    def with_rows(*args, **kwargs):
+        cfg = planned(*args, **kwargs)
+        assert cfg.halo
+        cfg.forward_rows, cfg.backward_rows = rows
+        return cfg
+
+    monkeypatch.setattr(kf, "launch_config", with_rows)
+    monkeypatch.setattr(kb, "launch_config", with_rows)
+    check_against_oracle((2, 6, 7, 70), options, backend="triton", n_labels=3, seed=sum(rows))
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 3, 1, 6), (2, 2, 5, 1), (1, 4, 2, 3)])
@@ -343,8 +384,9 @@ def test_one_binary_per_stride_divisibility_never_per_shape():
         "      len({str(sorted(k.items())) for k in odd}))", TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-3000:]
     kernels, aligned_variants, odd_variants = map(int, result.stdout.split())
-    # label check, statistics, forward, the combine's two levels, backward
-    assert kernels == 6 and aligned_variants == 1 and odd_variants == 1
+    # label check, forward (the window-row kernel: no statistics pass), the combine's two
+    # levels, backward
+    assert kernels == 5 and aligned_variants == 1 and odd_variants == 1
 
 
 def test_kernel_report_compiles_everything_without_spills(tmp_path):
@@ -363,11 +405,12 @@ def test_kernel_report_compiles_everything_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert all("error" not in r and r["spills"] == 0 for r in rows)
     seen = {(r["kernel"], r["arch"], r["config"]) for r in rows}
-    kernels = {"_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
-               "_combine_blocks_kernel", "_combine_kernel", "_backward_kernel"}
-    for kernel in kernels:
-        for arch in ("sm_80", "sm_90"):
-            for classes in (21, 150):
+    common = {"_count_bad_labels_kernel", "_combine_blocks_kernel", "_combine_kernel"}
+    kernels = {21: common | {"_halo_forward_kernel", "_halo_backward_kernel"},
+               150: common | {"_zscore_stats_kernel", "_forward_kernel", "_backward_kernel"}}
+    for classes in (21, 150):
+        for kernel in kernels[classes]:
+            for arch in ("sm_80", "sm_90"):
                 for dtype in ("fp32", "bf16"):
                     assert (kernel, arch, f"C={classes} {dtype} K=5") in seen
     generic = [r for r in rows if (r["kernel"], r["arch"], r["config"])

@@ -50,9 +50,9 @@ def every_stage_writes_its_file_within_a_visits_limits(visit):
 
 def kernels_stage_puts_the_model_beside_a_measurement(visit):
     (row,) = json.loads((visit / "kernels.json").read_text())["rows"]
-    assert [k["name"] for k in row["model"]] == ["_zscore_stats_kernel", "_forward_kernel",
+    assert [k["name"] for k in row["model"]] == ["_halo_forward_kernel",
                                                  "_combine_blocks_kernel", "_combine_kernel",
-                                                 "_backward_kernel"]
+                                                 "_halo_backward_kernel"]
     assert all(k["us"] == max(k["issue_us"], k["l1_us"], k["dram_us"]) for k in row["model"])
     # On the CPU the profiler sees the loss's autograd Function, not the kernels (they run
     # interpreted; in eager mode it calls the custom operators' implementations directly).
@@ -64,7 +64,7 @@ def kernels_stage_puts_the_model_beside_a_measurement(visit):
     assert "FusedMinkowskiMean" in measured
     assert any("log_softmax" in k["kernel"] for k in row["measured"]["cross_entropy"])
     summary = (visit / "summary.md").read_text()
-    assert "measured beside the model" in summary and "| _forward_kernel |" in summary
+    assert "measured beside the model" in summary and "| _halo_forward_kernel |" in summary
     assert "host time per call, no sync" in summary
 
 
@@ -83,7 +83,7 @@ def ingest_files_the_results_and_fills_the_readme(visit, tmp_path):
                                                 in n for n in names)
     text = readme.read_text()
     assert "pending" not in text and text.endswith("<!-- gpu:end -->\n\nrest\n")
-    assert "python -m bench.gpu all" in text and "| _forward_kernel |" in text
+    assert "python -m bench.gpu all" in text and "| _halo_forward_kernel |" in text
     # A second visit the same day is filed beside the first, never over it.
     first = {p: p.read_bytes() for p in written if p != readme}
     again = gpu.ingest(folder, readme=readme, results=tmp_path / "results")
@@ -100,9 +100,9 @@ def test_a_visit_dry_run(visit, tmp_path):
 
 def test_sweep_dry_run_times_every_variant_of_the_same_loss(tmp_path):
     # bench.sweep on the CPU (the interpreter is on: this module skips where CUDA is): each
-    # variant (rows per lane, register cap) forced on the kernels, and the gradient's checksum
-    # the same, since a launch plan must not change the math. In this process: a child would
-    # spend as long importing torch and Triton as the sweep runs.
+    # variant (kernels, rows per lane, register cap) forced on the kernels, and the loss and
+    # gradient the same, since a launch plan must not change the math. In this process: a child
+    # would spend as long importing torch and Triton as the sweep runs.
     sys.path.insert(0, str(ROOT))
     from bench import sweep
     from lad_triton.kernels import backward, config, forward
@@ -112,12 +112,15 @@ def test_sweep_dry_run_times_every_variant_of_the_same_loss(tmp_path):
         assert sweep.main(["--dry-run", "--json", str(out), "--only", "tiny-3-float32"]) == 0
     finally:  # the sweep leaves its last variant forced on the kernels' modules
         forward.launch_config = backward.launch_config = config.launch_config
+        config.HALO = True
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] and tuple(r["variant"]) for r in rows] == sweep.DRY_WORKLOADS[0][4]
+    assert [v if isinstance(v, str) else tuple(v) for v in (r["variant"] for r in rows)] \
+        == sweep.DRY_WORKLOADS[0][4]
     # (No times on the CPU: the interpreted kernels are no profiler events.)
     assert all("error" not in r and "us" in r for r in rows), rows
     # Other rows per lane add in another order: float32 rounding apart.
     assert all(abs(r["check"] - rows[0]["check"]) <= 1e-5 * abs(rows[0]["check"]) for r in rows)
+    assert rows[0]["grad_err"] == 0 and all(r["grad_err"] <= 1e-5 for r in rows)
     with pytest.raises(SystemExit):
         sweep.main(["--dry-run", "--only", "no-such-workload"])
 
