@@ -60,8 +60,7 @@ ARCHS = (80, 90)
 TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
               torch.int32: "i32", torch.int64: "i64"}
-KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_blocks_kernel": kf,
-           "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
+KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
            "_halo_forward_kernel": kh, "_halo_backward_kernel": kh}
 
 
@@ -122,12 +121,13 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                                                 "zscore")}
     with recording(arch) as launches:
         kl.count_bad_labels(target, classes, options["ignore_index"])
-        L, partials, P = kf.forward(logits, target, weight, need_grad=need_grad, mean=mean,
-                                    **options)
-        _, _, scales = kf.combine(partials, options["power"], dtype)
+        L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
+                                            mean=mean, **options)
+        _, scalars = kf.combine(partials, ticket, options["power"], dtype)
         if need_grad and mean:
-            kb.backward(scales, logits, target, P, weighted=weighted,
-                        grad=torch.empty((), dtype=dtype, device="meta"), **backward_options)
+            kb.backward(partials, logits, target, P, weighted=weighted,
+                        grad=torch.empty((), dtype=dtype, device="meta"), scalars=scalars,
+                        power=options["power"], **backward_options)
         elif need_grad:
             kb.backward(L, logits, target, P, **backward_options)
     return [(name, fn, args, kwargs) for name, fn, _, args, kwargs in launches]
@@ -287,8 +287,7 @@ WORKLOADS = [
 STREAMED = {
     "_zscore_stats_kernel": ("x_ptr", "mean_ptr", "rstd_ptr"),
     "_forward_kernel": ("x_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "P_ptr", "L_ptr", "part_ptr"),
-    "_combine_blocks_kernel": ("part_ptr",),
-    "_combine_kernel": ("part_ptr", "scale_ptr"),
+    "_combine_kernel": ("part_ptr",),
     "_count_bad_labels_kernel": ("y_ptr",),
     "_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
@@ -304,9 +303,9 @@ _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_
 def loop_trips(name, values):
     """The trip counts of a kernel's run-time loops, outermost first in program order (see the
     kernels: depth offsets, column offsets, class chunks; the combine's rounds)."""
-    if name == "_combine_kernel":  # the blocks' maxima, then their sums
+    if name == "_combine_kernel":  # the last program: the blocks' maxima, then their sums
         return [values["rounds"]] * 2
-    if name in ("_count_bad_labels_kernel", "_combine_blocks_kernel"):
+    if name == "_count_bad_labels_kernel":
         return []
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
@@ -441,8 +440,8 @@ def model(args):
 def summary_table(rows):
     """The model's figures as the README shows them: one line per workload."""
     short = {"_zscore_stats_kernel": "stats", "_forward_kernel": "forward",
-             "_combine_blocks_kernel": "blocks", "_combine_kernel": "combine",
-             "_backward_kernel": "backward"}
+             "_halo_forward_kernel": "forward", "_combine_kernel": "combine",
+             "_backward_kernel": "backward", "_halo_backward_kernel": "backward"}
     lines = ["| workload (fwd+bwd) | modelled | DRAM alone | target | per kernel: time, bound |",
              "|---|---|---|---|---|"]
     for r in rows:

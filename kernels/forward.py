@@ -9,10 +9,9 @@ Names as in docs/contract.md and docs/math.md. For 2-D images (B, C, H, W) and 3
    cost L = logsumexp(f) - f[y], the tile's Minkowski partials (max L, sum w (L / max L)^k,
    sum w, with w the class weight of each valid centre) and P = (softmax(f) - onehot(y)) / xi for
    the backward (0 at invalid centres).
-3. ``_combine_blocks_kernel`` and ``_combine_kernel``: the partials added in a fixed order, by
-   blocks of tiles and then the blocks (every program of the second the same sums), into the
-   loss and the two numbers the backward needs (max L and the Minkowski factor a), and each
-   tile's scale: no atomics, bitwise repeatable.
+3. ``_combine_kernel``: the partials added in a fixed order, by blocks of tiles and then the
+   blocks (the program that finishes last), into the loss and the two numbers the backward needs
+   (max L and the Minkowski factor a): no float atomics, bitwise repeatable.
 
 The z-score is folded into the pooling: with a_q = omega * [y_q == y_p] * rstd_q,
 ``f_p = (1 / xi_p) (sum_q a_q x_q - sum_q a_q m_q)``: per neighbour and class one multiply-add
@@ -376,6 +375,7 @@ def _forward_kernel(
                   # TILE_W centres (tiling.block_lanes)
     L_ptr,        # out (B, Dc, Hc, Wc) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
+    ticket_ptr,   # out int32: zeroed for the combine
     D, H, W, Dc, Hc, Wc, tiles_h, tiles_w,
     sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
     syb, syd, syh, syw,       # target strides of B, D, H, W
@@ -501,6 +501,8 @@ def _forward_kernel(
         scaled += w3 * r3 * L3 * unit
         weights += w3
     tile = tl.program_id(0).to(tl.int64)
+    if tile == 0:  # the combine's ticket, zeroed here: it runs after this kernel on the stream
+        tl.store(ticket_ptr, 0)
     tl.store(part_ptr + 3 * tile, l_max)
     tl.store(part_ptr + 3 * tile + 1, tl.sum(scaled, axis=0))
     tl.store(part_ptr + 3 * tile + 2, tl.sum(weights, axis=0))
@@ -581,20 +583,30 @@ def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
     return m_new, s_run, f_y + fy_chunk
 
 
-@triton.jit(do_not_specialize=["n"])
-def _combine_blocks_kernel(
+@triton.jit(do_not_specialize=["n", "blocks", "rounds"])
+def _combine_kernel(
     part_ptr,     # (n, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
     block_ptr,    # out (blocks, 3) float64: per block of BLOCK tiles the same three, the max NaN
                   # if a tile's is
-    n, power_hi, power_lo,
+    ticket_ptr,   # int32, zeroed by the forward kernel: how many blocks are done
+    out_ptr,      # out (3,) float64: the loss, max L, a
+    loss_ptr,     # out 0-dim, the logits' dtype: the loss
+    n, blocks, rounds, power_hi, power_lo,
     BLOCK: tl.constexpr,
 ):
-    """First level of the Minkowski mean: one program per BLOCK tiles, each tile's sum rescaled
-    from its own max to the block's (docs/math.md, "Numerics")."""
+    """The Minkowski mean of docs/math.md from the forward's partials, in one launch and a fixed
+    order (bitwise repeatable, no float atomics): each program adds its BLOCK tiles (each tile's
+    sum rescaled from its own max to the block's, docs/math.md "Numerics"), then takes a ticket;
+    the program that takes the last adds the blocks' sums in float64, in block order, and stores
+    the loss, max L and a = (S / M)^(1/k - 1) / M. The backward turns a and max L into each
+    tile's d loss / d L itself. (One program over every tile ran 34-53 us on an H200, on one SM;
+    a second launch for the blocks costs host time.)"""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     power = scalar(power_hi, power_lo, ACC)
+    power64 = scalar(power_hi, power_lo, tl.float64)
     block = tl.program_id(0).to(tl.int64)  # 3 * i: past 2^31 for 700 M tiles
-    i = block * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    i = block * BLOCK + offs
     l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
     nan = tl.max((l_max != l_max).to(tl.int32), axis=0)
     top = tl.max(tl.where(l_max == l_max, l_max, 0.0), axis=0)
@@ -605,63 +617,39 @@ def _combine_blocks_kernel(
     tl.store(block_ptr + 3 * block, tl.where(nan > 0, float("nan"), top.to(tl.float64)))
     tl.store(block_ptr + 3 * block + 1, total)
     tl.store(block_ptr + 3 * block + 2, weights)
-
-
-@triton.jit(do_not_specialize=["n", "blocks", "rounds"])
-def _combine_kernel(
-    part_ptr,     # (n, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
-    block_ptr,    # (blocks, 3) float64: _combine_blocks_kernel's
-    out_ptr,      # out (3,) float64: the loss, max L, a
-    scale_ptr,    # out (n,) ACC: per tile a * (tile max L / max L)^(k-1)
-    loss_ptr,     # out 0-dim, the logits' dtype: the loss
-    n, blocks, rounds, power_hi, power_lo,
-    BLOCK: tl.constexpr,
-):
-    """Second level: every program adds the blocks' sums in the same fixed order, in float64
-    (so every program holds the same bits; program 0 stores the loss, max L and a), then writes
-    its BLOCK tiles' shares of d loss / d L_p = a * w_p * (L_p / max L)^(k-1) (the forward
-    stored w_p * (L_p / tile max)^(k-1) in P). Two launches instead of one program over every
-    tile: that one ran 34-53 us on an H200, on one SM."""
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
-    power64 = scalar(power_hi, power_lo, tl.float64)
-    offs = tl.arange(0, BLOCK)
-    top = tl.zeros([BLOCK], dtype=tl.float64)
-    nan = tl.zeros([BLOCK], dtype=tl.int32)
-    for r in range(rounds):
-        b = r * BLOCK + offs
-        b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
-        nan = tl.maximum(nan, (b_max != b_max).to(tl.int32))
-        top = tl.maximum(top, tl.where(b_max == b_max, b_max, 0.0))
-    top = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(top, axis=0))
-    unit = 1.0 / tl.where(top > 0, top, 1.0)
-    total = tl.zeros([BLOCK], dtype=tl.float64)
-    weights = tl.zeros([BLOCK], dtype=tl.float64)
-    for r in range(rounds):
-        b = r * BLOCK + offs
-        b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
-        b_total = tl.load(block_ptr + 3 * b + 1, mask=b < blocks, other=0.0)
-        total += b_total * power_of(b_max * unit, power64)
-        weights += tl.load(block_ptr + 3 * b + 2, mask=b < blocks, other=0.0)
-    total = tl.sum(total, axis=0)
-    weights = tl.sum(weights, axis=0)
-    mean_ratio = total / tl.where(weights > 0, weights, 1.0)
-    loss = top * power_of(mean_ratio, 1.0 / power64)
-    a = tl.where((top == 0) | (weights == 0), 0.0,
-                 power_of(mean_ratio, 1.0 / power64 - 1.0) / tl.where(weights > 0, weights, 1.0))
-    if tl.program_id(0) == 0:
+    # acq_rel: this block's sums are visible to whoever takes a later ticket
+    if tl.atomic_add(ticket_ptr, 1) == blocks - 1:
+        b_top = tl.zeros([BLOCK], dtype=tl.float64)
+        b_nan = tl.zeros([BLOCK], dtype=tl.int32)
+        for r in range(rounds):
+            b = r * BLOCK + offs
+            b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
+            b_nan = tl.maximum(b_nan, (b_max != b_max).to(tl.int32))
+            b_top = tl.maximum(b_top, tl.where(b_max == b_max, b_max, 0.0))
+        top64 = tl.where(tl.max(b_nan, axis=0) > 0, float("nan"), tl.max(b_top, axis=0))
+        unit64 = 1.0 / tl.where(top64 > 0, top64, 1.0)
+        b_total = tl.zeros([BLOCK], dtype=tl.float64)
+        b_weights = tl.zeros([BLOCK], dtype=tl.float64)
+        for r in range(rounds):
+            b = r * BLOCK + offs
+            b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
+            b_sum = tl.load(block_ptr + 3 * b + 1, mask=b < blocks, other=0.0)
+            b_total += b_sum * power_of(b_max * unit64, power64)
+            b_weights += tl.load(block_ptr + 3 * b + 2, mask=b < blocks, other=0.0)
+        total64 = tl.sum(b_total, axis=0)
+        weights64 = tl.sum(b_weights, axis=0)
+        mean_ratio = total64 / tl.where(weights64 > 0, weights64, 1.0)
+        loss = top64 * power_of(mean_ratio, 1.0 / power64)
+        a = tl.where((top64 == 0) | (weights64 == 0), 0.0,
+                     power_of(mean_ratio, 1.0 / power64 - 1.0)
+                     / tl.where(weights64 > 0, weights64, 1.0))
         tl.store(out_ptr, loss)
-        tl.store(out_ptr + 1, top)
+        tl.store(out_ptr + 1, top64)
         tl.store(out_ptr + 2, a)
         if loss_ptr.dtype.element_ty == tl.float64:
             tl.store(loss_ptr, loss)
         else:  # via float32: Triton's interpreter casts float64 to bfloat16 wrongly
             tl.store(loss_ptr, loss.to(tl.float32).to(loss_ptr.dtype.element_ty))
-    # The tiles' maxima are ACC values and top the largest of them: exact in ACC.
-    power = scalar(power_hi, power_lo, ACC)
-    i = tl.program_id(0).to(tl.int64) * BLOCK + offs
-    l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
-    share = power_of(l_max * unit.to(ACC), power - 1.0)
-    tl.store(scale_ptr + i, a.to(ACC) * share, mask=i < n)
 
 
 def as_volume(t, dims):
@@ -688,7 +676,7 @@ def grid_of(rows, tile_w, centres):
 
 
 def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted, cfg=None):
-    """The forward's outputs (L, partials, P), allocated with ``new_empty`` so that the fake
+    """The forward's outputs (L, partials, ticket, P), allocated with ``new_empty`` so that the fake
     implementation (torch.compile's shape propagation) shares this one definition. L is empty
     for the mean (``mean``), P when no gradient is needed. ``cfg``: the launch_config, when the
     caller has it."""
@@ -703,16 +691,16 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted, cfg=None
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
     # P in blocks of tile_w centres (tiling.block_lanes), each image padded to whole blocks.
     blocks = cdiv(d_c * h_c * w_c, cfg.tile_w)
-    return (new(0) if mean else new(*centres), new(n_tiles, 3),
+    return (new(0) if mean else new(*centres), new(n_tiles, 3), new(1, dtype=torch.int32),
             new(batch, blocks, classes, cfg.tile_w, dtype=logits.dtype) if need_grad
             else new(0, dtype=logits.dtype))
 
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
             weight_base, normalizer, zscore, need_grad, mean):
-    """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, P):
-    the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3) Minkowski
-    partials, and P for the backward (empty when ``need_grad`` is False; scaled for the mean,
+    """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, ticket,
+    P): the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3)
+    Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when ``need_grad`` is False; scaled for the mean,
     see ``_forward_kernel``). ``weight`` is None or C class weights in the accumulation dtype.
     No host sync; the z-score statistics are a temporary of the forward."""
     volume = logits.dim() == 5
@@ -721,9 +709,9 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         **target_of(logits))
-    L, partials, P = allocate(logits, kernel_size=kernel_size, stride=stride,
-                              need_grad=need_grad, mean=mean, weighted=weight is not None,
-                              cfg=cfg)
+    L, partials, ticket, P = allocate(logits, kernel_size=kernel_size, stride=stride,
+                                      need_grad=need_grad, mean=mean,
+                                      weighted=weight is not None, cfg=cfg)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     wide = needs_wide_index(span((classes, depth, height, width), sx[1:]),
                             span(y_shape[1:], sy[1:]),
@@ -733,7 +721,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         tiles_h, tiles_w, programs = tile_grid(cfg, cfg.forward_rows, kernel_size,
                                                (batch, depth, height, width))
         halo._halo_forward_kernel[(programs,)](
-            logits, target, partials if weight is None else weight, P, L, partials,
+            logits, target, partials if weight is None else weight, P, L, partials, ticket,
             depth, height, width, tiles_h, tiles_w, *sx, *sy,
             kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),
             *split_scalar(power), *split_scalar(weight_base),
@@ -741,7 +729,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
             ROWS=cfg.forward_rows, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
             HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide,
             **cfg.forward_launch)
-        return L, partials, P
+        return L, partials, ticket, P
     stats = (batch, depth, height, width) if zscore else (0,)
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:
@@ -754,7 +742,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     radius = kernel_size // 2
     _forward_kernel[(programs,)](
         logits, target, partials if weight is None else weight, mean_, rstd, P, L, partials,
-        depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
+        ticket, depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
         radius, radius if volume else 0, cfg.chunks, ignore_index,
         *split_scalar(power), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
@@ -762,28 +750,26 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         TILE_W=cfg.tile_w, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
         HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, UNROLL=cfg.unrolled,
         WIDE=wide, **cfg.forward_launch)
-    return L, partials, P
+    return L, partials, ticket, P
 
 
 COMBINE_BLOCK = 1024
 
 
-def combine(partials, power, loss_dtype, block=COMBINE_BLOCK):
-    """(loss, scalars, scales): the loss (0-dim, ``loss_dtype``), float64 (loss, max L, a) and
-    the per-tile scales of d loss / d L from the forward's partials, in two launches of
-    cdiv(tiles, block) programs each (a power of 2; tests take small blocks). No host sync."""
+def combine(partials, ticket, power, loss_dtype, block=COMBINE_BLOCK):
+    """(loss, scalars): the loss (0-dim, ``loss_dtype``) and float64 (loss, max L, a) from the
+    forward's partials, in one launch of cdiv(tiles, block) programs (a power of 2; tests take
+    small blocks). ``ticket``: the forward's, zeroed by it. No host sync."""
     scalars = partials.new_empty(3, dtype=torch.float64)
-    scales = partials.new_empty(partials.shape[0])
     loss = partials.new_empty((), dtype=loss_dtype)
     n = partials.shape[0]
     blocks = max(1, cdiv(n, block))
     block_sums = partials.new_empty((blocks, 3), dtype=torch.float64)
     # maxnreg: Triton 3.6's ptxas stops at 64 registers and spills the float64 sums on sm_80.
-    launch = dict(BLOCK=block, num_warps=8, num_stages=1, maxnreg=128)
-    _combine_blocks_kernel[(blocks,)](partials, block_sums, n, *split_scalar(power), **launch)
-    _combine_kernel[(blocks,)](partials, block_sums, scalars, scales, loss, n, blocks,
-                               cdiv(blocks, block), *split_scalar(power), **launch)
-    return loss, scalars, scales
+    _combine_kernel[(blocks,)](partials, block_sums, ticket, scalars, loss, n, blocks,
+                               cdiv(blocks, block), *split_scalar(power), BLOCK=block,
+                               num_warps=8, num_stages=1, maxnreg=128)
+    return loss, scalars
 
 
 # Whether @triton.jit made these kernels interpreted (TRITON_INTERPRET when this module was

@@ -23,7 +23,7 @@ as ``backward._backward_kernel``.
 import triton
 import triton.language as tl
 
-from .tiling import also, clamp, omega_of, power_of, scalar
+from .tiling import also, clamp, omega_of, power_of, scalar, tile_scale_factors
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -145,6 +145,7 @@ def _halo_forward_kernel(
     P_ptr,        # out (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
     L_ptr,        # out (B, D, H, W) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
+    ticket_ptr,   # out int32: zeroed for the combine
     D, H, W, tiles_h, tiles_w,
     sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
     syb, syd, syh, syw,       # target strides of B, D, H, W
@@ -240,6 +241,8 @@ def _halo_forward_kernel(
     unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
     r = power_of(L * unit, power - 1.0)
     tile = tl.program_id(0).to(tl.int64)
+    if tile == 0:  # the combine's ticket, zeroed here: it runs after this kernel on the stream
+        tl.store(ticket_ptr, 0)
     tl.store(part_ptr + 3 * tile, l_max)
     tl.store(part_ptr + 3 * tile + 1, tl.sum(tl.sum(w * r * L * unit, axis=1), axis=0))
     tl.store(part_ptr + 3 * tile + 2, tl.sum(tl.sum(w, axis=1), axis=0))
@@ -277,23 +280,25 @@ def _halo_backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
-    s_ptr,       # MEAN: (forward tiles,) ACC, per tile a * (t / max L)^(k-1); else (B, D, H, W)
-                 # contiguous ACC, the map dL = d output / d L
+    s_ptr,       # MEAN: (forward tiles, 3) ACC, the forward's partials (each tile's max L t);
+                 # else (B, D, H, W) contiguous ACC, the map dL = d output / d L
     grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
+    scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
     dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
     D, H, W, tiles_h, tiles_w, ftiles_h, ftiles_w,
     sxb, sxc, sxd, sxh, sxw,
     syb, syd, syh, syw,
     sdb, sdc, sdd, sdh, sdw,
     radius_d,
-    eps_hi, eps_lo, base_hi, base_lo,  # as split_scalar()
+    eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
     FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
 ):
     """dx of a tile of ROWS x (32 - 2r) pixels q: G_q = sum over the centres p whose window holds
     q, with y_p == y_q, of omega * dL_p * P_p (gathered from the centre rows, each loaded once),
-    then dx_q = rstd_q (G_q - mean_c G_q - z_q mean_c(G_q z_q)). MEAN: dL_p = grad * the scale of
-    p's forward tile (FROWS rows of 32 - 2r centres) times the factor already in P."""
+    then dx_q = rstd_q (G_q - mean_c G_q - z_q mean_c(G_q z_q)). MEAN: dL_p = grad * a * (t /
+    max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times the
+    factor w_p (L_p / t)^(k-1) already in P."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     TW: tl.constexpr = LANES - 2 * RADIUS
     eps = scalar(eps_hi, eps_lo, ACC)
@@ -305,9 +310,7 @@ def _halo_backward_kernel(
     cmask = cls < C
     if WIDE:
         cls = cls.to(tl.int64)
-    grad = tl.zeros([], dtype=ACC)
-    if MEAN:
-        grad = tl.load(grad_ptr).to(ACC)
+    grad, unit, power1 = tile_scale_factors(grad_ptr, scal_ptr, power_hi, power_lo, ACC, MEAN)
     y_img = y_ptr + image * syb
     if WIDE:
         plane = D.to(tl.int64) * H * W
@@ -339,7 +342,8 @@ def _halo_backward_kernel(
                           syw)
             n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
             if MEAN:
-                s = grad * tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
+                t_max = tl.load(s_ptr + 3 * ((tile_plane + pic // FROWS) * ftiles_w + pjc // TW))
+                s = grad * power_of(t_max * unit, power1)
             else:
                 s = tl.load(s_img + n)
             s = tl.where(ok, s, 0.0)

@@ -8,9 +8,9 @@ the autograd wiring of the fused Minkowski mean.
   ``lad_triton::fused_costs_backward``, takes the map d loss / d L: it serves reduction="none"
   and any reduction computed in PyTorch.
 - ``FusedMinkowskiMean`` is reduction="mean": the costs with ``mean=True`` (P scaled by each
-  centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (two small
-  launches add the partials into the loss and one scale per forward tile; the synchronised mean
-  all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
+  centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (one small
+  launch adds the partials into the loss, max L and a; the synchronised mean all-reduces them in
+  PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
   forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
   materialised for non-differentiable outputs, and neither pass syncs with the host.
 
@@ -37,9 +37,9 @@ def _on_device(tensor):
     return torch.cuda.device(tensor.device)
 
 
-def _operator(name, impl):
+def _operator(name, impl, mutates_args=()):
     """The custom operator ``name`` implemented by ``impl``; ``_eager(op)`` finds impl again."""
-    op = torch.library.custom_op(name, mutates_args=())(impl)
+    op = torch.library.custom_op(name, mutates_args=mutates_args)(impl)
     _IMPLS[op] = impl
     return op
 
@@ -82,8 +82,8 @@ _NO_DEVICE = _NoDevice()
 def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
                  power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
                  normalizer: str, zscore: bool, need_grad: bool,
-                 mean: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(L, partials, P); see kernels/forward.py."""
+                 mean: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(L, partials, ticket, P); see kernels/forward.py."""
     with _on_device(logits):
         return kernels_forward.forward(
             logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
@@ -122,11 +122,11 @@ def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore):
 def _setup_context(ctx, inputs, output):
     (logits, target, _, kernel_size, _, stride, _, eps, weight_base, _, zscore, _,
      mean) = inputs
-    _, partials, P = output
+    _, partials, ticket, P = output
     ctx.save_for_backward(logits, target, P)
     ctx.options = (kernel_size, stride, eps, weight_base, zscore)
     ctx.mean = mean
-    ctx.mark_non_differentiable(partials, P)
+    ctx.mark_non_differentiable(partials, ticket, P)
     # Only L is differentiable: no logits-sized zero gradient for P (nor for the partials).
     ctx.set_materialize_grads(False)
 
@@ -145,52 +145,51 @@ def _backward(ctx, dL, *_):
 fused_costs.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fused_combine(partials: Tensor, power: float,
-                   loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, scalars, scales): the Minkowski mean, float64 (loss, max L, a) and the per-tile
-    scales of d loss / d L; see kernels/forward.py."""
+def _fused_combine(partials: Tensor, ticket: Tensor, power: float,
+                   loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(loss, scalars): the Minkowski mean and float64 (loss, max L, a); see
+    kernels/forward.py."""
     with _on_device(partials):
-        return kernels_forward.combine(partials, power, loss_dtype)
+        return kernels_forward.combine(partials, ticket, power, loss_dtype)
 
 
-fused_combine = _operator("lad_triton::fused_combine", _fused_combine)
+# The ticket counts the combine's finished blocks (the forward zeroed it).
+fused_combine = _operator("lad_triton::fused_combine", _fused_combine, mutates_args=("ticket",))
 
 
 @fused_combine.register_fake
-def _(partials, power, loss_dtype):
+def _(partials, ticket, power, loss_dtype):
     return (partials.new_empty((), dtype=loss_dtype),
-            partials.new_empty(3, dtype=torch.float64), partials.new_empty(partials.shape[0]))
+            partials.new_empty(3, dtype=torch.float64))
 
 
-def _fused_mean_backward(grad: Tensor, scales: Tensor, logits: Tensor, target: Tensor,
-                         P: Tensor, kernel_size: int, stride: int, eps: float,
-                         weight_base: float, zscore: bool, weighted: bool) -> Tensor:
+def _fused_mean_backward(grad: Tensor, partials: Tensor, scalars: Tensor, logits: Tensor,
+                         target: Tensor, P: Tensor, kernel_size: int, stride: int, eps: float,
+                         weight_base: float, zscore: bool, weighted: bool,
+                         power: float) -> Tensor:
     """d output / d logits of the fused Minkowski mean; see kernels/backward.py."""
     with _on_device(logits):
-        return kernels_backward.backward(scales, logits, target, P, kernel_size=kernel_size,
+        return kernels_backward.backward(partials, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
-                                         zscore=zscore, weighted=weighted, grad=grad)
+                                         zscore=zscore, weighted=weighted, grad=grad,
+                                         scalars=scalars, power=power)
 
 
 fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_backward)
 
 
 @fused_mean_backward.register_fake
-def _(grad, scales, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
-      weighted):
+def _(grad, partials, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
+      weighted, power):
     return torch.empty_like(logits)
 
 
-def _reduce(partials, power, group, dtype):
-    """(loss, scales) from the partials: the combine kernels locally, PyTorch across processes."""
+def _reduce(partials, ticket, power, group, dtype):
+    """(loss, float64 (loss, max L, a)) from the partials: the combine kernel locally, PyTorch
+    across processes."""
     if group is None:
-        loss, _, scales = _eager(fused_combine)(partials, power, dtype)
-        return loss, scales
-    loss, scalars = synced_scalars(partials, power, group, dtype)
-    # A tile's scale a * (t / max L)^(k-1), as the combine kernel computes it.
-    _, top, a = scalars
-    ratio = partials[:, 0].double() / torch.where(top > 0, top, 1)
-    return loss, (a * ratio.pow(power - 1.0)).to(partials.dtype)
+        return _eager(fused_combine)(partials, ticket, power, dtype)
+    return synced_scalars(partials, power, group, dtype)
 
 
 class FusedMinkowskiMean(torch.autograd.Function):
@@ -199,18 +198,19 @@ class FusedMinkowskiMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, power, group, kernel_size, stride, ignore_index,
                 eps, weight_base, normalizer, zscore):
-        _, partials, P = _eager(fused_costs)(logits, target, weight, kernel_size, power, stride,
-                                             ignore_index, eps, weight_base, normalizer, zscore,
-                                             True, True)
-        loss, scales = _reduce(partials, power, group, logits.dtype)
-        ctx.save_for_backward(scales, logits, target, P)
-        ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None)
+        _, partials, ticket, P = _eager(fused_costs)(
+            logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
+            normalizer, zscore, True, True)
+        loss, scalars = _reduce(partials, ticket, power, group, logits.dtype)
+        ctx.save_for_backward(partials, scalars, logits, target, P)
+        ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None, power)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        scales, logits, target, P = ctx.saved_tensors
-        dx = _eager(fused_mean_backward)(grad, scales, logits, target, P, *ctx.options)
+        partials, scalars, logits, target, P = ctx.saved_tensors
+        dx = _eager(fused_mean_backward)(grad, partials, scalars, logits, target, P,
+                                         *ctx.options)
         return (dx,) + (None,) * 11
 
 
@@ -220,6 +220,6 @@ def fused_mean(logits, target, weight, options, power, group, need_grad):
     weight_base, normalizer, zscore)."""
     if need_grad:
         return FusedMinkowskiMean.apply(logits, target, weight, power, group, *options)
-    _, partials, _ = _eager(fused_costs)(logits, target, weight, options[0], power,
-                                         *options[1:], False, True)
-    return _reduce(partials, power, group, logits.dtype)[0]
+    _, partials, ticket, _ = _eager(fused_costs)(logits, target, weight, options[0], power,
+                                                 *options[1:], False, True)
+    return _reduce(partials, ticket, power, group, logits.dtype)[0]

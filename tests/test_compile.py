@@ -153,7 +153,7 @@ def test_opcheck_fused_costs_backward():
     from lad_triton.fused import fused_costs, fused_costs_backward
 
     args = fused_cases()[0]
-    L, _, P = fused_costs(*args)
+    L, _, _, P = fused_costs(*args)
     opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, 3, 1,
                                    1e-5, 2.0, True))
 
@@ -162,11 +162,11 @@ def test_opcheck_fused_combine_and_mean_backward():
     from lad_triton.fused import fused_combine, fused_costs, fused_mean_backward
 
     args = fused_cases()[5]
-    _, partials, P = fused_costs(*args)
-    opcheck(fused_combine, (partials, 3.0, torch.float32))
-    _, _, scales = fused_combine(partials, 3.0, torch.float32)
-    opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), scales, args[0], args[1], P, 3,
-                                  1, 1e-5, 2.0, True, True))
+    _, partials, ticket, P = fused_costs(*args)
+    opcheck(fused_combine, (partials, ticket, 3.0, torch.float32))
+    _, scalars = fused_combine(partials, ticket, 3.0, torch.float32)
+    opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), partials, scalars, args[0],
+                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

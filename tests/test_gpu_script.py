@@ -51,7 +51,7 @@ def every_stage_writes_its_file_within_a_visits_limits(visit):
 def kernels_stage_puts_the_model_beside_a_measurement(visit):
     (row,) = json.loads((visit / "kernels.json").read_text())["rows"]
     assert [k["name"] for k in row["model"]] == ["_halo_forward_kernel",
-                                                 "_combine_blocks_kernel", "_combine_kernel",
+                                                 "_combine_kernel",
                                                  "_halo_backward_kernel"]
     assert all(k["us"] == max(k["issue_us"], k["l1_us"], k["dram_us"]) for k in row["model"])
     # On the CPU the profiler sees the loss's autograd Function, not the kernels (they run
