@@ -33,6 +33,7 @@ import triton.language as tl
 from . import halo
 from .config import launch_config, needs_wide_index, span, split_scalar, target_of, tile_grid
 from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
+from .launch import launch
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, power_of,
                      scalar, tile_coordinates, tile_scale_factors)
 
@@ -351,7 +352,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
                             depth * height * width)
     radius = kernel_size // 2
     if cfg.halo:
-        halo._halo_backward_kernel[(programs,)](
+        launch(halo._halo_backward_kernel, (programs,),
             logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
             depth, height, width, tiles_h, tiles_w, *forward_tiles[:2], *sx, *sy, *sdx,
             radius if volume else 0, *split_scalar(eps), *split_scalar(weight_base),
@@ -359,7 +360,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, ROWS=cfg.backward_rows,
             FROWS=cfg.forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
         return dx
-    _backward_kernel[(programs,)](
+    launch(_backward_kernel, (programs,),
         logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
         *sx, *sy, *sdx,

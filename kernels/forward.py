@@ -56,6 +56,7 @@ import triton.language as tl
 from . import halo
 from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of, tile_grid)
+from .launch import launch
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
                      tile_coordinates, window_weight)
 
@@ -720,7 +721,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     if cfg.halo:
         tiles_h, tiles_w, programs = tile_grid(cfg, cfg.forward_rows, kernel_size,
                                                (batch, depth, height, width))
-        halo._halo_forward_kernel[(programs,)](
+        launch(halo._halo_forward_kernel, (programs,),
             logits, target, partials if weight is None else weight, P, L, partials, ticket,
             depth, height, width, tiles_h, tiles_w, *sx, *sy,
             kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),
@@ -734,13 +735,13 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:
         tiles_h, tiles_w, programs = grid_of(1, cfg.tile_w, (batch, depth, height, width))
-        _zscore_stats_kernel[(programs,)](
+        launch(_zscore_stats_kernel, (programs,),
             logits, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
             *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
             TILE_W=cfg.tile_w, WIDE=wide, **cfg.forward_launch)
     tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     radius = kernel_size // 2
-    _forward_kernel[(programs,)](
+    launch(_forward_kernel, (programs,),
         logits, target, partials if weight is None else weight, mean_, rstd, P, L, partials,
         ticket, depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
         radius, radius if volume else 0, cfg.chunks, ignore_index,
@@ -766,9 +767,9 @@ def combine(partials, ticket, power, loss_dtype, block=COMBINE_BLOCK):
     blocks = max(1, cdiv(n, block))
     block_sums = partials.new_empty((blocks, 3), dtype=torch.float64)
     # maxnreg: Triton 3.6's ptxas stops at 64 registers and spills the float64 sums on sm_80.
-    _combine_kernel[(blocks,)](partials, block_sums, ticket, scalars, loss, n, blocks,
-                               cdiv(blocks, block), *split_scalar(power), BLOCK=block,
-                               num_warps=8, num_stages=1, maxnreg=128)
+    launch(_combine_kernel, (blocks,), partials, block_sums, ticket, scalars, loss, n, blocks,
+           cdiv(blocks, block), *split_scalar(power), BLOCK=block, num_warps=8, num_stages=1,
+           maxnreg=128)
     return loss, scalars
 
 
