@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "bench", "kernels")
 # The tests that say whether the kernels are right on this GPU run first; the rest after, in
 # what is left of the stage's budget.
-FIRST_TESTS = ["tests/test_fused.py", "tests/test_precision.py", "tests/test_reference.py",
-               "tests/test_compile.py", "tests/test_amp.py", "tests/test_validation.py"]
+FIRST_TESTS = ["tests/test_fused.py", "tests/test_cuda_graphs.py", "tests/test_precision.py",
+               "tests/test_reference.py", "tests/test_compile.py", "tests/test_amp.py",
+               "tests/test_validation.py"]
 # --dry-run: one file each way, enough to run the path.
 DRY_TESTS = (["tests/test_module.py"],
              ["tests/test_validation.py::test_bad_option_raises_value_error"])
