@@ -54,7 +54,24 @@ def environment(device):
     return dict(device=name, device_type=device.type, torch=torch.__version__,
                 triton=triton_version, lad_triton=lad_triton.__version__,
                 python=platform.python_version(),
-                date=datetime.date.today().isoformat())
+                date=datetime.date.today().isoformat(), **source_commit())
+
+
+def source_commit():
+    """The commit the results come from: $LAD_TRITON_COMMIT where a copy of the checkout was
+    sent elsewhere (a lent GPU machine: its copy's git history need not be this one's), else
+    git's HEAD and whether tracked files differ from it."""
+    if os.environ.get("LAD_TRITON_COMMIT"):
+        return dict(commit=os.environ["LAD_TRITON_COMMIT"], dirty=None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=root, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return dict(commit=None, dirty=None)
+    return dict(commit=head or None, dirty=bool(status.strip()) if head else None)
 
 
 def missing_requirements(device):
