@@ -123,9 +123,9 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
                                             mean=mean, **options)
-        _, scalars = kf.combine(partials, ticket, options["power"], dtype)
+        _, scalars, tile_max = kf.combine(partials, ticket, options["power"], dtype)
         if need_grad and mean:
-            kb.backward(partials, logits, target, P, weighted=weighted,
+            kb.backward(tile_max, logits, target, P, weighted=weighted,
                         grad=torch.empty((), dtype=dtype, device="meta"), scalars=scalars,
                         power=options["power"], **backward_options)
         elif need_grad:
@@ -287,7 +287,7 @@ WORKLOADS = [
 STREAMED = {
     "_zscore_stats_kernel": ("x_ptr", "mean_ptr", "rstd_ptr"),
     "_forward_kernel": ("x_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "P_ptr", "L_ptr", "part_ptr"),
-    "_combine_kernel": ("part_ptr",),
+    "_combine_kernel": ("part_ptr", "tile_max_ptr"),
     "_count_bad_labels_kernel": ("y_ptr",),
     "_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),

@@ -9,8 +9,8 @@ the lane whose window holds it), then applies the z-score Jacobian
 dx_q = rstd_q * (G_q - mean_c G_q - z_q * mean_c(G_q z_q)).
 
 dL_p = d loss / d L_p is never written as a map for the Minkowski mean (MEAN): the forward
-stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile (in the partials), and
-the combine gives a and max L, so the kernel multiplies P by the upstream gradient times a * (t /
+stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile, and the combine gives
+every t, a and max L, so the kernel multiplies P by the upstream gradient times a * (t /
 max L)^(k-1). Otherwise (reduction="none", and any reduction computed in PyTorch) the
 caller passes the map dL.
 
@@ -33,7 +33,6 @@ import triton.language as tl
 from . import halo
 from .config import launch_config, needs_wide_index, span, split_scalar, target_of, tile_grid
 from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
-from .launch import launch
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, power_of,
                      scalar, tile_coordinates, tile_scale_factors)
 
@@ -57,7 +56,7 @@ def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, c
                   + (cj * STRIDE) * syw).to(tl.int32)
     centre = (cd * Hc + ci) * Wc + cj
     if MEAN:
-        t_max = tl.load(s_ptr + 3 * ((tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W))
+        t_max = tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
         s = grad * power_of(t_max * unit, power1)
     else:
         s = tl.load(s_img + centre)
@@ -198,7 +197,7 @@ def _backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, TILE_W), logits dtype: P (scaled for MEAN), tiling.block_lanes
-    s_ptr,       # MEAN: (forward tiles, 3) ACC, the forward's partials (each tile's max L t);
+    s_ptr,       # MEAN: (forward tiles,) ACC, each forward tile's max L t (the combine's);
                  # else (B, Dc, Hc, Wc) contiguous ACC, the map dL = d output / d L
     grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
     scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
@@ -328,7 +327,7 @@ def _backward_kernel(
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore,
              weighted=False, grad=None, scalars=None, power=1.0):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
-    ``grad`` (d output / d loss, 0-dim) ``s`` is the forward's partials, ``scalars`` the
+    ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
     scaled P (the Minkowski mean); without, ``s`` is the map dL on the centre grid.
     ``weighted``: the forward had class weights (its tiling depends on it)."""
@@ -352,7 +351,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
                             depth * height * width)
     radius = kernel_size // 2
     if cfg.halo:
-        launch(halo._halo_backward_kernel, (programs,),
+        halo._halo_backward_kernel[(programs,)](
             logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
             depth, height, width, tiles_h, tiles_w, *forward_tiles[:2], *sx, *sy, *sdx,
             radius if volume else 0, *split_scalar(eps), *split_scalar(weight_base),
@@ -360,7 +359,7 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, ROWS=cfg.backward_rows,
             FROWS=cfg.forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
         return dx
-    launch(_backward_kernel, (programs,),
+    _backward_kernel[(programs,)](
         logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
         *sx, *sy, *sdx,

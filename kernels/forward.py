@@ -56,7 +56,6 @@ import triton.language as tl
 from . import halo
 from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of, tile_grid)
-from .launch import launch
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
                      tile_coordinates, window_weight)
 
@@ -591,6 +590,7 @@ def _combine_kernel(
                   # if a tile's is
     ticket_ptr,   # int32, zeroed by the forward kernel: how many blocks are done
     out_ptr,      # out (3,) float64: the loss, max L, a
+    tile_max_ptr,  # out (n,) ACC: each tile's max L, all the backward keeps of the partials
     loss_ptr,     # out 0-dim, the logits' dtype: the loss
     n, blocks, rounds, power_hi, power_lo,
     BLOCK: tl.constexpr,
@@ -599,8 +599,8 @@ def _combine_kernel(
     order (bitwise repeatable, no float atomics): each program adds its BLOCK tiles (each tile's
     sum rescaled from its own max to the block's, docs/math.md "Numerics"), then takes a ticket;
     the program that takes the last adds the blocks' sums in float64, in block order, and stores
-    the loss, max L and a = (S / M)^(1/k - 1) / M. The backward turns a and max L into each
-    tile's d loss / d L itself. (One program over every tile ran 34-53 us on an H200, on one SM;
+    the loss, max L and a = (S / M)^(1/k - 1) / M. The backward turns a, max L and each tile's
+    max L (copied out here, so that the partials can go) into each tile's d loss / d L itself. (One program over every tile ran 34-53 us on an H200, on one SM;
     a second launch for the blocks costs host time.)"""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     power = scalar(power_hi, power_lo, ACC)
@@ -609,6 +609,7 @@ def _combine_kernel(
     offs = tl.arange(0, BLOCK)
     i = block * BLOCK + offs
     l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
+    tl.store(tile_max_ptr + i, l_max, mask=i < n)
     nan = tl.max((l_max != l_max).to(tl.int32), axis=0)
     top = tl.max(tl.where(l_max == l_max, l_max, 0.0), axis=0)
     unit = 1.0 / tl.where(top > 0, top, 1.0)
@@ -721,7 +722,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     if cfg.halo:
         tiles_h, tiles_w, programs = tile_grid(cfg, cfg.forward_rows, kernel_size,
                                                (batch, depth, height, width))
-        launch(halo._halo_forward_kernel, (programs,),
+        halo._halo_forward_kernel[(programs,)](
             logits, target, partials if weight is None else weight, P, L, partials, ticket,
             depth, height, width, tiles_h, tiles_w, *sx, *sy,
             kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),
@@ -735,13 +736,13 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:
         tiles_h, tiles_w, programs = grid_of(1, cfg.tile_w, (batch, depth, height, width))
-        launch(_zscore_stats_kernel, (programs,),
+        _zscore_stats_kernel[(programs,)](
             logits, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
             *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
             TILE_W=cfg.tile_w, WIDE=wide, **cfg.forward_launch)
     tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     radius = kernel_size // 2
-    launch(_forward_kernel, (programs,),
+    _forward_kernel[(programs,)](
         logits, target, partials if weight is None else weight, mean_, rstd, P, L, partials,
         ticket, depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *sx, *sy,
         radius, radius if volume else 0, cfg.chunks, ignore_index,
@@ -758,19 +759,21 @@ COMBINE_BLOCK = 1024
 
 
 def combine(partials, ticket, power, loss_dtype, block=COMBINE_BLOCK):
-    """(loss, scalars): the loss (0-dim, ``loss_dtype``) and float64 (loss, max L, a) from the
-    forward's partials, in one launch of cdiv(tiles, block) programs (a power of 2; tests take
-    small blocks). ``ticket``: the forward's, zeroed by it. No host sync."""
+    """(loss, scalars, tile_max): the loss (0-dim, ``loss_dtype``), float64 (loss, max L, a) and
+    each tile's max L from the forward's partials, in one launch of cdiv(tiles, block) programs
+    (a power of 2; tests take small blocks). ``ticket``: the forward's, zeroed by it. No host
+    sync."""
     scalars = partials.new_empty(3, dtype=torch.float64)
+    tile_max = partials.new_empty(partials.shape[0])
     loss = partials.new_empty((), dtype=loss_dtype)
     n = partials.shape[0]
     blocks = max(1, cdiv(n, block))
     block_sums = partials.new_empty((blocks, 3), dtype=torch.float64)
     # maxnreg: Triton 3.6's ptxas stops at 64 registers and spills the float64 sums on sm_80.
-    launch(_combine_kernel, (blocks,), partials, block_sums, ticket, scalars, loss, n, blocks,
-           cdiv(blocks, block), *split_scalar(power), BLOCK=block, num_warps=8, num_stages=1,
-           maxnreg=128)
-    return loss, scalars
+    _combine_kernel[(blocks,)](partials, block_sums, ticket, scalars, tile_max, loss, n, blocks,
+                               cdiv(blocks, block), *split_scalar(power), BLOCK=block,
+                               num_warps=8, num_stages=1, maxnreg=128)
+    return loss, scalars, tile_max
 
 
 # Whether @triton.jit made these kernels interpreted (TRITON_INTERPRET when this module was

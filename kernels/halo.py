@@ -280,7 +280,7 @@ def _halo_backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
-    s_ptr,       # MEAN: (forward tiles, 3) ACC, the forward's partials (each tile's max L t);
+    s_ptr,       # MEAN: (forward tiles,) ACC, each forward tile's max L t (the combine's);
                  # else (B, D, H, W) contiguous ACC, the map dL = d output / d L
     grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
     scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
@@ -342,7 +342,7 @@ def _halo_backward_kernel(
                           syw)
             n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
             if MEAN:
-                t_max = tl.load(s_ptr + 3 * ((tile_plane + pic // FROWS) * ftiles_w + pjc // TW))
+                t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
                 s = grad * power_of(t_max * unit, power1)
             else:
                 s = tl.load(s_img + n)

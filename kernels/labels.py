@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
 
 BLOCK = 4096
 
@@ -38,7 +37,7 @@ def count_bad_labels(target, classes, ignore_index):
     n = target.numel()
     programs = triton.cdiv(n, BLOCK)
     count = torch.zeros((), dtype=torch.int64, device=target.device)
-    launch(_count_bad_labels_kernel, (programs,),
+    _count_bad_labels_kernel[(programs,)](
         target, count, n, classes, ignore_index,
         HAS_IGNORE=info.min <= ignore_index <= info.max, BLOCK=BLOCK, num_warps=8)
     return count

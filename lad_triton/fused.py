@@ -9,8 +9,8 @@ the autograd wiring of the fused Minkowski mean.
   and any reduction computed in PyTorch.
 - ``FusedMinkowskiMean`` is reduction="mean": the costs with ``mean=True`` (P scaled by each
   centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (one small
-  launch adds the partials into the loss, max L and a; the synchronised mean all-reduces them in
-  PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
+  launch adds the partials into the loss, max L and a and keeps each tile's max L; the
+  synchronised mean all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
   forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
   materialised for non-differentiable outputs, and neither pass syncs with the host.
 
@@ -146,9 +146,9 @@ fused_costs.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fused_combine(partials: Tensor, ticket: Tensor, power: float,
-                   loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(loss, scalars): the Minkowski mean and float64 (loss, max L, a); see
-    kernels/forward.py."""
+                   loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, scalars, tile_max): the Minkowski mean, float64 (loss, max L, a) and each tile's
+    max L; see kernels/forward.py."""
     with _on_device(partials):
         return kernels_forward.combine(partials, ticket, power, loss_dtype)
 
@@ -160,16 +160,16 @@ fused_combine = _operator("lad_triton::fused_combine", _fused_combine, mutates_a
 @fused_combine.register_fake
 def _(partials, ticket, power, loss_dtype):
     return (partials.new_empty((), dtype=loss_dtype),
-            partials.new_empty(3, dtype=torch.float64))
+            partials.new_empty(3, dtype=torch.float64), partials.new_empty(partials.shape[0]))
 
 
-def _fused_mean_backward(grad: Tensor, partials: Tensor, scalars: Tensor, logits: Tensor,
+def _fused_mean_backward(grad: Tensor, tile_max: Tensor, scalars: Tensor, logits: Tensor,
                          target: Tensor, P: Tensor, kernel_size: int, stride: int, eps: float,
                          weight_base: float, zscore: bool, weighted: bool,
                          power: float) -> Tensor:
     """d output / d logits of the fused Minkowski mean; see kernels/backward.py."""
     with _on_device(logits):
-        return kernels_backward.backward(partials, logits, target, P, kernel_size=kernel_size,
+        return kernels_backward.backward(tile_max, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
                                          zscore=zscore, weighted=weighted, grad=grad,
                                          scalars=scalars, power=power)
@@ -179,17 +179,17 @@ fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_b
 
 
 @fused_mean_backward.register_fake
-def _(grad, partials, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
+def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
       weighted, power):
     return torch.empty_like(logits)
 
 
 def _reduce(partials, ticket, power, group, dtype):
-    """(loss, float64 (loss, max L, a)) from the partials: the combine kernel locally, PyTorch
-    across processes."""
+    """(loss, float64 (loss, max L, a), each tile's max L) from the partials: the combine kernel
+    locally, PyTorch across processes."""
     if group is None:
         return _eager(fused_combine)(partials, ticket, power, dtype)
-    return synced_scalars(partials, power, group, dtype)
+    return (*synced_scalars(partials, power, group, dtype), partials[:, 0].contiguous())
 
 
 class FusedMinkowskiMean(torch.autograd.Function):
@@ -201,15 +201,15 @@ class FusedMinkowskiMean(torch.autograd.Function):
         _, partials, ticket, P = _eager(fused_costs)(
             logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
             normalizer, zscore, True, True)
-        loss, scalars = _reduce(partials, ticket, power, group, logits.dtype)
-        ctx.save_for_backward(partials, scalars, logits, target, P)
+        loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
+        ctx.save_for_backward(tile_max, scalars, logits, target, P)
         ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None, power)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        partials, scalars, logits, target, P = ctx.saved_tensors
-        dx = _eager(fused_mean_backward)(grad, partials, scalars, logits, target, P,
+        tile_max, scalars, logits, target, P = ctx.saved_tensors
+        dx = _eager(fused_mean_backward)(grad, tile_max, scalars, logits, target, P,
                                          *ctx.options)
         return (dx,) + (None,) * 11
 

@@ -81,7 +81,7 @@ def test_the_model_matches_the_launches_it_models():
     tiles = (sum(out["bytes"]) - padding
              - w.pixels * wl.design_bytes_per_pixel(w, "forward+backward"))
     # what the formula leaves out: the partials (12 B) of each forward tile, written, then read
-    # by the combine and the backward (36 B)
-    assert 0 <= tiles <= 36 * out["programs"][0]
+    # by the combine, which writes each tile's max L (4 B) for the backward (32 B)
+    assert 0 <= tiles <= 32 * out["programs"][0]
     assert out["glue"] == ["aten.ones_like.default"]  # autograd's seed, nothing else
 

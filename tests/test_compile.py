@@ -164,8 +164,8 @@ def test_opcheck_fused_combine_and_mean_backward():
     args = fused_cases()[5]
     _, partials, ticket, P = fused_costs(*args)
     opcheck(fused_combine, (partials, ticket, 3.0, torch.float32))
-    _, scalars = fused_combine(partials, ticket, 3.0, torch.float32)
-    opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), partials, scalars, args[0],
+    _, scalars, tile_max = fused_combine(partials, ticket, 3.0, torch.float32)
+    opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), tile_max, scalars, args[0],
                                   args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0))
 
 
