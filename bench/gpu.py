@@ -44,7 +44,7 @@ DRY_TESTS = (["tests/test_module.py"],
 # The fused kernels as the profiler names them (Triton launches a kernel under its function's
 # name), in launch order.
 FUSED_KERNELS = ("_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
-                 "_halo_forward_kernel", "_combine_kernel",
+                 "_halo_forward_kernel", "_combine_kernel", "_tile_scales_kernel",
                  "_backward_kernel", "_halo_backward_kernel")
 
 

@@ -61,7 +61,7 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
               torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
               torch.int32: "i32", torch.int64: "i64"}
 KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
-           "_halo_forward_kernel": kh, "_halo_backward_kernel": kh}
+           "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb}
 
 
 class Recorder:
@@ -292,6 +292,7 @@ STREAMED = {
     "_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
     "_halo_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
+    "_tile_scales_kernel": ("tile_max_ptr", "scale_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -305,7 +306,7 @@ def loop_trips(name, values):
     kernels: depth offsets, column offsets, class chunks; the combine's rounds)."""
     if name == "_combine_kernel":  # the last program: the blocks' maxima, then their sums
         return [values["rounds"]] * 2
-    if name == "_count_bad_labels_kernel":
+    if name in ("_count_bad_labels_kernel", "_tile_scales_kernel"):
         return []
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
@@ -441,7 +442,8 @@ def summary_table(rows):
     """The model's figures as the README shows them: one line per workload."""
     short = {"_zscore_stats_kernel": "stats", "_forward_kernel": "forward",
              "_halo_forward_kernel": "forward", "_combine_kernel": "combine",
-             "_backward_kernel": "backward", "_halo_backward_kernel": "backward"}
+             "_backward_kernel": "backward", "_halo_backward_kernel": "backward",
+             "_tile_scales_kernel": "scales"}
     lines = ["| workload (fwd+bwd) | modelled | DRAM alone | target | per kernel: time, bound |",
              "|---|---|---|---|---|"]
     for r in rows:

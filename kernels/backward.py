@@ -9,9 +9,9 @@ the lane whose window holds it), then applies the z-score Jacobian
 dx_q = rstd_q * (G_q - mean_c G_q - z_q * mean_c(G_q z_q)).
 
 dL_p = d loss / d L_p is never written as a map for the Minkowski mean (MEAN): the forward
-stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile, and the combine gives
-every t, a and max L, so the kernel multiplies P by the upstream gradient times a * (t /
-max L)^(k-1). Otherwise (reduction="none", and any reduction computed in PyTorch) the
+stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile, and
+``_tile_scales_kernel`` writes each tile's a * (t / max L)^(k-1) from the combine's t, a and max
+L, so the kernel multiplies by the upstream gradient and one number per forward tile. Otherwise (reduction="none", and any reduction computed in PyTorch) the
 caller passes the map dL.
 
 The Jacobian needs every class of G_q and the pixel's z-score statistics, which the kernel
@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import launch_config, needs_wide_index, span, split_scalar, target_of, tile_grid
+from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, target_of,
+                     tile_grid)
 from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, power_of,
                      scalar, tile_coordinates, tile_scale_factors)
@@ -44,8 +45,7 @@ def _add(G, P, same, omega, s):
 
 @triton.jit
 def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, col_ok,
-                tile_plane, H, Hc, Wc, syd, syh, syw, grad, unit, power1, ftiles_w,
-                ACC: tl.constexpr,
+                tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC: tl.constexpr,
                 C: tl.constexpr, CLASS_TILE: tl.constexpr, STRIDE: tl.constexpr,
                 FROWS: tl.constexpr, TILE_W: tl.constexpr, MEAN: tl.constexpr):
     """One row of the lanes' window centres (pixel row pi, columns pj): (P, dL, label, a centre
@@ -56,8 +56,7 @@ def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, c
                   + (cj * STRIDE) * syw).to(tl.int32)
     centre = (cd * Hc + ci) * Wc + cj
     if MEAN:
-        t_max = tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
-        s = grad * power_of(t_max * unit, power1)
+        s = grad * tl.load(s_ptr + (tile_plane + ci // FROWS) * ftiles_w + cj // TILE_W)
     else:
         s = tl.load(s_img + centre)
     P = tl.load(block_lanes(P_img, centre, c0, CLASS_TILE, C, TILE_W), mask=cmask[:, None],
@@ -67,8 +66,8 @@ def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, c
 
 @triton.jit
 def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, qd, row0,
-            qj, yq0, yq1, yq2, yq3, syd, syh, syw, radius, radius_d, grad, unit, power1, ftiles_h,
-            ftiles_w, base, inv_base,
+            qj, yq0, yq1, yq2, yq3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w,
+            base, inv_base,
             ACC: tl.constexpr, C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr,
             STRIDE: tl.constexpr, ROWS: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr,
             MEAN: tl.constexpr, WIDE: tl.constexpr):
@@ -101,8 +100,7 @@ def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, qd, row0
                 for t in range(0, 2 * radius + 1):
                     P, s, y_p, ok = _centre_row(
                         P_img, s_ptr, s_img, y_img, c0, cmask, cd, row0 + t, pj, cj, col_in,
-                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, unit, power1,
-                        ftiles_w, ACC,
+                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC,
                         C, CLASS_TILE, STRIDE, FROWS, TILE_W, MEAN)
                     omega = omega_of(tl.maximum(tl.abs(t - radius), far), base, inv_base,
                                      RADIUS)
@@ -112,8 +110,7 @@ def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, qd, row0
                 for t in tl.static_range(ROWS + 2 * RADIUS):
                     P, s, y_p, ok = _centre_row(
                         P_img, s_ptr, s_img, y_img, c0, cmask, cd, row0 + t, pj, cj, col_in,
-                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, unit, power1,
-                        ftiles_w, ACC,
+                        col_ok, tile_plane, H, Hc, Wc, syd, syh, syw, grad, ftiles_w, ACC,
                         C, CLASS_TILE, STRIDE, FROWS, TILE_W, MEAN)
                     if t <= 2 * RADIUS:
                         G0 = _add(G0, P, ok & (y_p == yq0),
@@ -197,17 +194,16 @@ def _backward_kernel(
     x_ptr,       # logits (B, C, D, H, W), any strides
     y_ptr,       # target (B, D, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, TILE_W), logits dtype: P (scaled for MEAN), tiling.block_lanes
-    s_ptr,       # MEAN: (forward tiles,) ACC, each forward tile's max L t (the combine's);
+    s_ptr,       # MEAN: (forward tiles,) ACC, per tile a * (t / max L)^(k-1) (_tile_scales_kernel);
                  # else (B, Dc, Hc, Wc) contiguous ACC, the map dL = d output / d L
     grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
-    scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
     dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
     D, H, W, Dc, Hc, Wc, tiles_h, tiles_w, ftiles_h, ftiles_w,
     sxb, sxc, sxd, sxh, sxw,
     syb, syd, syh, syw,
     sdb, sdc, sdd, sdh, sdw,
     radius, radius_d, chunks,
-    eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
+    eps_hi, eps_lo, base_hi, base_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, STRIDE: tl.constexpr,
     ROWS: tl.constexpr, FROWS: tl.constexpr, TILE_W: tl.constexpr, ZSCORE: tl.constexpr,
     MEAN: tl.constexpr, WIDE: tl.constexpr,
@@ -222,7 +218,9 @@ def _backward_kernel(
     if not WIDE:
         qd = qd.to(tl.int32)
     row0 = q0 - RADIUS  # the first centre row any pixel of the tile gathers from
-    grad, unit, power1 = tile_scale_factors(grad_ptr, scal_ptr, power_hi, power_lo, ACC, MEAN)
+    grad = tl.zeros([], dtype=ACC)
+    if MEAN:
+        grad = tl.load(grad_ptr).to(ACC)
     x_plane = x_ptr + image * sxb + qd * sxd
     dx_plane = dx_ptr + image * sdb + qd * sdd
     y_img = y_ptr + image * syb
@@ -248,7 +246,7 @@ def _backward_kernel(
         cmask = cls < C  # compile-time per register: padded lanes fold away
         G0, G1, G2, G3 = _gather(
             P_img, s_ptr, s_img, y_img, 0, image, D, H, W, Dc, Hc, Wc, qd, row0,
-            qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d, grad, unit, power1, ftiles_h, ftiles_w, base,
+            qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w, base,
             inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
         _finish(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, eps, sxc, sdc,
                 ACC, C, ZSCORE)
@@ -288,7 +286,7 @@ def _backward_kernel(
                 G0, G1, G2, G3 = _gather(
                     P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
                     qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
-                    grad, unit, power1, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
+                    grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
                     STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
                 mG0, mGz0 = _means(x_plane, G0, cls, cmask, pix0, live0, m0, r0, mG0, mGz0, sxc,
                                    ACC, C)
@@ -309,7 +307,7 @@ def _backward_kernel(
             G0, G1, G2, G3 = _gather(
                 P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
                 qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
-                grad, unit, power1, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE,
+                grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE,
                 ROWS, FROWS, TILE_W, MEAN, WIDE)
             _finish_chunk(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, m0, r0,
                           mG0, mGz0, sxc, sdc, ACC, ZSCORE)
@@ -322,6 +320,29 @@ def _backward_kernel(
             if ROWS > 3:
                 _finish_chunk(x_plane, dx_plane, dx_ptr, G3, cls, cmask, pix3, dpix3, live3, m3,
                               r3, mG3, mGz3, sxc, sdc, ACC, ZSCORE)
+
+
+
+SCALES_BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tile_scales_kernel(
+    tile_max_ptr,  # (n,) ACC: each forward tile's max L t (the combine's)
+    scal_ptr,      # (3,) float64: the loss, max L, a
+    scale_ptr,     # out (n,) ACC: a * (t / max L)^(k-1)
+    n, power_hi, power_lo,
+    BLOCK: tl.constexpr,
+):
+    """Each forward tile's share of d loss / d L for ``_backward_kernel``, which would otherwise
+    take the power once per neighbour, class chunk and pass (the window-row backward takes it
+    once per centre row, kernels/halo.py)."""
+    ACC: tl.constexpr = tile_max_ptr.dtype.element_ty
+    a, unit, power1 = tile_scale_factors(tl.full([], 1.0, ACC), scal_ptr, power_hi, power_lo,
+                                         ACC)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    t_max = tl.load(tile_max_ptr + i, mask=i < n, other=0.0)
+    tl.store(scale_ptr + i, a * power_of(t_max * unit, power1), mask=i < n)
 
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore,
@@ -359,12 +380,18 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, ROWS=cfg.backward_rows,
             FROWS=cfg.forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
         return dx
+    if mean:  # each forward tile's share of d loss / d L, once
+        n = s.shape[0]
+        scales = torch.empty_like(s)
+        _tile_scales_kernel[(max(1, cdiv(n, SCALES_BLOCK)),)](
+            s, scalars, scales, n, *split_scalar(power), BLOCK=SCALES_BLOCK, num_warps=4)
+        s = scales
     _backward_kernel[(programs,)](
-        logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
+        logits, target, P, s, grad if mean else s, dx,
         depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
         *sx, *sy, *sdx,
         radius, radius if volume else 0, cfg.chunks,
-        *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
+        *split_scalar(eps), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
         ROWS=cfg.backward_rows, FROWS=cfg.forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
         MEAN=mean, WIDE=wide, **cfg.backward_launch)

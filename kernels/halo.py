@@ -310,7 +310,12 @@ def _halo_backward_kernel(
     cmask = cls < C
     if WIDE:
         cls = cls.to(tl.int64)
-    grad, unit, power1 = tile_scale_factors(grad_ptr, scal_ptr, power_hi, power_lo, ACC, MEAN)
+    grad = tl.zeros([], dtype=ACC)
+    unit = grad
+    power1 = grad
+    if MEAN:
+        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
+                                                power_lo, ACC)
     y_img = y_ptr + image * syb
     if WIDE:
         plane = D.to(tl.int64) * H * W

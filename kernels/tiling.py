@@ -87,21 +87,14 @@ def power_of(r, e):
 
 
 @triton.jit
-def tile_scale_factors(grad_ptr, scal_ptr, power_hi, power_lo, ACC: tl.constexpr,
-                       MEAN: tl.constexpr):
+def tile_scale_factors(grad, scal_ptr, power_hi, power_lo, ACC: tl.constexpr):
     """(grad * a, 1 / max L, k - 1) for the backward of the Minkowski mean: a tile's share of
     d loss / d L_p is grad * a * (t / max L)^(k-1) for its max L t (the forward put w_p (L_p /
     t)^(k-1) into P). The combine's float64 scalars, rounded to ACC once (max L is an ACC value,
-    exact in ACC). Zeros without MEAN."""
-    grad = tl.zeros([], dtype=ACC)
-    unit = tl.zeros([], dtype=ACC)
-    power1 = tl.zeros([], dtype=ACC)
-    if MEAN:
-        top = tl.load(scal_ptr + 1)
-        grad = tl.load(grad_ptr).to(ACC) * tl.load(scal_ptr + 2).to(ACC)
-        unit = (1.0 / tl.where(top > 0, top, 1.0)).to(ACC)
-        power1 = scalar(power_hi, power_lo, ACC) - 1.0
-    return grad, unit, power1
+    exact in ACC)."""
+    top = tl.load(scal_ptr + 1)
+    unit = (1.0 / tl.where(top > 0, top, 1.0)).to(ACC)
+    return grad * tl.load(scal_ptr + 2).to(ACC), unit, scalar(power_hi, power_lo, ACC) - 1.0
 
 
 @triton.jit

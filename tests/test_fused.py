@@ -406,7 +406,8 @@ def test_kernel_report_compiles_everything_without_spills(tmp_path):
     seen = {(r["kernel"], r["arch"], r["config"]) for r in rows}
     common = {"_count_bad_labels_kernel", "_combine_kernel"}
     kernels = {21: common | {"_halo_forward_kernel", "_halo_backward_kernel"},
-               150: common | {"_zscore_stats_kernel", "_forward_kernel", "_backward_kernel"}}
+               150: common | {"_zscore_stats_kernel", "_forward_kernel", "_tile_scales_kernel",
+                              "_backward_kernel"}}
     for classes in (21, 150):
         for kernel in kernels[classes]:
             for arch in ("sm_80", "sm_90"):
