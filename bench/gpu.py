@@ -331,24 +331,28 @@ def stage_kernels(out, dry_run, model_file=None):
 
 
 def calibration_lines(kernels):
-    """Measured / modelled per fused kernel and workload, as a markdown table."""
+    """Measured / modelled per fused kernel and workload, as a markdown table: every fused kernel
+    the call launched, and every kernel the model has (a kernel the model does not know, or the
+    call did not launch, shows "-")."""
     lines = ["| workload | kernel | modelled us | measured us | measured / modelled |",
              "|---|---|---|---|---|"]
     for row in kernels.get("rows", []):
         label = f"{row['workload']} {'x'.join(map(str, row['shape']))} K={row['kernel_size']} " \
                 f"{row['dtype']}"
         measured = {m["kernel"]: m["us"] for m in row.get("measured", {}).get("lad", [])}
-        for model in row["model"] if isinstance(row["model"], list) else []:
-            us = measured.get(model["name"])
-            ratio = f"{us / model['us']:.2f}" if us and model["us"] else "-"
-            lines.append(f"| {label} | {model['name']} | {model['us']:.1f} | "
+        models = {m["name"]: m for m in (row["model"] if isinstance(row["model"], list) else [])}
+        for name in [k for k in FUSED_KERNELS if k in measured or k in models]:
+            us, model = measured.get(name), models.get(name)
+            ratio = f"{us / model['us']:.2f}" if us and model and model["us"] else "-"
+            modelled = "-" if model is None else f"{model['us']:.1f}"
+            lines.append(f"| {label} | {name} | {modelled} | "
                          f"{'-' if us is None else f'{us:.1f}'} | {ratio} |")
         call = row.get("measured", {}).get("lad_call_us")
         if call is not None:
-            kernels = sum(measured.get(m["name"], 0) for m in row["model"])
+            launched = sum(measured.get(k, 0) for k in FUSED_KERNELS)
             got = row["measured"]
             ce = got.get("cross_entropy_call_us")
-            lines.append(f"| {label} | one call, host to device end (kernels {kernels:.0f} us; "
+            lines.append(f"| {label} | one call, host to device end (kernels {launched:.0f} us; "
                          f"F.cross_entropy {ce:.0f} us) | - | {call:.1f} | - |")
             if "lad_host_us" in got:  # visits before the host figures had none
                 lines.append(
