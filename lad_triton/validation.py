@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .dispatch import TRITON_FOUND
+
 REDUCTIONS = ("mean", "sum", "none")
 POOLINGS = ("minkowski", "lmp", "topk")
 NORMALIZERS = ("count", "weight")
@@ -224,7 +226,7 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     the host goes on to the backward's launches. Queued after the forward instead (measured on an
     H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
     took ~0.3 ms longer."""
-    if target.is_cuda and target.is_contiguous() and _triton_imports():
+    if target.is_cuda and target.is_contiguous() and TRITON_FOUND:
         from .fused import _on_device
         from .kernels.labels import count_bad_labels
 
@@ -260,14 +262,6 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
                          "(check_target=False skips this check)")
     raise RuntimeError("lad_triton's value check flagged a value that its second look did not "
                        "find (was a tensor modified during the call?)")
-
-
-def _triton_imports():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @torch.library.custom_op("lad_triton::check_labels", mutates_args=())
