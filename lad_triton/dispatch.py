@@ -24,11 +24,11 @@ def fused_unavailable(logits):
         return "Triton is not importable (not installed: pip install triton)"
     from . import kernels
 
+    try:
+        interpreted = kernels.interpreted()  # imports Triton
+    except ImportError as err:  # installed but broken (a numpy it does not support, say)
+        return f"Triton is not importable ({err})"
     if logits.device.type == "cpu":
-        try:
-            interpreted = kernels.interpreted()  # imports Triton
-        except ImportError as err:  # installed but broken (a numpy it does not support, say)
-            return f"Triton is not importable ({err})"
         if interpreted:
             return None
         return ("the logits are on the CPU and Triton's interpreter is off (set "
