@@ -142,20 +142,28 @@ def group_key(row):
             f"{row['workload']} K={row['kernel_size']} {row['dtype']} ({b}x{c}x{h}x{w})")
 
 
-def table(rows, skipped):
+def grouped(rows):
+    """{group_key: {impl: row}}, in the order the tables list them."""
     groups = {}
     for row in rows:
         groups.setdefault(group_key(row), {})[row["impl"]] = row
+    return {key: groups[key] for key in sorted(groups, key=lambda k: k[:4])}
+
+
+def table(rows, skipped):
+    """The Markdown table: every implementation and figure (time with its quartiles,
+    throughput, peak memory, the fused kernels' ratios and efficiencies)."""
+    groups = grouped(rows)
     header = (["workload", "pass"] + list(wl.IMPLS)
               + ["fused/CE", "fused/torch", "fused/compile", "min eff", "design eff"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3])):
-        impls = groups[key]
+    for key, impls in groups.items():
         cells = [key[4], PASS_SHORT[key[3]]]
         for impl in wl.IMPLS:
             r = impls.get(impl)
             cells.append("-" if r is None else
-                         f"{r['median_ms']:.3g} ms, {r['pixels_per_s'] / 1e6:.3g} Mpx/s, "
+                         f"{r['median_ms']:.3g} ms (quartiles {r['q1_ms']:.3g}-{r['q3_ms']:.3g}), "
+                         f"{r['pixels_per_s'] / 1e6:.3g} Mpx/s, "
                          f"{r['peak_mem_mib']:.0f} MiB ({r['peak_over_logits']:.2g}x)")
         fused = impls.get("triton")
         for other in ("cross_entropy", "torch", "torch_compile"):
@@ -168,6 +176,83 @@ def table(rows, skipped):
         lines.append("")
         lines += [f"- {reason}" for reason in sorted(skipped)]
     return "\n".join(lines)
+
+
+# A spread (interquartile range over the median) above this flags a time as noisy: on a busy
+# machine one implementation's rounds can span 25x while another's stay tight, and a median
+# alone then ranks them wrongly.
+NOISY = 0.2
+DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
+RATIOS = (("cross_entropy", "fused/CE"), ("torch", "fused/torch"),
+          ("torch_compile", "fused/compile"))
+# The terminal's column names, short enough for five implementations and three ratios.
+SHORT = {"triton": "fused", "torch": "torch", "torch_compile": "compiled",
+         "cross_entropy": "CE", "torch_unfold": "unfold", "fused/CE": "f/CE",
+         "fused/torch": "f/torch", "fused/compile": "f/compiled"}
+
+
+def _unit(largest_ms):
+    """The unit in which a row's largest time has at most three digits before the point."""
+    if largest_ms < 1:
+        return "us", 1e3
+    return ("ms", 1.0) if largest_ms < 1000 else ("s", 1e-3)
+
+
+def _digits(value):
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}" if value >= 1 else f"{value:.2g}"
+
+
+def terminal_table(rows):
+    """The table as the terminal shows it, under 120 columns: per row one unit (us, ms or s)
+    and per implementation that ran the median and its spread, +-(q3 - q1) / 2 as a share of
+    the median, marked ``!`` above NOISY; the fused kernels' ratios where they ran. The Markdown
+    table (:func:`table`) and the PNG keep everything."""
+    groups = grouped(rows)
+    impls = [i for i in wl.IMPLS if any(i in g for g in groups.values())]
+    ratios = [(other, name) for other, name in RATIOS
+              if any("triton" in g and other in g for g in groups.values())]
+    header = ["workload", "pass", "unit"] + [SHORT[n] for n in impls + [n for _, n in ratios]]
+    body, noisy, shapes = [], False, {}
+    for key, found in groups.items():
+        shapes[key[0]] = "x".join(map(str, found[next(iter(found))]["shape"]))
+        unit, scale = _unit(max(r["median_ms"] for r in found.values()))
+        cells = [f"{key[0]} K={key[1]} {DTYPE_SHORT.get(key[2], key[2])}", PASS_SHORT[key[3]],
+                 unit]
+        for impl in impls:
+            r = found.get(impl)
+            if r is None:
+                cells.append("-")
+                continue
+            spread = (r["q3_ms"] - r["q1_ms"]) / 2 / r["median_ms"]
+            noisy |= spread > NOISY
+            cells.append(f"{_digits(r['median_ms'] * scale)} ±{spread:.0%}"
+                         + ("!" if spread > NOISY else ""))
+        fused = found.get("triton")
+        for other, _ in ratios:
+            cells.append(f"{fused['median_ms'] / found[other]['median_ms']:.2f}"
+                         if fused and other in found else "-")
+        body.append(cells)
+    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
+             for line in [header] + body]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("B x C x H x W: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    lines.append("median ±(q3 - q1) / 2 over the rounds, as a share of the median. fused = triton, "
+                 "compiled = torch_compile,")
+    lines.append("CE = cross_entropy, unfold = torch_unfold"
+                 + ("; f/CE, f/torch, f/compiled: the fused time over theirs" if ratios else ""))
+    if noisy:
+        lines.append(f"! WARNING: spread above {NOISY:.0%} of the median (a busy machine?): "
+                     "rerun before comparing these medians")
+    return "\n".join(lines)
+
+
+def describe(env, bandwidth):
+    """The report's first line; a missing Triton said in words."""
+    triton = f"triton {env['triton']}" if env["triton"] else "Triton not installed"
+    return (f"device {env['device']}, torch {env['torch']}, {triton}, "
+            f"copy bandwidth {bandwidth:.0f} GB/s")
 
 
 def skipped_reasons(device, args):
@@ -244,7 +329,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="K=5, forward+backward, VOC-like (CUDA) or small float32 (CPU), "
@@ -283,9 +368,9 @@ def main(argv=None):
         report["cross_entropy_kernels"] = cross_entropy_profile(device)
     text = table(rows, report["skipped"])
     print()
-    print(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-          f"copy bandwidth {bandwidth:.0f} GB/s")
-    print(text)
+    print(describe(env, bandwidth))
+    print(terminal_table(rows))
+    print("\n".join(f"- {reason}" for reason in report["skipped"]))
     if "cross_entropy_kernels" in report:
         print("\nF.cross_entropy forward+backward, VOC-like fp32: CUDA kernels per call")
         for k in report["cross_entropy_kernels"]:
@@ -296,9 +381,7 @@ def main(argv=None):
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower().split(" (")[0]).strip("-")
     stem = out / f"{slug}-{env['date']}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    stem.with_suffix(".md").write_text(
-        f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-        f"copy bandwidth {bandwidth:.0f} GB/s, {env['date']}\n\n{text}\n")
+    stem.with_suffix(".md").write_text(f"{describe(env, bandwidth)}, {env['date']}\n\n{text}\n")
     png = plot(rows, stem.with_suffix(".png"))
     print(f"\nwrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}"
           + (f", {png}" if png else ""))

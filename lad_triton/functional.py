@@ -116,6 +116,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     classes = logits.shape[1]
     if classes == 2 and zscore:
         _warn_binary_zscore()
+    if not torch.compiler.is_compiling() and kernel_size > max(logits.shape[2:]):
+        _warn_large_window(kernel_size, tuple(logits.shape[2:]))
     guard = None
     if check_target and target.numel() > 0:
         if torch.compiler.is_compiling():
@@ -177,3 +179,17 @@ def _warn_binary_zscore():
         "are +-1 up to eps/variance, so the loss only responds to pixels whose two logits nearly "
         "tie and the gradient vanishes elsewhere. For binary segmentation pass zscore=False.",
         UserWarning, stacklevel=3)
+
+
+def _warn_large_window(kernel_size, spatial):
+    """Once per process (not per shape: a data set of small crops would warn every step): a
+    window longer than the image on every axis pools each centre with every pixel of its class,
+    more likely logits left at the features' resolution than a choice."""
+    if "window" in _WARNED:
+        return
+    _WARNED.add("window")
+    warnings.warn(
+        f"locally_adaptive_loss with kernel_size={kernel_size}, larger than the image "
+        f"({' x '.join(map(str, spatial))}): every centre's window covers the whole image. "
+        "Upsample the logits to the mask's size, or pass a smaller kernel_size (this warning "
+        "is shown once per process).", UserWarning, stacklevel=3)

@@ -3,7 +3,7 @@
 from torch import nn
 
 from .functional import locally_adaptive_loss
-from .validation import check_options
+from .validation import check_options, check_weight_type
 
 
 class LocallyAdaptiveLoss(nn.Module):
@@ -32,9 +32,11 @@ class LocallyAdaptiveLoss(nn.Module):
                             topk_ratio=topk_ratio, backend=backend, check_target=check_target,
                             sync=sync)
         check_options(process_group=process_group, **self.options)
-        if weight is not None and (weight.dim() != 1 or not weight.is_floating_point()):
-            raise ValueError("weight must be None or a 1-D floating tensor of C class weights, "
-                             f"got weight of shape {tuple(weight.shape)}, dtype {weight.dtype}")
+        if weight is not None:
+            check_weight_type(weight)
+            if weight.dim() != 1:
+                raise ValueError("weight must be None or a 1-D floating tensor of C class "
+                                 f"weights, got weight.shape={tuple(weight.shape)}")
         self.register_buffer("weight", None if weight is None else weight.detach().clone())
         self.process_group = process_group
 

@@ -85,9 +85,14 @@ def costs_forward(logits, target, *, kernel_size, stride, ignore_index, eps, wei
     x = logits.to(acc)
     mean = rstd = None
     if zscore:
-        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        z = (x - mean) * rstd
+        # Two plain means, not torch.var_mean: on a CPU var_mean over the class dimension (not
+        # the innermost) took 10x as long (32 ms against 3.5 ms on 8 x 21 x 128 x 128, one
+        # thread), more than the rest of the forward's z-score. The deviations are kept: z is
+        # them scaled.
+        mean = x.mean(dim=1, keepdim=True)
+        z = x - mean
+        rstd = torch.rsqrt(z.square().mean(dim=1, keepdim=True).add_(eps))
+        z.mul_(rstd)
     else:
         z = x
     del x

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .dispatch import TRITON_FOUND
+
 REDUCTIONS = ("mean", "sum", "none")
 POOLINGS = ("minkowski", "lmp", "topk")
 NORMALIZERS = ("count", "weight")
@@ -156,7 +158,7 @@ def check_tensors(logits, target, weight=None, pixel_weight=None):
         _fail(TypeError, "target", "a torch.Tensor", type(target).__name__)
     if target.dtype not in TARGET_DTYPES:
         raise TypeError("target must be an integer tensor (uint8, int8, int16, int32 or int64), "
-                        f"got target.dtype={target.dtype}")
+                        f"got target.dtype={target.dtype}; {_index_hint(logits, target)}")
     if logits.dim() not in (4, 5):
         raise ValueError("logits must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got "
                          f"logits.shape={tuple(logits.shape)}")
@@ -168,17 +170,16 @@ def check_tensors(logits, target, weight=None, pixel_weight=None):
     names = "(B, H, W)" if logits.dim() == 4 else "(B, D, H, W)"
     channel = "(B, 1, H, W)" if logits.dim() == 4 else "(B, 1, D, H, W)"
     if tuple(target.shape) not in ((batch,) + spatial, (batch, 1) + spatial):
+        hint = ("; it has the logits' shape: for a one-hot target pass its class indices, "
+                "target.argmax(1)" if tuple(target.shape) == tuple(logits.shape) else "")
         raise ValueError(f"target must have shape {names} = {(batch,) + spatial} or {channel} "
                          f"to match logits.shape={tuple(logits.shape)}, got target.shape="
-                         f"{tuple(target.shape)}")
+                         f"{tuple(target.shape)}{hint}")
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got "
                          f"target.device={target.device}")
     if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError("weight must be None or a floating tensor of C class weights, got "
-                             f"weight={got}")
+        check_weight_type(weight)
         if tuple(weight.shape) != (classes,):
             raise ValueError(f"weight must have shape (C,) = ({classes},), got "
                              f"weight.shape={tuple(weight.shape)}")
@@ -197,6 +198,29 @@ def check_tensors(logits, target, weight=None, pixel_weight=None):
         if pixel_weight.device != logits.device:
             raise ValueError(f"pixel_weight must be on the logits' device {logits.device}, got "
                              f"pixel_weight.device={pixel_weight.device}")
+
+
+def _index_hint(logits, target):
+    """What to pass instead of a target that is not an integer tensor of class indices."""
+    if isinstance(target, torch.Tensor) and tuple(target.shape) == tuple(logits.shape):
+        return ("it has the logits' shape: for a one-hot (or soft) target pass its class "
+                "indices, target.argmax(1)")
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        return ("pass class indices, target.long() (for float label maps with integral values, "
+                "as MONAI carries them, lad_triton.integrations.monai.LocallyAdaptiveLoss "
+                "checks and converts them)")
+    return "pass class indices, e.g. target.long()"
+
+
+def check_weight_type(weight):
+    """``weight`` (class weights) is None or a floating tensor: its shape and device need the
+    logits (:func:`check_tensors`), its values a sync (:func:`check_values`)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError("weight must be None or a floating tensor of C class weights, got "
+                         f"weight={type(weight).__name__} (torch.tensor(weight) makes one)")
+    if not weight.is_floating_point():
+        raise ValueError("weight must be None or a floating tensor of C class weights, got "
+                         f"weight={weight.dtype} (weight.float() makes one)")
 
 
 def _bad_labels(target, classes, ignore_index):
@@ -224,7 +248,7 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
     the host goes on to the backward's launches. Queued after the forward instead (measured on an
     H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
     took ~0.3 ms longer."""
-    if target.is_cuda and target.is_contiguous() and _triton_imports():
+    if target.is_cuda and target.is_contiguous() and TRITON_FOUND:
         from .fused import _on_device
         from .kernels.labels import count_bad_labels
 
@@ -245,29 +269,42 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None):
         value = target[where].item()
         raise ValueError(
             f"target must hold class indices in [0, {classes}) or ignore_index={ignore_index}, "
-            f"got target[{', '.join(map(str, where))}]={value} "
-            "(check_target=False skips this check)")
+            f"got target[{', '.join(map(str, where))}]={value}; "
+            + _label_fix(target[bad].unique().tolist(), classes, ignore_index))
     if weight is not None and ((weight < 0) | ~torch.isfinite(weight)).any():
         raise ValueError("weight must hold finite, non-negative class weights, got "
-                         f"weight={weight.tolist()} (check_target=False skips this check)")
+                         f"weight={weight.tolist()} (a weight of 0 leaves a class out; for "
+                         "weights from class frequencies, clamp them at 0)")
     bad_pixel = (None if pixel_weight is None
                  else (pixel_weight < 0) | ~torch.isfinite(pixel_weight))
     if bad_pixel is not None and bad_pixel.any():
         where = tuple(bad_pixel.nonzero()[0].tolist())
         value = pixel_weight[where].item()
         raise ValueError("pixel_weight must hold finite, non-negative weights, got "
-                         f"pixel_weight[{', '.join(map(str, where))}]={value} "
-                         "(check_target=False skips this check)")
+                         f"pixel_weight[{', '.join(map(str, where))}]={value} (a weight of 0 "
+                         "leaves a pixel out as a centre)")
     raise RuntimeError("lad_triton's value check flagged a value that its second look did not "
                        "find (was a tensor modified during the call?)")
 
 
-def _triton_imports():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _label_fix(values, classes, ignore_index):
+    """The likely fixes for the labels ``values`` (sorted, all outside [0, C) and not
+    ``ignore_index``), most likely first."""
+    shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    if 255 in values and ignore_index != 255:
+        return (f"the target holds 255 (labels outside the classes: {shown}): if 255 marks "
+                f"pixels to ignore (Pascal VOC, Cityscapes), pass ignore_index=255, not "
+                f"{ignore_index}")
+    fixes = []
+    if values[-1] >= classes:
+        fixes.append(f"if the data has {values[-1] + 1} or more classes, the model must output "
+                     f"that many (the logits have C={classes})")
+    fixes.append(f"if the labels are coded otherwise, remap them to [0, {classes})")
+    if len(values) == 1:
+        fixes.append(f"if {values[0]} marks pixels to ignore, pass ignore_index={values[0]}")
+    else:
+        fixes.append("if one of them marks pixels to ignore, pass it as ignore_index")
+    return f"labels outside the classes: {shown}. " + "; ".join(fixes)
 
 
 @torch.library.custom_op("lad_triton::check_labels", mutates_args=())

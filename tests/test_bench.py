@@ -85,3 +85,61 @@ def test_the_model_matches_the_launches_it_models():
     assert 0 <= tiles <= 32 * out["programs"][0]
     assert out["glue"] == ["aten.ones_like.default"]  # autograd's seed, nothing else
 
+
+
+def bench_rows(impls, spread=0.05):
+    """Rows as bench/__main__.rows_from makes them, for a CPU run (no fused kernels) or not."""
+    rows = []
+    for workload, kernel_size, dtype, shape in (("small", 5, "bfloat16", [2, 21, 129, 129]),
+                                                ("voc", 7, "float32", [8, 21, 513, 513])):
+        for pass_ in ("forward", "forward+backward"):
+            for i, impl in enumerate(impls):
+                median = {"small": 0.37, "voc": 900.0}[workload] * 3 ** i  # 0.37 ms to 73 s
+                rows.append(dict(
+                    impl=impl, workload=workload, kernel_size=kernel_size, dtype=dtype,
+                    shape=shape, pass_=pass_, median_ms=median,
+                    q1_ms=median * (1 - spread), q3_ms=median * (1 + spread),
+                    pixels_per_s=1e6, peak_mem_mib=9.0, peak_over_logits=3.0,
+                    min_bytes_efficiency=0.5, design_efficiency=0.6, **{"pass": pass_}))
+    return rows
+
+
+CPU_IMPLS = ("torch", "torch_compile", "cross_entropy", "torch_unfold")
+
+
+@pytest.mark.parametrize("impls", [CPU_IMPLS, ("triton",) + CPU_IMPLS])
+def test_terminal_table_fits_120_columns_with_the_spread(impls):
+    from bench.__main__ import table, terminal_table
+
+    text = terminal_table(bench_rows(impls))
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120, "\n" + text
+    names = {"triton": "fused", "torch": "torch", "torch_compile": "compiled",
+             "cross_entropy": "CE", "torch_unfold": "unfold"}
+    assert lines[0].split() == (["workload", "pass", "unit"] + [names[i] for i in impls]
+                                + (["f/CE", "f/torch", "f/compiled"]
+                                   if "triton" in impls else []))  # only columns with data
+    small = lines[2]
+    voc = next(line for line in lines if line.startswith("voc") and "fwd+bwd" in line)
+    # one unit per row, chosen by its largest time: 0.37 ms .. 30 ms in ms; 0.9 .. 73 s in s
+    assert small.split()[:6] == ["small", "K=5", "bf16", "fwd", "ms", "0.37"]
+    assert voc.split()[3:7] == ["fwd+bwd", "s", "0.9", "±5%"]
+    assert "B x C x H x W: small 2x21x129x129, voc 8x21x513x513" in lines
+    assert "e+" not in text and "WARNING" not in text and "!" not in text
+    assert "quartiles" in table(bench_rows(impls), [])  # the Markdown keeps them
+
+
+def test_terminal_table_warns_when_the_spread_is_large():
+    from bench.__main__ import terminal_table
+
+    text = terminal_table(bench_rows(CPU_IMPLS, spread=0.5))
+    assert "±50%!" in text
+    assert text.splitlines()[-1].startswith("! WARNING: spread above 20% of the median")
+
+
+def test_help_usage_line(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m bench ")

@@ -41,11 +41,12 @@ def test_two_classes_under_the_zscore_warn_once(monkeypatch):
     target = make_target(1, 4, 4, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        locally_adaptive_loss(logits, target, zscore=False)
-        locally_adaptive_loss(make_logits((1, 3, 4, 4)), make_target(1, 4, 4, 3))
+        # kernel_size=3: K = 5 is larger than these 4 x 4 images, which warns too
+        locally_adaptive_loss(logits, target, zscore=False, kernel_size=3)
+        locally_adaptive_loss(make_logits((1, 3, 4, 4)), make_target(1, 4, 4, 3), kernel_size=3)
         assert not caught
-        locally_adaptive_loss(logits, target)
-        locally_adaptive_loss(logits, target)
+        locally_adaptive_loss(logits, target, kernel_size=3)
+        locally_adaptive_loss(logits, target, kernel_size=3)
     assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
     assert "zscore=False" in str(caught[0].message)
     assert caught[0].filename == __file__  # points at the caller's line

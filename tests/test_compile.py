@@ -194,8 +194,24 @@ print("ok")
 """
 
 
-def test_cpu_logits_compile_where_the_kernels_are_compiled_for_a_gpu():
-    # A user evaluating on the CPU of a GPU machine: Triton present, not interpreted.
+WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as where it is not installed
+import torch
+from lad_triton import LocallyAdaptiveLoss
+torch.manual_seed(0)
+model = torch.nn.Conv2d(3, 5, 3, padding=1)
+criterion = LocallyAdaptiveLoss(kernel_size=3)  # backend="auto"
+step = lambda images, masks: criterion(model(images), masks)
+images, masks = torch.randn(2, 3, 9, 11), torch.randint(0, 5, (2, 9, 11))
+compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+assert torch.allclose(compiled(images, masks), step(images, masks), rtol=1e-5)
+assert "triton" not in {name.split(".")[0] for name, m in sys.modules.items() if m}
+print("ok")
+"""
+
+
+def run_script(script):
     import os
     import subprocess
     import sys
@@ -204,9 +220,21 @@ def test_cpu_logits_compile_where_the_kernels_are_compiled_for_a_gpu():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    result = subprocess.run([sys.executable, "-c", CPU_LOSS_ON_A_GPU_MACHINE], env=env,
+    result = subprocess.run([sys.executable, "-c", script], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_cpu_logits_compile_where_the_kernels_are_compiled_for_a_gpu():
+    # A user evaluating on the CPU of a GPU machine: Triton present, not interpreted.
+    run_script(CPU_LOSS_ON_A_GPU_MACHINE)
+
+
+def test_a_step_compiles_whole_without_triton():
+    # The README's CPU install has no Triton: choosing the backend must not import it inside the
+    # traced loss (Dynamo cannot trace a failing import). .ci/run also runs the README's compile
+    # snippet in a venv without Triton, with Inductor.
+    run_script(WITHOUT_TRITON)
 
 
 def test_options_that_change_between_calls_compile(backend="torch"):

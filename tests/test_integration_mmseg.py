@@ -5,13 +5,13 @@ from its registry by a config, called by the real ``BaseDecodeHead.loss_by_feat`
 mmsegmentation 1.2.2 needs mmcv < 2.2, whose full build has no CPU wheel; here it runs with
 ``mmcv-lite<2.2`` (mmcv without its compiled ops). ``mmseg.registry`` imports with it, but a
 look-up by name imports ``mmseg.models``, which imports ``mmcv.ops`` (point sampling,
-deformable attention) at module level. Where ``mmcv.ops`` cannot import, this module installs a
-placeholder whose every member raises if used: the registry, the FCN head, the OHEM sampler
-and the loss never touch one, so what runs is mmseg's own code.
+deformable attention) at module level. Where ``mmcv.ops`` cannot import, the package's
+``stub_mmcv_ops()`` (which the README's example calls) installs a placeholder whose every member
+raises if used: the registry, the FCN head, the OHEM sampler and the loss never touch one, so
+what runs is mmseg's own code.
 """
 
 import sys
-import types
 
 import pytest
 import torch
@@ -25,23 +25,9 @@ INSTALL = 'pip install -e ".[mmseg]" "mmcv-lite<2.2"'
 framework("mmengine", INSTALL)
 framework("mmseg.registry", INSTALL)
 
+from lad_triton.integrations.mmseg import stub_mmcv_ops  # noqa: E402
 
-class _CompiledOpsMissing(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise RuntimeError(f"mmcv.ops.{name} needs the compiled mmcv; mmcv-lite is installed")
-
-        return type(name, (), {"__init__": unavailable, "__call__": unavailable})
-
-
-try:
-    import mmcv.ops  # noqa: F401
-except ImportError:
-    sys.modules["mmcv.ops"] = _CompiledOpsMissing("mmcv.ops")
-
+STUBBED = stub_mmcv_ops()  # what the README's example does on a CPU
 import mmseg.models  # noqa: E402,F401  (registers FCNHead, OHEMPixelSampler)
 from mmengine.structures import PixelData  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -178,6 +164,16 @@ def test_loss_by_feat_with_the_ohem_sampler():
     assert rel_err(losses["loss_lad"], expected) < 1e-10
     # Not the unweighted mean: the sampler's map took effect.
     assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) > 1e-3
+
+
+def test_the_placeholder_raises_only_when_a_compiled_op_is_used():
+    import mmcv.ops
+
+    if not STUBBED:
+        pytest.skip("the compiled mmcv is installed: stub_mmcv_ops() left it alone")
+    assert stub_mmcv_ops() is False  # in place now: nothing to do
+    with pytest.raises(RuntimeError, match=r"mmcv.ops.point_sample needs the compiled mmcv"):
+        mmcv.ops.point_sample(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2))
 
 
 def test_readme_example_runs():

@@ -4,6 +4,7 @@ install of the wheel holds lad_triton.kernels and no top-level `kernels` package
 name belongs to another PyPI project)."""
 
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_import_lad_triton_imports_neither_triton_nor_the_kernels():
 def test_wheel_installs_kernels_as_lad_triton_kernels(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     for name in ("lad_triton", "kernels"):
         shutil.copytree(ROOT / name, source / name,
@@ -63,6 +64,7 @@ def test_wheel_installs_kernels_as_lad_triton_kernels(tmp_path):
     assert "lad_triton/unfused.py" in names
     assert "lad_triton/integrations/mmseg.py" in names
     assert not [n for n in names if n.startswith("kernels/")]
+    assert [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]  # the MIT text
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
@@ -74,3 +76,25 @@ def test_wheel_installs_kernels_as_lad_triton_kernels(tmp_path):
                          capture_output=True, text=True).stdout.split()
     assert Path(out[0]).resolve() == (site / "lad_triton" / "kernels" / "__init__.py").resolve()
     assert out[1] == "lad_triton.functional"
+
+
+def test_what_a_published_package_carries():
+    # The license pyproject declares, a citation and a changelog for the version it declares,
+    # and the version said in the README, all in agreement.
+    import lad_triton
+
+    pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib is Python 3.11+
+    version = re.search(r'^version = "(.+)"$', pyproject, re.M).group(1)
+    assert re.search(r'^license = "MIT"$', pyproject, re.M)
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n\nCopyright (c) 2026 the lad_triton authors\n")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in license_text
+    citation = (ROOT / "CITATION.cff").read_text()
+    assert f"\nversion: {version}\n" in citation and "\nlicense: MIT\n" in citation
+    assert "title: Locally Adaptive Learning Loss for Semantic Image Segmentation" in citation
+    assert f"\n## {version} " in (ROOT / "CHANGELOG.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert f"Version {version} ([CHANGELOG.md](CHANGELOG.md))" in readme
+    assert lad_triton.__version__ == version
+    # what the package is for comes before how it is benchmarked
+    assert readme.index("\n## Use\n") < readme.index("<!-- ci:main -->")

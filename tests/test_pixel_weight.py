@@ -173,8 +173,8 @@ def test_negative_or_non_finite_pixel_weight_raises(bad):
     pixel_weight = torch.ones(2, 4, 6)
     pixel_weight[1, 3, 2] = bad
     with pytest.raises(ValueError, match=rf"pixel_weight must hold finite, non-negative weights, "
-                                         rf"got pixel_weight\[1, 3, 2\]={bad} "
-                                         rf"\(check_target=False skips this check\)"):
+                                         rf"got pixel_weight\[1, 3, 2\]={bad} \(a weight of "
+                                         rf"0 leaves a pixel out as a centre\)"):
         locally_adaptive_loss(LOGITS, TARGET, pixel_weight=pixel_weight)
     # The value check is the one host sync that check_target=False skips.
     locally_adaptive_loss(LOGITS, TARGET, pixel_weight=pixel_weight, check_target=False)

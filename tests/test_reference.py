@@ -66,3 +66,17 @@ def test_gradcheck(reduction, zscore):
         lambda x: locally_adaptive_loss(x, target, kernel_size=3, power=2.5, stride=1,
                                         zscore=zscore, reduction=reduction, backend="torch"),
         (logits,))
+
+
+def test_the_zscore_avoids_var_mean():
+    # On a CPU torch.var_mean over the class dimension (not the innermost) took 10x as long as
+    # two means (32 ms against 3.5 ms on 8 x 21 x 128 x 128, one thread), more than
+    # F.cross_entropy's whole forward + backward; the values are checked above.
+    from torch.profiler import profile
+
+    logits = make_logits((2, 5, 6, 7)).requires_grad_(True)
+    target = make_target(2, 6, 7, 5)
+    with profile() as prof:
+        locally_adaptive_loss(logits, target, kernel_size=3, backend="torch").backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::mean" in ops and not {"aten::var_mean", "aten::var", "aten::std"} & ops

@@ -1,6 +1,9 @@
 """"Bad input" of docs/contract.md: every misuse raises the stated exception, naming the argument, what was
 expected and what it got."""
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -81,7 +84,7 @@ def test_bad_shapes_and_devices_raise_value_error(logits, target, message):
 @pytest.mark.parametrize("logits,target,message", [
     (LOGITS.long(), TARGET, r"logits must be a floating tensor.*got logits.dtype=torch.int64"),
     (LOGITS.to(torch.complex64), TARGET, r"got logits.dtype=torch.complex64"),
-    (LOGITS, TARGET.float(), r"target must be an integer tensor.*got target.dtype=torch.float32"),
+    (LOGITS, TARGET.float(), r"target must be an integer tensor.*got target.dtype=torch.float32;"),
     (LOGITS, TARGET.bool(), r"got target.dtype=torch.bool"),
     (LOGITS.tolist(), TARGET, r"logits must be a torch.Tensor, got logits='list'"),
     (LOGITS, TARGET.tolist(), r"target must be a torch.Tensor, got target='list'"),
@@ -91,21 +94,114 @@ def test_bad_types_raise_type_error(logits, target, message):
         locally_adaptive_loss(logits, target)
 
 
-@pytest.mark.parametrize("dtype,bad,ignore_index", [
-    (torch.int64, 5, 255),      # == C
-    (torch.int64, -1, 255),     # negative
-    (torch.int32, 255, -100),   # 255 is not the ignore_index here
-    (torch.uint8, 200, 255),
-    (torch.uint8, 156, -100),   # torch would compare uint8 156 == -100 as True: must not pass
-    (torch.int16, 300, 255),
+# Each message names the likely fix; none offers check_target=False, which only skips the
+# check (after which label 7 with C = 5 gave a finite, meaningless loss).
+@pytest.mark.parametrize("dtype,bad,ignore_index,fix", [
+    (torch.int64, 5, 255, r"if the data has 6 or more classes, the model must output that many "
+                          r"\(the logits have C=5\); if the labels are coded otherwise, remap "
+                          r"them to \[0, 5\); if 5 marks pixels to ignore, pass ignore_index=5"),
+    (torch.int64, -1, 255, r"labels outside the classes: -1\. if the labels are coded otherwise, "
+                           r"remap them to \[0, 5\); if -1 marks pixels to ignore, pass "
+                           r"ignore_index=-1$"),
+    (torch.int32, 255, -100, r"if 255 marks pixels to ignore \(Pascal VOC, Cityscapes\), pass "
+                             r"ignore_index=255, not -100"),
+    (torch.uint8, 200, 255, r"the model must output that many"),
+    (torch.uint8, 156, -100, r"ignore_index=156"),  # uint8 156 == -100 in torch: must not pass
+    (torch.int16, 300, 255, r"if the data has 301 or more classes"),
 ])
-def test_out_of_range_label_raises(dtype, bad, ignore_index):
+def test_out_of_range_label_raises_naming_the_fix(dtype, bad, ignore_index, fix):
     target = TARGET.to(dtype).clone()
     target[1, 2, 3] = bad
-    with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, 5\) or "
-                                         rf"ignore_index={ignore_index}, got target\[1, 2, 3\]"
-                                         rf"={bad} \(check_target=False skips this check\)"):
-        locally_adaptive_loss(LOGITS, target, ignore_index=ignore_index)
+    for call in (lambda: locally_adaptive_loss(LOGITS, target, ignore_index=ignore_index),
+                 lambda: LocallyAdaptiveLoss(ignore_index=ignore_index)(LOGITS, target)):
+        with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, 5\) or "
+                                             rf"ignore_index={ignore_index}, got target\[1, 2, "
+                                             rf"3\]={bad}; ") as err:
+            call()
+        assert re.search(fix, str(err.value)), str(err.value)
+        assert "check_target" not in str(err.value)
+
+
+def test_several_out_of_range_labels_are_listed():
+    target = TARGET.clone()
+    target[0, 0, 0], target[1, 3, 5] = 7, 9
+    with pytest.raises(ValueError, match=r"labels outside the classes: 7, 9\. if the data has "
+                                         r"10 or more classes.*if one of them marks pixels to "
+                                         r"ignore, pass it as ignore_index"):
+        locally_adaptive_loss(LOGITS, target)
+
+
+@pytest.mark.parametrize("weight", [torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]),
+                                    torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])])
+def test_bad_class_weight_values_name_the_fix(weight):
+    for call in (lambda: locally_adaptive_loss(LOGITS, TARGET, weight=weight),
+                 lambda: LocallyAdaptiveLoss(weight=weight)(LOGITS, TARGET)):
+        with pytest.raises(ValueError, match=r"weight must hold finite, non-negative class "
+                                             r"weights, got weight=\[.*\] \(a weight of 0 leaves "
+                                             r"a class out; for weights from class frequencies, "
+                                             r"clamp them at 0\)$"):
+            call()
+
+
+@pytest.mark.parametrize("weight,message", [
+    ([1.0, 2.0, 3.0, 4.0, 5.0], r"weight must be None or a floating tensor of C class weights, "
+                                r"got weight=list \(torch.tensor\(weight\) makes one\)"),
+    ((1.0,) * 5, r"got weight=tuple"),
+    (torch.ones(5, dtype=torch.int64), r"got weight=torch.int64 \(weight.float\(\) makes one\)"),
+    (torch.ones(1, 5), r"weight must be None or a 1-D floating tensor of C class weights, got "
+                       r"weight.shape=\(1, 5\)"),
+])
+def test_module_rejects_a_weight_that_is_not_a_float_vector(weight, message):
+    with pytest.raises(ValueError, match=message):
+        LocallyAdaptiveLoss(weight=weight)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return  # the functional form says the shape against C instead
+    with pytest.raises(ValueError, match=message):
+        locally_adaptive_loss(LOGITS, TARGET, weight=weight)
+
+
+@pytest.mark.parametrize("target,error,message", [
+    (TARGET.float(), TypeError, r"got target.dtype=torch.float32; pass class indices, "
+                                r"target.long\(\) \(for float label maps with integral values, "
+                                r"as MONAI carries them, lad_triton.integrations.monai"),
+    (TARGET.bool(), TypeError, r"got target.dtype=torch.bool; pass class indices, e.g. "
+                               r"target.long\(\)"),
+    # one-hot, as float (the usual case) and as integers
+    (torch.nn.functional.one_hot(TARGET, 5).permute(0, 3, 1, 2).float(), TypeError,
+     r"it has the logits' shape: for a one-hot \(or soft\) target pass its class indices, "
+     r"target.argmax\(1\)"),
+    (torch.nn.functional.one_hot(TARGET, 5).permute(0, 3, 1, 2), ValueError,
+     r"got target.shape=\(2, 5, 4, 6\); it has the logits' shape: for a one-hot target pass "
+     r"its class indices, target.argmax\(1\)"),
+])
+def test_float_and_one_hot_targets_name_the_fix(target, error, message):
+    with pytest.raises(error, match=message):
+        locally_adaptive_loss(LOGITS, target)
+    with pytest.raises(error, match=message):
+        LocallyAdaptiveLoss()(LOGITS, target)
+
+
+def test_a_window_larger_than_the_image_warns_once_per_process(monkeypatch):
+    from lad_triton import functional
+
+    monkeypatch.setattr(functional, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        locally_adaptive_loss(torch.randn(1, 3, 16, 16), torch.randint(0, 3, (1, 16, 16)),
+                              kernel_size=15)
+        locally_adaptive_loss(torch.randn(1, 3, 16, 4), torch.randint(0, 3, (1, 16, 4)),
+                              kernel_size=15)  # longer than 4, not than 16: the window fits
+        assert not caught
+        for kernel_size in (31, 101):
+            locally_adaptive_loss(torch.randn(1, 3, 16, 16), torch.randint(0, 3, (1, 16, 16)),
+                                  kernel_size=kernel_size)
+        LocallyAdaptiveLoss(kernel_size=9)(torch.randn(1, 3, 4, 8, 8),
+                                           torch.randint(0, 3, (1, 4, 8, 8)))
+    assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
+    assert str(caught[0].message).startswith(
+        "locally_adaptive_loss with kernel_size=31, larger than the image (16 x 16): every "
+        "centre's window covers the whole image. Upsample the logits")
+    assert caught[0].filename == __file__
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])

@@ -16,7 +16,15 @@ with ``pixel_weight=weight``: ``(sum_p w_p L_p^k / sum_p w_p)^(1/k)``, ``w_p = c
 * weight_p``. ``avg_factor`` replaces the denominator ``sum_p w_p`` (plus mmseg's float32 eps,
 as its ``weight_reduce_loss`` adds); ``reduction_override="none"`` returns the ``(N, H, W)`` map
 ``w_p L_p``, which the OHEM sampler ranks. Every result is multiplied by ``loss_weight``.
+
+On a machine without the compiled mmcv (``mmcv-lite``, the CPU install), call
+:func:`stub_mmcv_ops` before mmseg builds anything: ``mmseg.models`` imports ``mmcv.ops`` at
+module level, which mmcv-lite lacks.
 """
+
+import importlib
+import sys
+import types
 
 import torch
 from torch import nn
@@ -32,6 +40,42 @@ except ImportError:  # mmseg absent (or without its mmcv): mmengine's root regis
     from mmengine.registry import MODELS
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class _CompiledOpsMissing(types.ModuleType):
+    """Stands for ``mmcv.ops`` where only mmcv-lite is installed: every member is a class that
+    raises when it is built or called, so that only code that uses a compiled op fails."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"mmcv.ops.{name} needs the compiled mmcv (mmcv-lite is "
+                               "installed); install mmcv<2.2 as OpenMMLab says for your CUDA")
+
+        return type(name, (), {"__init__": unavailable, "__call__": unavailable})
+
+
+def stub_mmcv_ops():
+    """Let mmsegmentation import with ``mmcv-lite`` (mmcv without its compiled ops, the only
+    mmcv < 2.2 with CPU wheels). ``mmseg.models`` imports ``mmcv.ops`` (point sampling,
+    deformable attention) at module level, so a registry look-up by name fails with
+    ``No module named 'mmcv._ext'``. Where ``mmcv.ops`` cannot import, this puts a placeholder in
+    ``sys.modules`` whose members raise ``RuntimeError`` if used; the registry, the decode heads
+    that need no compiled op (FCN, for one), the OHEM sampler and this loss never use them. With
+    the compiled mmcv it does nothing. Returns whether it installed the placeholder.
+
+    Call it before mmseg builds a model (a config can run it through ``custom_imports`` of a
+    module of yours that calls it). It changes what ``import mmcv.ops`` gives for the whole
+    process, which is why importing this module does not do it."""
+    try:
+        importlib.import_module("mmcv.ops")
+    except ImportError:
+        stub = sys.modules["mmcv.ops"] = _CompiledOpsMissing("mmcv.ops")
+        sys.modules["mmcv"].ops = stub  # what `import mmcv.ops; mmcv.ops.X` reads
+        return True
+    return False
 
 
 @MODELS.register_module(name="LocallyAdaptiveLoss")

@@ -35,9 +35,11 @@ def as_class_indices(target, check=True):
         bad = ~torch.isfinite(target) | (target != torch.round(target))
         if bad.any():
             where = tuple(bad.nonzero()[0].tolist())
+            value = target[where].item()
+            hint = (" (a label map resized with a mode other than 'nearest' mixes classes: "
+                    "resize it with mode='nearest')" if value - value == 0 else "")
             raise ValueError("target must hold integral class indices (or ignore_index), got "
-                             f"target[{', '.join(map(str, where))}]={target[where].item()} "
-                             "(check_target=False skips this check)")
+                             f"target[{', '.join(map(str, where))}]={value}{hint}")
     return target.long()
 
 
