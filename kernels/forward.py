@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
+from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of, tile_grid)
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
                      tile_coordinates, window_weight)
@@ -677,24 +677,32 @@ def grid_of(rows, tile_w, centres):
     return tiles_h, tiles_w, batch * depth * tiles_h * tiles_w
 
 
-def allocate(logits, *, kernel_size, stride, need_grad, mean, weighted, cfg=None):
+def tile_plan(logits, *, kernel_size, stride, weighted=False):
+    """The forward's tiles as "ROWSxCOLUMNS" centres: the one part of the launch plan that shapes
+    an output (the per-tile partials). The custom operator takes it as an argument, so that a
+    traced graph records it: Inductor's FX graph cache keys on the graph, and a plan that changed
+    (another lad_triton or Triton) must not replay shapes traced under the old one."""
+    classes = int(logits.shape[1])  # int(): under dynamic shapes C specialises, as the kernel's
+    cfg = launch_config(classes, stride, kernel_size, accumulation_dtype(logits.dtype),
+                        weighted, **target_of(logits))
+    return f"{cfg.forward_rows}x{cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)}"
+
+
+def allocate(logits, *, kernel_size, stride, need_grad, mean, plan):
     """The forward's outputs (L, partials, ticket, P), allocated with ``new_empty`` so that the fake
     implementation (torch.compile's shape propagation) shares this one definition. L is empty
-    for the mean (``mean``), P when no gradient is needed. ``cfg``: the launch_config, when the
-    caller has it."""
+    for the mean (``mean``), P when no gradient is needed. ``plan``: tile_plan's."""
     batch, classes, depth, height, width = as_volume(logits, 4)[0]
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    if cfg is None:  # int(): under torch.compile's dynamic shapes C specialises, as the kernel's
-        cfg = launch_config(int(classes), stride, kernel_size, acc, weighted,
-                            **target_of(logits))
-    n_tiles = tile_grid(cfg, cfg.forward_rows, kernel_size, (batch, d_c, h_c, w_c))[2]
+    rows, cols = map(int, plan.split("x"))
+    n_tiles = batch * d_c * cdiv(h_c, rows) * cdiv(w_c, cols)
     centres = (batch, d_c, h_c, w_c) if logits.dim() == 5 else (batch, h_c, w_c)
     new = lambda *shape, dtype=acc: logits.new_empty(shape, dtype=dtype)  # noqa: E731
-    # P in blocks of tile_w centres (tiling.block_lanes), each image padded to whole blocks.
-    blocks = cdiv(d_c * h_c * w_c, cfg.tile_w)
+    # P in blocks of TILE_W centres (tiling.block_lanes), each image padded to whole blocks.
+    blocks = cdiv(d_c * h_c * w_c, TILE_W)
     return (new(0) if mean else new(*centres), new(n_tiles, 3), new(1, dtype=torch.int32),
-            new(batch, blocks, classes, cfg.tile_w, dtype=logits.dtype) if need_grad
+            new(batch, blocks, classes, TILE_W, dtype=logits.dtype) if need_grad
             else new(0, dtype=logits.dtype))
 
 
@@ -711,9 +719,10 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         **target_of(logits))
+    cols = cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)
     L, partials, ticket, P = allocate(logits, kernel_size=kernel_size, stride=stride,
                                       need_grad=need_grad, mean=mean,
-                                      weighted=weight is not None, cfg=cfg)
+                                      plan=f"{cfg.forward_rows}x{cols}")
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     wide = needs_wide_index(span((classes, depth, height, width), sx[1:]),
                             span(y_shape[1:], sy[1:]),

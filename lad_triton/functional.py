@@ -137,7 +137,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     group = sync_group(sync, process_group) if reduction == "mean" else None
     if chosen == "triton":
-        from .fused import fused_costs, fused_mean
+        from .fused import fused_costs, fused_mean, plan_of
 
         fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
                          normalizer, zscore)
@@ -148,7 +148,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
                              need_grad)
             return out if guard is None else out + guard.to(out.dtype)
         L = fused_costs(logits, target, weight, kernel_size, float(power), *fused_options[1:],
-                        need_grad, False)[0]
+                        need_grad, False, plan_of(logits, kernel_size, stride, weight))[0]
     else:
         L = UnfusedCosts.apply(logits, target, *options.values(), need_grad)
 

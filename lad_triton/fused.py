@@ -81,9 +81,10 @@ _NO_DEVICE = _NoDevice()
 
 def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
                  power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
-                 normalizer: str, zscore: bool, need_grad: bool,
-                 mean: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(L, partials, ticket, P); see kernels/forward.py."""
+                 normalizer: str, zscore: bool, need_grad: bool, mean: bool,
+                 plan: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(L, partials, ticket, P); see kernels/forward.py. ``plan``: kernels_forward.tile_plan's
+    (the forward computes the same; the argument puts it into traced graphs)."""
     with _on_device(logits):
         return kernels_forward.forward(
             logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
@@ -96,9 +97,9 @@ fused_costs = _operator("lad_triton::fused_costs", _fused_costs)
 
 @fused_costs.register_fake
 def _(logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
-      normalizer, zscore, need_grad, mean):
+      normalizer, zscore, need_grad, mean, plan):
     return kernels_forward.allocate(logits, kernel_size=kernel_size, stride=stride,
-                                    need_grad=need_grad, mean=mean, weighted=weight is not None)
+                                    need_grad=need_grad, mean=mean, plan=plan)
 
 
 def _fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
@@ -121,7 +122,7 @@ def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore):
 
 def _setup_context(ctx, inputs, output):
     (logits, target, _, kernel_size, _, stride, _, eps, weight_base, _, zscore, _,
-     mean) = inputs
+     mean, _) = inputs
     _, partials, ticket, P = output
     ctx.save_for_backward(logits, target, P)
     ctx.options = (kernel_size, stride, eps, weight_base, zscore)
@@ -137,9 +138,9 @@ def _backward(ctx, dL, *_):
         raise RuntimeError("lad_triton::fused_costs ran with need_grad=False or mean=True, so it "
                            "kept nothing to differentiate L with")
     if dL is None:
-        return (None,) * 13
+        return (None,) * 14
     dx = fused_costs_backward(dL, logits, target, P, *ctx.options)
-    return (dx,) + (None,) * 12
+    return (dx,) + (None,) * 13
 
 
 fused_costs.register_autograd(_backward, setup_context=_setup_context)
@@ -184,6 +185,12 @@ def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weig
     return torch.empty_like(logits)
 
 
+def plan_of(logits, kernel_size, stride, weight=None):
+    """The forward's tiles, as fused_costs takes them."""
+    return kernels_forward.tile_plan(logits, kernel_size=kernel_size, stride=stride,
+                                     weighted=weight is not None)
+
+
 def _reduce(partials, ticket, power, group, dtype):
     """(loss, float64 (loss, max L, a), each tile's max L) from the partials: the combine kernel
     locally, PyTorch across processes."""
@@ -200,7 +207,7 @@ class FusedMinkowskiMean(torch.autograd.Function):
                 eps, weight_base, normalizer, zscore):
         _, partials, ticket, P = _eager(fused_costs)(
             logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
-            normalizer, zscore, True, True)
+            normalizer, zscore, True, True, plan_of(logits, kernel_size, stride, weight))
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
         ctx.save_for_backward(tile_max, scalars, logits, target, P)
         ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None, power)
@@ -220,6 +227,7 @@ def fused_mean(logits, target, weight, options, power, group, need_grad):
     weight_base, normalizer, zscore)."""
     if need_grad:
         return FusedMinkowskiMean.apply(logits, target, weight, power, group, *options)
-    _, partials, ticket, _ = _eager(fused_costs)(logits, target, weight, options[0], power,
-                                                 *options[1:], False, True)
+    _, partials, ticket, _ = _eager(fused_costs)(
+        logits, target, weight, options[0], power, *options[1:], False, True,
+        plan_of(logits, options[0], options[1], weight))
     return _reduce(partials, ticket, power, group, logits.dtype)[0]

@@ -126,13 +126,15 @@ def test_compiled_step_still_rejects_bad_labels(backend):
 
 
 def fused_cases():
+    from lad_triton.fused import plan_of
+
     logits = make_logits((1, 5, 6, 7), device=DEVICE).requires_grad_(True)
     target = make_labels(1, (6, 7), 5, n_labels=3, device=DEVICE)
     volume = make_logits((1, 3, 3, 4, 5), device=DEVICE).requires_grad_(True)
     labels3 = make_labels(1, (3, 4, 5), 3, device=DEVICE)
     weight = torch.rand(5, device=DEVICE)
     common = (3, 3.0, 1, 255, 1e-5, 2.0)
-    return [
+    cases = [
         (logits, target, None) + common + ("count", True, True, False),
         (logits, target, weight) + common + ("weight", False, True, False),
         (logits.detach(), target, None) + common + ("count", True, False, False),
@@ -140,6 +142,7 @@ def fused_cases():
         (volume, labels3, None) + common + ("count", True, True, False),
         (logits.detach(), target, weight) + common + ("count", True, True, True),
     ]
+    return [case + (plan_of(case[0], case[3], case[5], case[2]),) for case in cases]
 
 
 @pytest.mark.parametrize("case", range(6))
@@ -276,3 +279,43 @@ def test_eager_calls_with_other_options_leave_a_compiled_loss_compiled():
         locally_adaptive_loss(logits, target, kernel_size=3, power=power, backend="torch")
     assert torch.equal(compiled(logits, target), first)
     assert counter.frame_count == 1
+
+
+PLAN_CHANGE = """
+import torch, lad_triton
+from torch._dynamo.utils import counters
+from lad_triton.kernels import config
+torch.manual_seed(0)
+x = torch.randn(1, 5, 9, 40, requires_grad=True)
+y = torch.randint(0, 5, (1, 9, 40))
+def step(a, b):
+    return lad_triton.locally_adaptive_loss(a, b, kernel_size=3, backend="triton",
+                                            check_target=False)
+for rows in (4, 2):  # the interpreter's plan, then another: as a new lad_triton or Triton plans
+    config.HALO_ROWS_INTERPRETED = rows
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True)(x, y)
+    want = step(x, y)
+    assert torch.allclose(loss, want, rtol=1e-6), (rows, loss, want)
+    torch.autograd.grad(loss, x)
+print("ok", counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_a_changed_launch_plan_is_not_replayed_from_the_fx_graph_cache(tmp_path):
+    # Inductor's FX graph cache keys on the traced graph. The forward's tiles shape its
+    # partials; were they not in the graph (the operator's plan argument), a warm cache would
+    # replay a graph traced under an earlier plan, whose size assertions then fail on the new
+    # partials. Inductor (C++ on a CPU), in a child with a fresh cache directory.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-c", PLAN_CHANGE], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

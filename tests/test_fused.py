@@ -529,3 +529,28 @@ def test_fake_tensors_and_dispatch_modes_see_the_operators():
         grad, = torch.autograd.grad(loss, logits)
     assert loss.shape == () and grad.shape == logits.shape
 
+
+
+def test_a_forward_and_backward_is_three_launches():
+    # The host pays for every launch: a forward + backward of the public API with
+    # check_target=False launches the forward, the combine and the backward where the
+    # window-row kernels apply (C <= 32, K <= 7, stride 1), and the statistics and each tile's
+    # scales besides elsewhere; the label check adds one. Recorded, not run (needs the JIT
+    # kernels: the interpreter is off there).
+    result = run_python(
+        f"import sys, torch; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        "from kernel_report import recording\n"
+        "import lad_triton\n"
+        "for classes, k in ((21, 5), (19, 7), (40, 5)):\n"
+        "    x = torch.randn(2, classes, 9, 40, requires_grad=True)\n"
+        "    y = torch.randint(0, classes, (2, 9, 40))\n"
+        "    with recording() as launches:\n"
+        "        loss = lad_triton.locally_adaptive_loss(x, y, kernel_size=k, backend='triton',\n"
+        "                                                check_target=False)\n"
+        "        torch.autograd.grad(loss, x)\n"
+        "    print(' '.join(name for name, *_ in launches))", TRITON_INTERPRET="0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    window_rows = ["_halo_forward_kernel _combine_kernel _halo_backward_kernel"] * 2
+    assert lines == window_rows + ["_zscore_stats_kernel _forward_kernel _combine_kernel "
+                                   "_tile_scales_kernel _backward_kernel"]
