@@ -619,8 +619,11 @@ def _combine_kernel(
     tl.store(block_ptr + 3 * block, tl.where(nan > 0, float("nan"), top.to(tl.float64)))
     tl.store(block_ptr + 3 * block + 1, total)
     tl.store(block_ptr + 3 * block + 2, weights)
-    # acq_rel: this block's sums are visible to whoever takes a later ticket
+    # Every thread's stores of the block's sums before the ticket (the scalar atomic runs in one
+    # thread), and acq_rel: they are visible to whoever takes a later ticket.
+    tl.debug_barrier()
     if tl.atomic_add(ticket_ptr, 1) == blocks - 1:
+        tl.store(ticket_ptr, 0)  # as the forward left it: a second combine on it works too
         b_top = tl.zeros([BLOCK], dtype=tl.float64)
         b_nan = tl.zeros([BLOCK], dtype=tl.int32)
         for r in range(rounds):
@@ -707,11 +710,12 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, plan):
 
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
-            weight_base, normalizer, zscore, need_grad, mean):
+            weight_base, normalizer, zscore, need_grad, mean, plan=None):
     """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, ticket,
     P): the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3)
-    Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when ``need_grad`` is False; scaled for the mean,
-    see ``_forward_kernel``). ``weight`` is None or C class weights in the accumulation dtype.
+    Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when
+    ``need_grad`` is False; scaled for the mean, see ``_forward_kernel``). ``plan``: the
+    caller's tile_plan, checked. ``weight`` is None or C class weights in the accumulation dtype.
     No host sync; the z-score statistics are a temporary of the forward."""
     volume = logits.dim() == 5
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -720,9 +724,12 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         **target_of(logits))
     cols = cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)
+    planned = f"{cfg.forward_rows}x{cols}"
+    if plan is not None and plan != planned:  # the traced graph's shapes would not match
+        raise RuntimeError(f"lad_triton: the forward's tiles are {planned}, the caller traced "
+                           f"{plan}")
     L, partials, ticket, P = allocate(logits, kernel_size=kernel_size, stride=stride,
-                                      need_grad=need_grad, mean=mean,
-                                      plan=f"{cfg.forward_rows}x{cols}")
+                                      need_grad=need_grad, mean=mean, plan=planned)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     wide = needs_wide_index(span((classes, depth, height, width), sx[1:]),
                             span(y_shape[1:], sy[1:]),

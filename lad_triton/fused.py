@@ -89,7 +89,7 @@ def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kerne
         return kernels_forward.forward(
             logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
             ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
-            zscore=zscore, need_grad=need_grad, mean=mean)
+            zscore=zscore, need_grad=need_grad, mean=mean, plan=plan)
 
 
 fused_costs = _operator("lad_triton::fused_costs", _fused_costs)

@@ -494,9 +494,10 @@ def test_combine_by_blocks_against_float64(tiles, block, dtype):
     weights = torch.rand(tiles, generator=gen, dtype=torch.float64) * 30 * (top > 0)
     scaled = weights * torch.rand(tiles, generator=gen, dtype=torch.float64)
     partials = torch.stack([top, scaled, weights], 1).to(dtype).to(DEVICE)
-    def combine():  # the ticket as the forward leaves it: zeroed
-        return kf.combine(partials, torch.zeros(1, dtype=torch.int32, device=DEVICE), power,
-                          dtype, block)
+    ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)  # as the forward leaves it
+
+    def combine():  # on one ticket: the last program zeroes it again
+        return kf.combine(partials, ticket, power, dtype, block)
 
     loss, scalars, tile_max = combine()
     p = partials.cpu().double()
@@ -511,6 +512,7 @@ def test_combine_by_blocks_against_float64(tiles, block, dtype):
     assert torch.equal(tile_max, partials[:, 0])  # all the backward keeps of the partials
     again = combine()
     assert all(torch.equal(x, y) for x, y in zip((loss, scalars, tile_max), again))
+    assert ticket.item() == 0
     partials[min(tiles - 1, 2100), 0] = float("nan")  # a NaN cost anywhere: the loss is NaN
     loss, scalars, _ = combine()
     assert torch.isnan(loss) and torch.isnan(scalars).all()
