@@ -162,11 +162,15 @@ ROW_PLANS = {
 }
 MAX_UNROLLED_K = 7
 
-# The window-row kernels (kernels/halo.py) take stride 1, C <= CLASS_TILE and K <= 7: rows of
-# centres per program (a power of 2: a block dimension) and their register cap on sm_90.
+# The window-row kernels (kernels/halo.py) take stride 1, C <= CLASS_TILE (HALO_FLOAT64_CLASSES
+# for float64, whose registers are twice as wide) and K <= 7: rows of centres per program (a power
+# of 2: a block dimension) and their register cap on sm_90 by the largest C, the fewest registers
+# that compile without spills under Triton 3.6 and 3.9 (python -m bench.kernel_report; 128 spills
+# from C = 27 on). An H200 measured 2 rows at 128 fastest at C = 19 and 21 (bench.sweep).
 HALO = True
 HALO_ROWS = 2
-HALO_REGISTERS = 128
+HALO_REGISTERS = ((26, 128), (32, 168))
+HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
 
 
@@ -205,10 +209,12 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
     (tests/test_fused.py forces the GPUs' row counts, chunks and the generic window path)."""
     classes = int(classes)
-    if HALO and stride == 1 and classes <= CLASS_TILE and kernel_size <= MAX_UNROLLED_K:
+    wide = acc_dtype == torch.float64
+    if (HALO and stride == 1 and kernel_size <= MAX_UNROLLED_K
+            and classes <= (HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows = HALO_ROWS_INTERPRETED if interpreted else HALO_ROWS
-        cap = (MAX_REGISTERS if interpreted or arch != 90 or acc_dtype == torch.float64
-               else HALO_REGISTERS)
+        cap = (MAX_REGISTERS if interpreted or arch != 90 or wide
+               else next(c for top, c in HALO_REGISTERS if classes <= top))
         return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows,
                             forward_registers=cap, backward_registers=cap, halo=True)
     chunked = classes > CLASS_TILE
