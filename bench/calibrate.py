@@ -16,8 +16,7 @@ Then it fits two constants (``perf_model.fit``) on the fitted set and reports me
 modelled with residuals, fitted and held-out apart. Held out: every figure of the window-row
 kernels (_halo_*: designed after the fitted figures were taken; they test whether the model
 judges a new design) and every Cityscapes-like figure (a row width of 1024: aligned rows, a
-workload the fit never sees). ``--dry-run``: one tiny workload of the current tree, compiled,
-modelled and fitted on itself (the test's path). ``--quick``: only figures already cached.
+workload the fit never sees). ``--quick``: only figures already cached (no compiling).
 """
 
 import argparse
@@ -83,8 +82,9 @@ def figures(files=FIGURES):
             else:
                 times = {k["kernel"]: k["us"] for k in r["measured"]["lad"]}
                 variant = None
-                recorded = {k["name"]: k for k in r.get("model", {}).get("kernels", [])} \
-                    if isinstance(r.get("model"), dict) else None
+                model = r.get("model") or []  # the issue-only model's per-kernel figures
+                recorded = {k["name"]: k for k in (model if isinstance(model, list)
+                                                   else model.get("kernels", []))}
             for kernel, us in times.items():
                 if kernel in KERNELS:
                     out.append(dict(file=name, commit=commit, workload=r["workload"],
