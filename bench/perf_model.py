@@ -201,3 +201,174 @@ def model_kernel(name, sass_text, trips, programs, warps, dram_bytes, registers=
     loops = [(hex(h), t) for (h, _), t in zip(find_loops(instrs), trips)]
     return KernelModel(name, programs, warps, registers, spills, sum(counts.values()), memory,
                        wavefronts, dram_bytes, loops)
+
+
+# --- the calibrated model: occupancy, latency, misaligned rows (issue 24) ---------------------
+#
+# The issue-only model above assumes the schedulers issue every clock. The H200 visits showed
+# they do not: the old kernels' 244-255 registers per lane leave 8 warps per SM, 2 per scheduler,
+# and a warp that issues its row's loads then waits a whole memory round trip before the
+# multiply-adds that use them; the same forward ran 1.56x faster at a 168-register cap (12 warps)
+# than at 255 (8). The calibrated model adds what decides that, read from the same SASS:
+#
+# - **warps per SM** (``warps_per_sm``): registers are allocated per warp in units of 256 (8 per
+#   lane), 65536 per SM; shared memory per block (0 for these kernels) out of 228 KiB; at most 32
+#   resident blocks (programs) and 64 warps per SM. Spread over 4 schedulers.
+# - **memory rounds per warp** (``memory_rounds``): how many times a warp must wait for a global
+#   load's round trip. The loads of one loop iteration are independent of each other (the
+#   kernels issue a row's loads together, then use them), so an iteration of the innermost loop
+#   that holds loads is one round, however many loads it issues; loads in straight-line code are
+#   one round more.
+# - **latency time** (``Calibrated.latency_s``): a scheduler with n resident warps overlaps n
+#   warps' rounds; one warp's round costs the round trip L plus its own instructions, so the
+#   scheduler's warps take (rounds x L + instructions) / n clocks each, and never less than
+#   their instructions (the issue bound). L, in cycles, is fitted: it stands for the load's
+#   latency under the load these kernels put on L1, L2 and DRAM, not for an unloaded round trip.
+# - **issue time** with an efficiency (fitted): the fraction of clocks a scheduler with ready
+#   warps actually issues (dependent arithmetic, register bank and shuffle stalls).
+# - **L1 passes for misaligned rows** (``l1_passes``): a warp-wide load of 32 consecutive
+#   elements is one 128-B wavefront only when it starts on a 128-B line; a 513-float row is
+#   2052 B, so row starts drift by 4 B a row and nearly every load spans two lines.
+# - **DRAM** at the H200's measured copy bandwidth (4.1 TB/s), not fitted.
+#
+# The kernel's time is the largest of the four. Two constants are fitted (``fit``): L and the
+# issue efficiency; the machine's are from its data sheet and the visits' env.json.
+
+@dataclass(frozen=True)
+class Machine:
+    sms: int = 132
+    schedulers: int = 4
+    clock_hz: float = 1.98e9           # nvidia-smi under load on the visits
+    dram_bytes_per_s: float = 4.1e12   # bench.gpu's copy bandwidth, 4.02-4.17 TB/s
+    registers_per_sm: int = 65536
+    register_unit: int = 8             # per lane: 256 per warp
+    shared_per_sm: int = 228 * 1024
+    max_warps: int = 64
+    max_blocks: int = 32
+
+
+H200 = Machine()
+
+
+def warps_per_sm(registers, warps_per_program=1, shared_bytes=0, machine=H200):
+    """Resident warps per SM: the smallest of the register, shared-memory, block and warp
+    limits (in whole programs)."""
+    regs = max(1, math.ceil(registers / machine.register_unit) * machine.register_unit)
+    programs = machine.registers_per_sm // (regs * 32 * warps_per_program)
+    if shared_bytes:
+        programs = min(programs, machine.shared_per_sm // shared_bytes)
+    programs = min(programs, machine.max_blocks, machine.max_warps // warps_per_program)
+    return max(programs, 1) * warps_per_program
+
+
+def l1_passes(row_elems, elem_bytes, shifts=None, lanes=32, line=128):
+    """Mean 128-B lines one warp-wide load of ``lanes`` consecutive elements touches, over the
+    rows (row r starts at r x row_elems x elem_bytes) and over ``shifts``, the column offsets the
+    kernel loads from a tile that starts on a multiple of ``lanes`` columns. ``shifts=None``: a
+    start at any element (tiles that step by other than a multiple of 32 columns)."""
+    span = lanes * elem_bytes
+    if shifts is None:
+        starts = range(0, line, elem_bytes)
+    else:
+        # Row offsets repeat after line / gcd(row bytes, line) rows.
+        period = line // math.gcd(row_elems * elem_bytes, line)
+        starts = [(r * row_elems + s) * elem_bytes % line
+                  for r in range(period) for s in shifts]
+    starts = list(starts)
+    return sum(math.ceil((o % line + span) / line) for o in starts) / len(starts)
+
+
+def memory_rounds(instrs, counts, loops):
+    """Round trips one warp waits for: the executed iterations of every innermost loop that
+    holds a global load, plus one if loads run outside any loop."""
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    innermost, straight = set(), False
+    for i in counts:
+        if instrs[i].base not in ("LDG", "LDL"):
+            continue
+        inside = [(e - h, h) for h, e in loops if h <= instrs[i].addr <= e]
+        if inside:
+            innermost.add(min(inside)[1])
+        else:
+            straight = True
+    return sum(counts[index[head]] for head in innermost) + straight
+
+
+@dataclass
+class Inputs:
+    """What the calibrated model reads from one launch."""
+    programs: int
+    warps: int                 # per program
+    instructions: int          # executed per warp
+    rounds: int                # memory round trips per warp
+    wavefronts: float          # 128-B L1 wavefronts per warp, aligned
+    l1_passes: float           # lines per warp-wide global access (misaligned rows)
+    dram_bytes: int
+    warps_per_sm: int
+    registers: int = 0
+    spills: int = 0
+
+
+def inputs_from_sass(instrs, counts, programs, warps, registers, dram_bytes, passes, spills=0,
+                     shared_bytes=0, machine=H200):
+    loops = find_loops(instrs)
+    wavefronts = 0
+    for i, n in counts.items():
+        width = instrs[i].memory_bytes()
+        if width:
+            wavefronts += n * max(1, 32 * width // L1_BYTES_PER_CLOCK)
+    return Inputs(programs, warps, sum(counts.values()), memory_rounds(instrs, counts, loops),
+                  wavefronts, passes, dram_bytes,
+                  warps_per_sm(registers, warps, shared_bytes, machine), registers, spills)
+
+
+@dataclass(frozen=True)
+class Params:
+    latency_cycles: float
+    issue_efficiency: float
+
+
+@dataclass
+class Calibrated:
+    issue_s: float
+    latency_s: float
+    l1_s: float
+    dram_s: float
+
+    @property
+    def time_s(self):
+        return max(self.issue_s, self.latency_s, self.l1_s, self.dram_s)
+
+    @property
+    def bound(self):
+        times = {"issue": self.issue_s, "latency": self.latency_s, "L1": self.l1_s,
+                 "DRAM": self.dram_s}
+        return max(times, key=times.get)
+
+
+def calibrated(x, params, machine=H200):
+    """The four times of one launch (see the comment above ``Machine``)."""
+    warps_total = x.programs * x.warps
+    per_scheduler = warps_total / (machine.sms * machine.schedulers)  # every wave together
+    resident = max(1.0, min(x.warps_per_sm / machine.schedulers, per_scheduler))
+    clock = machine.clock_hz
+    issue = per_scheduler * x.instructions / (params.issue_efficiency * clock)
+    latency = per_scheduler * (x.rounds * params.latency_cycles + x.instructions) / (
+        resident * clock)
+    l1 = x.wavefronts * x.l1_passes * warps_total / (machine.sms * clock)
+    return Calibrated(issue, latency, l1, x.dram_bytes / machine.dram_bytes_per_s)
+
+
+def fit(xs, measured_s, machine=H200):
+    """The latency (cycles, 0-4000) and issue efficiency (0.1-1) that minimise the squared log
+    error of the modelled times over ``xs``: a grid search, coarse then fine around the best
+    (two constants and a max of four terms: no gradient to trust at the kinks)."""
+    def error(p):
+        return sum(math.log(calibrated(x, p, machine).time_s / t) ** 2
+                   for x, t in zip(xs, measured_s))
+
+    grid = [Params(float(lat), eff / 50) for lat in range(0, 4001, 40) for eff in range(5, 51)]
+    best = min(grid, key=error)
+    fine = [Params(max(0.0, best.latency_cycles + d), min(1.0, max(0.05, best.issue_efficiency + e / 500)))
+            for d in range(-40, 41, 2) for e in range(-10, 11)]
+    return min(fine, key=error)
