@@ -41,6 +41,14 @@ FIRST_TESTS = ["tests/test_fused.py", "tests/test_cuda_graphs.py", "tests/test_p
 # --dry-run: one file each way, enough to run the path.
 DRY_TESTS = (["tests/test_module.py"],
              ["tests/test_validation.py::test_bad_option_raises_value_error"])
+# Beside the suite, what only a GPU at full size shows (GPU-only: on a CPU only their dry runs
+# have run): the fused loss and gradient against the float64 F.unfold reference at the VOC-like
+# benchmark size, and 20 calls bitwise equal plus the PyTorch backend on CUDA tensors
+# (bench/repeat_check.py). (name, arguments, --dry-run's arguments.)
+CHECKS = (("agreement", ["-m", "bench.agreement", "--batch", "8", "--size", "513"],
+           ["-m", "bench.agreement", "--batch", "1", "--size", "20", "--classes", "5"]),
+          ("repeat_check", ["-m", "bench.repeat_check"], ["-m", "bench.repeat_check",
+                                                           "--dry-run"]))
 # The fused kernels as the profiler names them (Triton launches a kernel under its function's
 # name), in launch order.
 FUSED_KERNELS = ("_count_bad_labels_kernel", "_zscore_stats_kernel", "_forward_kernel",
@@ -130,9 +138,29 @@ def _pytest(files, junit, budget_s, dry_run):
     return _run_until(command, budget_s, child_env(dry_run))
 
 
-def stage_tests(out, dry_run, budget_s, parts=("first", "rest")):
-    """The suite in two parts, the kernels' own tests first; a later call with parts=("rest",)
-    adds to what an earlier one wrote."""
+def run_check(name, args, budget_s, dry_run, folder):
+    """One of CHECKS, its output kept (the last 4000 characters) for the summary."""
+    log = folder / f"{name}.log"
+    with open(log, "w") as sink:
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=child_env(dry_run),
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(1.0, budget_s))
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    return dict(part=name, command=" ".join(["python", *args]), exit=code,
+                seconds=round(time.monotonic() - start, 1),
+                output=log.read_text(errors="replace")[-4000:])
+
+
+def stage_tests(out, dry_run, budget_s, parts=("first", "checks", "rest")):
+    """The suite in two parts, the kernels' own tests first (and within each part the slowest
+    first: tests/conftest.py's SLOW_FIRST), then CHECKS, then the rest; a later call with
+    parts=("rest",) adds to what an earlier one wrote. A part the budget leaves no time for is
+    recorded as not started, one cut by it as "timeout": the summary says so."""
     every = dict(zip(("first", "rest"), DRY_TESTS if dry_run else (
         FIRST_TESTS, sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                             if str(p.relative_to(ROOT)) not in FIRST_TESTS))))
@@ -144,7 +172,16 @@ def stage_tests(out, dry_run, budget_s, parts=("first", "rest")):
         deadline = time.monotonic() + budget_s
         for name in parts:
             if time.monotonic() >= deadline - 5:
-                break
+                names = [c[0] for c in CHECKS] if name == "checks" else [name]
+                runs += [dict(part=n, exit="not started", seconds=0) for n in names]
+                continue
+            if name == "checks":
+                for check, args, dry_args in CHECKS:
+                    left = deadline - time.monotonic()
+                    runs.append(run_check(check, dry_args if dry_run else args, left, dry_run,
+                                          Path(tmp)) if left > 5 else
+                                dict(part=check, exit="not started", seconds=0))
+                continue
             files = every[name]
             junit = Path(tmp) / f"{name}.xml"
             code, seconds = _pytest(files, junit, deadline - time.monotonic(), dry_run)
@@ -362,19 +399,47 @@ def calibration_lines(kernels):
     return lines
 
 
+SKIPPED_STAGES = []  # stages of this process's `all` that the deadline left out
+
+
+def run_verdict(run):
+    """One word per run: passed only when it ran to its end with exit 0. A run cut at its
+    budget (pytest interrupted: exit 'timeout', or 2 after the SIGINT) did not finish, whatever
+    it had passed by then."""
+    if run["exit"] == "not started":
+        return "NOT STARTED (no time left in the budget)"
+    if run["exit"] == "timeout":
+        return "DID NOT FINISH (cut at its time budget: what had not run by then never ran)"
+    if run["exit"] == 0 and not run.get("failures") and not run.get("errors"):
+        return "passed"
+    return f"FAILED (exit {run['exit']})"
+
+
 def summary(out):
-    """summary.md from whatever stages wrote their files."""
+    """summary.md from whatever stages wrote their files, headed by the commit they ran and
+    the files they are in."""
     parts = ["# lad_triton on a GPU: bench.gpu summary", ""]
     if (out / "env.json").exists():
         env = json.loads((out / "env.json").read_text())
+        dirty = {True: ", with uncommitted changes", False: "", None: ""}[env.get("dirty")]
+        parts += [f"Commit {env.get('commit') or 'not recorded'}{dirty}; files: "
+                  + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()
+                                     and p.name != "summary.md")) + ".", ""]
         parts += [", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if SKIPPED_STAGES:
+        parts += [f"Stages NOT RUN (the deadline came first): {', '.join(SKIPPED_STAGES)}", ""]
     if (out / "tests.json").exists():
         tests = json.loads((out / "tests.json").read_text())
         parts += ["## tests", ""] + [
-            f"- {r['part']}: exit {r['exit']}, {r.get('tests', 0)} tests, "
+            f"- {r['part']}: {run_verdict(r)}; exit {r['exit']}, {r.get('tests', 0)} tests, "
             f"{r.get('failures', 0)} failures, {r.get('errors', 0)} errors, "
-            f"{r.get('skipped', 0)} skipped, {r['seconds']} s" for r in tests["runs"]]
+            f"{r.get('skipped', 0)} skipped, {r['seconds']} s" if "output" not in r else
+            f"- {r['part']} (`{r['command']}`, GPU-only check): {run_verdict(r)}; "
+            f"{r['seconds']} s" for r in tests["runs"]]
         parts += [f"- FAILED {f}" for f in tests["failed"]] + [""]
+        for r in tests["runs"]:
+            if "output" in r:
+                parts += [f"### {r['part']}", "", "```", r["output"].rstrip(), "```", ""]
     if (out / "bench.md").exists():
         parts += ["## python -m bench", "", (out / "bench.md").read_text(), ""]
     if (out / "kernels.json").exists():
@@ -414,8 +479,11 @@ def ingest(folder, readme=ROOT / "README.md", results=ROOT / "bench" / "results"
     begin, end = README_MARKERS
     if begin in text and end in text:
         block = [begin, "", f"Measured with `python -m bench.gpu all` on {env['device']}, torch "
-                 f"{env['torch']}, Triton {env['triton']}, {env['date']} "
-                 f"(`bench/results/{stem}*`).", ""]
+                 f"{env['torch']}, Triton {env['triton']}, {env['date']}, at commit "
+                 f"{env.get('commit') or '(not recorded)'}"
+                 f"{' with uncommitted changes' if env.get('dirty') else ''} "
+                 f"(`bench/results/{stem}*`, `{stem}-summary.md` for what ran and what did not).",
+                 ""]
         if (folder / "bench.md").exists():
             block += [(folder / "bench.md").read_text().strip(), ""]
         if (folder / "kernels.json").exists():
@@ -471,6 +539,8 @@ def main(argv=None):
         left = end - start
         if left < 20:
             print(f"== bench.gpu {stage}: skipped, the deadline is near", flush=True)
+            SKIPPED_STAGES.append(stage)
+            summary(out)
             continue
         print(f"== bench.gpu {stage} ({datetime.datetime.now():%H:%M:%S}, {left:.0f} s left)",
               flush=True)
@@ -479,12 +549,14 @@ def main(argv=None):
         elif stage == "tests":
             stage_tests(out, args.dry_run, min(args.budget, left))
         elif stage == "tests:first":
-            stage_tests(out, args.dry_run, min(args.budget, left), parts=("first",))
+            stage_tests(out, args.dry_run, min(args.budget, left), parts=("first", "checks"))
         elif stage == "tests:rest":
             stage_tests(out, args.dry_run, left - 10, parts=("rest",))
         elif stage == "bench":
             if left < 90:
                 print("== bench.gpu bench: skipped, too little time left", flush=True)
+                SKIPPED_STAGES.append(stage)
+                summary(out)
                 continue
             stage_bench(out, args.dry_run, left - 30, args.bench_quick)
         else:

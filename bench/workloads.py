@@ -114,18 +114,16 @@ def design_bytes_per_pixel(w, pass_):
 
 # --- implementations --------------------------------------------------------------------------
 
-def lad_unfold(logits, target, kernel_size, power=3.0, eps=1e-5, weight_base=2.0):
-    """The locally adaptive loss as published neighbourhood losses write it: F.unfold to a
-    (B, C, K*K, H*W) tensor, masked weighted sum, cross-entropy, Minkowski mean. Same numbers as
-    lad_triton (stride 1, count normaliser); memory K^2 x the logits."""
-    b, c, h, w = logits.shape
+def _unfold_costs(x, target, kernel_size, eps=1e-5, weight_base=2.0):
+    """(cost per centre, valid) of lad_unfold's F.unfold formulation, in x's dtype."""
+    b, c, h, w = x.shape
     k, r = kernel_size, kernel_size // 2
-    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
     z = (x - mean) / torch.sqrt(var + eps)
     z_win = F.unfold(z, k, padding=r).view(b, c, k * k, h * w)
-    y_win = F.unfold(target.unsqueeze(1).float(), k, padding=r).view(b, k * k, h * w)
-    inside = F.unfold(torch.ones(1, 1, h, w, device=x.device), k, padding=r).bool()
+    y_win = F.unfold(target.unsqueeze(1).to(x.dtype), k, padding=r).view(b, k * k, h * w)
+    inside = F.unfold(torch.ones(1, 1, h, w, device=x.device, dtype=x.dtype), k,
+                      padding=r).bool()
     y = target.view(b, 1, h * w)
     same = (y_win == y) & inside.view(1, k * k, h * w)
     du, dv = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
@@ -134,9 +132,44 @@ def lad_unfold(logits, target, kernel_size, power=3.0, eps=1e-5, weight_base=2.0
     f = (z_win * weights.unsqueeze(1)).sum(2) / same.sum(1, keepdim=True)
     valid = y.squeeze(1) != IGNORE
     cost = torch.logsumexp(f, 1) - f.gather(1, y.clamp(0, c - 1)).squeeze(1)
-    cost = torch.where(valid, cost.clamp_min(0), 0)
+    return torch.where(valid, cost.clamp_min(0), 0), valid
+
+
+def lad_unfold(logits, target, kernel_size, power=3.0, eps=1e-5, weight_base=2.0):
+    """The locally adaptive loss as published neighbourhood losses write it: F.unfold to a
+    (B, C, K*K, H*W) tensor, masked weighted sum, cross-entropy, Minkowski mean. Same numbers as
+    lad_triton (stride 1, count normaliser); memory K^2 x the logits."""
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    cost, valid = _unfold_costs(x, target, kernel_size, eps, weight_base)
     mean_k = cost.pow(power).sum() / valid.sum().clamp_min(1)
     return mean_k.pow(1.0 / power).to(logits.dtype)
+
+
+def lad_unfold_float64(logits, target, kernel_size, power=3.0, with_grad=True):
+    """(loss, gradient or None) of lad_unfold in float64 on the logits' values, one image at a
+    time, so that the benchmarked sizes fit (8 x 150 x 512^2 at K = 5 unfolds to 63 GB in
+    float64 at once, 8 GB an image): the costs first, then per image the gradient of its costs
+    with the Minkowski mean's weights a L_p^(k-1), a = (S/M)^(1/k - 1) / M (docs/contract.md,
+    "The gradient, written out"), the same chain rule autograd takes through lad_unfold."""
+    costs = []
+    with torch.no_grad():
+        for i in range(logits.shape[0]):
+            costs.append(_unfold_costs(logits[i:i + 1].double(), target[i:i + 1], kernel_size))
+    total = sum(c.pow(power).sum() for c, _ in costs)
+    count = sum(v.sum() for _, v in costs).clamp_min(1)
+    if total == 0:
+        return torch.zeros((), dtype=torch.float64, device=logits.device), (
+            torch.zeros_like(logits, dtype=torch.float64) if with_grad else None)
+    loss = (total / count) ** (1.0 / power)
+    if not with_grad:
+        return loss, None
+    a = (total / count) ** (1.0 / power - 1.0) / count
+    grad = torch.empty_like(logits, dtype=torch.float64)
+    for i, (cost, _) in enumerate(costs):
+        x = logits[i:i + 1].detach().double().requires_grad_(True)
+        again, _ = _unfold_costs(x, target[i:i + 1], kernel_size)
+        (grad[i:i + 1],) = torch.autograd.grad(again, x, a * cost.pow(power - 1))
+    return loss, grad
 
 
 def loss_function(impl, w):

@@ -9,13 +9,52 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# "ci" replays the same examples on every run (no seeds from the clock); HYPOTHESIS_PROFILE=explore
-# draws new ones.
-settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
+# "ci" draws new examples on every run, from one seed per run that the header and every failure
+# print; replay a run with HYPOTHESIS_SEED=<seed> (or pytest --hypothesis-seed=<seed>), or one
+# failing example with the @reproduce_failure blob it prints (print_blob). Replaying the same
+# draws forever (derandomize=True, as before) would never look anywhere new: a wrong kernel
+# that those few draws miss would pass every run. HYPOTHESIS_PROFILE=explore draws ~15x more.
+settings.register_profile("ci", max_examples=200, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("explore", deadline=None, max_examples=3000, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    """One seed for the run: --hypothesis-seed, else $HYPOTHESIS_SEED, else a fresh one. It goes
+    into the environment, so that pytest-xdist's workers (started after this, inheriting it)
+    draw from the same seed, and into Hypothesis as --hypothesis-seed would put it."""
+    from hypothesis import core
+
+    seed = config.getoption("hypothesis_seed", None) or os.environ.get("HYPOTHESIS_SEED")
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**32)
+    os.environ["HYPOTHESIS_SEED"] = str(seed)
+    core.global_force_seed = int(seed)
+
+
+def _replay_line():
+    seed = os.environ["HYPOTHESIS_SEED"]
+    return f"hypothesis seed {seed}: replay this run's draws with HYPOTHESIS_SEED={seed} pytest ..."
+
+
+def pytest_report_header(config):
+    return _replay_line()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and report.when == "call":  # wherever a @given may sit (nested, too)
+        report.sections.append(("hypothesis seed", _replay_line()))
+    return report
+
 
 # pytest -n N runs N worker processes: one torch thread each, not N times the cores.
 workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

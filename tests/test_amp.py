@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import BACKENDS, DEVICE, make_labels
+from cases import BACKENDS, DEVICE, TOLERANCE, make_labels, rel_err
 from lad_triton import LocallyAdaptiveLoss
+from oracle import lad_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from workloads import peak_memory_mib  # noqa: E402
@@ -34,10 +35,18 @@ def test_autocast_step(backend, dtype):
         logits = model(images)
         loss = criterion(logits, target)
     assert logits.dtype == dtype and loss.dtype == dtype
-    (grad,) = torch.autograd.grad(loss, logits)
-    assert grad.dtype == dtype and torch.isfinite(grad).all()
-    reference = criterion(logits.detach().float(), target)
-    assert abs(loss.float().item() - reference.item()) <= 1e-2 * reference.item()
+    # float16 gradients of a mean over 312 pixels reach float16's subnormals (below 6.1e-5),
+    # where its relative precision is gone: an upstream gradient of 2^10, as GradScaler's, as
+    # bench/agreement.py does. (bfloat16 has float32's range.)
+    scale = 1024.0 if dtype == torch.float16 else 1.0
+    (grad,) = torch.autograd.grad(loss, logits, torch.tensor(scale, dtype=dtype, device=device))
+    assert grad.dtype == dtype
+    # The float64 oracle on the half-precision logits as autocast produced them, within the
+    # contract's tolerance for the dtype (docs/contract.md, "Output dtype and accuracy").
+    ref = lad_reference(logits.detach().cpu(), target.cpu(), kernel_size=3)
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert rel_err(loss, ref.loss) <= loss_tol, (loss, ref.loss)
+    assert rel_err(grad.double() / scale, ref.grad) <= grad_tol
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU allocation meter; on CUDA see bench/")

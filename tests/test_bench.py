@@ -143,3 +143,60 @@ def test_help_usage_line(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m bench ")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float64_reference_of_the_benchmark_is_the_oracle(batch):
+    # lad_unfold_float64, one image at a time with the Minkowski mean's weights, is what the
+    # benchmark's warm-up calls are checked against: the oracle's loss and gradient.
+    shape = (batch, 4, 6, 7)
+    logits = make_logits(shape, seed=batch)
+    target = make_target(shape[0], 6, 7, 4, n_labels=2, seed=batch)
+    loss, grad = wl.lad_unfold_float64(logits, target, 3)
+    ref = lad_reference(logits, target, kernel_size=3)
+    assert torch.allclose(loss, ref.loss, rtol=1e-10)
+    assert torch.allclose(grad, ref.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_benchmark_warm_up_refuses_a_loss_off_by_more_than_the_contract():
+    # The check python -m bench makes of every implementation's warm-up call: the right loss
+    # passes, one 2e-5 off in float32 (twice the contract's 1e-5) fails, and so does a gradient
+    # 3e-5 off. (Before, only torch_compile and torch_unfold were compared, with eager PyTorch at
+    # 1e-4; the fused kernels never.)
+    import test_throughput as tt
+
+    w = wl.Workload("tiny", 2, 5, 9, 11, 3, torch.float32, slow=False)
+    logits, target = w.inputs(torch.device("cpu"))
+    right = wl.loss_function("torch", w)
+    tt.warm_up_and_check("torch", right, logits, target, w, "forward+backward")
+    with pytest.raises(AssertionError, match="loss"):
+        tt.warm_up_and_check("torch", lambda x, t: right(x, t) * (1 + 2e-5), logits, target, w,
+                             "forward")
+
+    class Off(torch.autograd.Function):  # the gradient scaled, the loss left alone
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (1 + 3e-5)
+
+    with pytest.raises(AssertionError, match="gradient"):
+        tt.warm_up_and_check("torch", lambda x, t: right(Off.apply(x), t), logits, target, w,
+                             "forward+backward")
+
+
+def test_benchmark_run_fails_when_nothing_is_collected(monkeypatch):
+    # pytest's exit 5 (no test collected) is a failed run, not an empty success.
+    import types
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import __main__ as bench_main
+
+    monkeypatch.setattr(bench_main.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        returncode=5))
+    args = types.SimpleNamespace(device="cpu", quick=True, impl=None, run_slow=False)
+    with pytest.raises(SystemExit, match="no benchmark collected"):
+        bench_main.run_suite(args, "unused.json")
+

@@ -2,14 +2,17 @@
 of the contract, and the kernels' own guarantees (class chunking, int64 offsets, saved tensors,
 specialisation). Runs under Triton's interpreter on CPU, compiled when CUDA is present."""
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import lad_triton
 from cases import (DEVICE, LAYOUTS, TARGET_DTYPES, check_against_oracle, lad_problems,
@@ -227,12 +230,113 @@ def test_images_smaller_than_window(shape):
     check_against_oracle(shape, dict(kernel_size=7), backend="triton", ignore_frac=0.0)
 
 
-# Each example runs the interpreted kernels (~4 s): 6 in CI, 100 under HYPOTHESIS_PROFILE=explore.
-@settings(max_examples=max(6, settings().max_examples // 30))
-@given(lad_problems(max_side=9, max_classes=6))
-def test_random_problems(problem):
+# The fused kernels' paths, each its own property so that every run reaches every one (a
+# single property over all of them left it to the draw: its 6 derandomized examples never took
+# a class chunk). (strategy, what every launch's plan must show, how often the GPU's plan is
+# forced). Under the interpreter launch_config plans 4 rows and class chunks 8x wider than a
+# GPU's (kernels/config.py): with `gpu` the plan is the one an sm_90 gets (window-row kernels 2
+# rows, the old kernels ROW_PLANS' rows, chunks of 16 or 8 classes), so the tiles and loops the
+# GPU runs are checked against the oracle too. Class chunks exist only in that plan (C <= 128
+# is one chunk under the interpreter's).
+KERNEL_PATHS = {
+    "window_rows": (lad_problems(max_side=9, max_classes=8, kernel_sizes=(1, 3, 5, 7),
+                                 strides=(1,)), lambda cfg: cfg.halo, st.booleans()),
+    "old_kernels": (lad_problems(max_side=9, max_classes=8, kernel_sizes=(1, 3, 5, 7),
+                                 strides=(2, 3)),
+                    lambda cfg: not cfg.halo and cfg.unrolled, st.booleans()),
+    # C = 9 to 16 in chunks of 8 (4 at K = 7: CHUNK_TILE // 2), see small_class_tiles: the
+    # same kernels and loops as C = 150 in chunks of 16, at a tenth of the interpreter's time
+    # (C = 40 at K = 7 took 33 s an example, so K = 7 is a pin); the pins take C = 33 and 40
+    # with the GPU's tiles.
+    "class_chunks": (lad_problems(max_side=5, min_classes=9, max_classes=16,
+                                  kernel_sizes=(1, 3, 5)),
+                     lambda cfg: not cfg.halo and cfg.chunks > 1, st.booleans()),
+    # K = 11 and 13 take K = 9's path (run-time window loops), at twice its time.
+    "generic_window": (lad_problems(max_side=7, max_classes=6, kernel_sizes=(9,)),
+                       lambda cfg: not cfg.halo and not cfg.unrolled, st.booleans()),
+}
+DEFAULTS = dict(layout="contiguous", target_dtype=torch.int64, ignore_frac=0.25, n_labels=3,
+                seed=5)
+
+
+@contextlib.contextmanager
+def recorded_plans(gpu):
+    """Every launch plan of the forward and backward in the block, as they ran; with ``gpu``
+    the plan an sm_90 gets instead of the interpreter's."""
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import forward as kf
+
+    planned, plans = kernel_config.launch_config, []
+
+    def plan(*args, **kwargs):
+        if gpu:
+            kwargs["interpreted"] = False
+        plans.append(planned(*args, **kwargs))
+        return plans[-1]
+
+    with mock.patch.object(kf, "launch_config", plan), mock.patch.object(kb, "launch_config", plan):
+        yield plans
+
+
+@contextlib.contextmanager
+def small_class_tiles(classes):
+    """Class chunks of 8 classes (C > 8) in both plans, where C <= 40 would otherwise need the
+    GPU's plan for any (the interpreter's chunks are 128 wide); the C = 33 and 40 pins keep the
+    real tiles."""
+    if classes > 32:
+        yield
+        return
+    with mock.patch.multiple(kernel_config, CLASS_TILE=8, CHUNK_TILE=8,
+                             INTERPRETER_CHUNK_SCALE=1):
+        yield
+
+
+def check_path(path, problem, gpu):
     shape, options, data = problem
-    check_against_oracle(shape, options, backend="triton", **data)
+    tiles = small_class_tiles(shape[1]) if path == "class_chunks" else contextlib.nullcontext()
+    with tiles, recorded_plans(gpu) as plans:
+        check_against_oracle(shape, options, backend="triton", **data)
+    reached = KERNEL_PATHS[path][1]
+    assert plans and all(reached(cfg) for cfg in plans), (path, plans)
+
+
+def kernel_path_property(path, *pins):
+    """A property over one kernel path with its pinned cases (@example: they run every time,
+    before the random ones). Each example runs the interpreted kernels (~2-6 s): 3 drawn per
+    path under the "ci" profile, 50 under HYPOTHESIS_PROFILE=explore."""
+    strategy, _, gpu = KERNEL_PATHS[path]
+
+    @settings(max_examples=max(3, settings().max_examples // 60))
+    @given(problem=strategy, gpu=gpu)
+    def test(problem, gpu):
+        check_path(path, problem, gpu)
+
+    for pin in pins:
+        test = example(*pin)(test)
+    test.__name__ = f"test_random_problems_{path}"
+    return test
+
+
+# The defaults (K = 5, power 3, zscore=True, ...) in both plans; image borders: 31 columns are a
+# full tile of 26 (K = 7) centres and a partial one, 3 rows no multiple of 2 or 4; windows with
+# every neighbour ignored, and every centre ignored (the loss exactly 0).
+test_random_problems_window_rows = kernel_path_property(
+    "window_rows",
+    (((2, 5, 9, 9), {}, DEFAULTS), False), (((2, 5, 9, 9), {}, DEFAULTS), True),
+    (((1, 4, 3, 31), dict(kernel_size=7), DEFAULTS), True),
+    (((1, 3, 5, 6), {}, dict(DEFAULTS, ignore_frac=0.9)), False),
+    (((1, 3, 4, 5), {}, dict(DEFAULTS, ignore_frac=1.0)), True))
+test_random_problems_old_kernels = kernel_path_property(
+    "old_kernels",
+    (((2, 5, 9, 9), dict(stride=2), DEFAULTS), True),
+    (((1, 5, 7, 9), dict(stride=3, kernel_size=7), dict(DEFAULTS, ignore_frac=0.9)), False))
+test_random_problems_class_chunks = kernel_path_property(
+    "class_chunks", (((1, 40, 4, 5), {}, DEFAULTS), True),
+    (((1, 33, 3, 4), dict(kernel_size=3, stride=2, zscore=False), DEFAULTS), True),
+    (((1, 12, 4, 5), dict(kernel_size=7), DEFAULTS), False))
+test_random_problems_generic_window = kernel_path_property(
+    "generic_window", (((1, 3, 7, 8), dict(kernel_size=9), DEFAULTS), True),
+    (((1, 4, 5, 6), dict(kernel_size=9, reduction="none"), DEFAULTS), False))
 
 
 @pytest.mark.parametrize("shape,strides", [

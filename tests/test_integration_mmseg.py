@@ -141,7 +141,14 @@ def test_loss_by_feat_without_sampler():
                               align_corners=False)
     assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) < 1e-10
     losses["loss_lad"].backward()
-    assert seg_logits.grad.abs().sum() > 0
+    # The gradient through the head's upsampling: the oracle's gradient with respect to the
+    # upsampled logits, taken back through the same F.interpolate (linear: exact in float64).
+    # (`grad.abs().sum() > 0` let any nonzero gradient pass.)
+    x = seg_logits.detach().requires_grad_(True)
+    up = F.interpolate(x, size=(8, 10), mode="bilinear", align_corners=False)
+    ref = lad_reference(up.detach(), labels, weight=torch.tensor(CLASS_WEIGHT), kernel_size=3)
+    (expected,) = torch.autograd.grad(up, x, 0.7 * ref.grad)
+    assert rel_err(seg_logits.grad, expected) < 1e-10
 
 
 def test_loss_by_feat_with_the_ohem_sampler():
