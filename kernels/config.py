@@ -164,12 +164,13 @@ MAX_UNROLLED_K = 7
 
 # The window-row kernels (kernels/halo.py) take stride 1, C <= CLASS_TILE (HALO_FLOAT64_CLASSES
 # for float64, whose registers are twice as wide) and K <= 7: rows of centres per program (a power
-# of 2: a block dimension) and their register cap on sm_90 by the largest C, the fewest registers
-# that compile without spills under Triton 3.6 and 3.9 (python -m bench.kernel_report; 128 spills
-# from C = 27 on). An H200 measured 2 rows at 128 fastest at C = 19 and 21 (bench.sweep).
+# of 2: a block dimension) and their register caps on sm_90 (largest C, forward, backward), the
+# fewest registers that compile without spills under Triton 3.6 and 3.9 (python -m
+# bench.kernel_report: 128 spills from C = 27 on, and 8 B in 3.6's backward at C = 21, K = 3). An
+# H200 measured 2 rows at 128 each way fastest at C = 19 and 21 (bench.sweep); 136 unmeasured.
 HALO = True
 HALO_ROWS = 2
-HALO_REGISTERS = ((26, 128), (32, 168))
+HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
 
@@ -211,12 +212,12 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     classes = int(classes)
     wide = acc_dtype == torch.float64
     if (HALO and stride == 1 and kernel_size <= MAX_UNROLLED_K
-            and classes <= (HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
+            and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows = HALO_ROWS_INTERPRETED if interpreted else HALO_ROWS
-        cap = (MAX_REGISTERS if interpreted or arch != 90 or wide
-               else next(c for top, c in HALO_REGISTERS if classes <= top))
+        caps = ((MAX_REGISTERS, MAX_REGISTERS) if interpreted or arch != 90 or wide
+                else next(c[1:] for c in HALO_REGISTERS if classes <= c[0]))
         return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows,
-                            forward_registers=cap, backward_registers=cap, halo=True)
+                            forward_registers=caps[0], backward_registers=caps[1], halo=True)
     chunked = classes > CLASS_TILE
     if chunked:
         class_tile = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2
