@@ -6,8 +6,8 @@ A program is one warp whose 32 lanes hold 32 consecutive pixels of a row, of whi
 halo. A window row is loaded once per class, one value per lane, and its column shifts come from
 the neighbouring lanes (``tl.gather`` along the lanes: warp shuffles, no shared memory), so a
 lane keeps one row of C values live instead of K shifted copies. That is what lets the kernels
-run at about 100 registers (16 or more warps per SM to hide the loads' latency) where the
-kernels of ``forward``/``backward`` hold C x K values per window row.
+run at 128-136 registers up to C = 26 (15-16 warps per SM to hide the loads' latency) where the
+kernels of ``forward``/``backward`` hold C x K values per window row (up to 255 registers).
 
 ROWS centre rows share every loaded window row: the rows are a block dimension of the
 accumulators ([ROWS, CLASS_TILE, 32]), each window row added to every centre row it is in the
@@ -17,7 +17,12 @@ Forward: the z-score statistics of each loaded pixel come from the row in regist
 statistics pass), then z = (x - m) * rstd is pooled. Per tile it writes the Minkowski partials
 and P exactly as ``forward._forward_kernel`` does (same meaning, same P layout), so the combine
 is shared. Backward: the gather of docs/math.md over the centre rows, then the z-score Jacobian,
-as ``backward._backward_kernel``.
+as ``backward._backward_kernel``; each centre's d loss / d L from its tile's max L (one power per
+loaded centre row, then shifted like P).
+
+DRAM traffic per pixel (C classes of E bytes, labels of Y bytes): the forward reads the logits
+and labels and writes P (C*E) and L (4 B, reduction="none" only); the backward reads P, the
+logits and the labels and writes the gradient (C*E); window rows and halo come from L1/L2.
 """
 
 import triton
