@@ -9,6 +9,30 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+
+def _import_installed_kernels():
+    """Hugging Face's transformers imports an installed top-level package named ``kernels``;
+    pytest puts this checkout on sys.path (pyproject: pythonpath), where the folder kernels/
+    (installed as lad_triton.kernels, which nothing imports as ``kernels``) would shadow it.
+    Import the installed one first, from sys.path without the checkout, where there is one."""
+    import importlib.metadata
+    import sys
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    try:
+        import kernels  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels()
+
 # "ci" draws new examples on every run, from one seed per run that the header and every failure
 # print; replay a run with HYPOTHESIS_SEED=<seed> (or pytest --hypothesis-seed=<seed>), or one
 # failing example with the @reproduce_failure blob it prints (print_blob). Replaying the same
