@@ -313,6 +313,81 @@ def run(args):
     return 0
 
 
+# --- a design judged by the fitted model --------------------------------------------------------
+
+# The issue's target workloads, and the visit whose F.cross_entropy times they are set against.
+DESIGN_WORKLOADS = [("voc", (8, 21, 513, 513), k, d) for k in (3, 5, 7)
+                    for d in ("float32", "bfloat16")] + [
+    ("cityscapes", (4, 19, 512, 1024), 5, "float32"),
+    ("cityscapes", (4, 19, 512, 1024), 5, "bfloat16"),
+    ("ade", (8, 150, 512, 512), 5, "float32"), ("ade", (8, 150, 512, 512), 5, "bfloat16")]
+CROSS_ENTROPY_FROM = "nvidia-h200-2026-12-04-2-kernels.json"
+
+
+def cross_entropy_us():
+    """(workload, K, dtype) -> F.cross_entropy's forward + backward, kernels and one synced call,
+    as the last visit measured them."""
+    out = {}
+    for r in json.loads((RESULTS / CROSS_ENTROPY_FROM).read_text())["rows"]:
+        m = r["measured"]
+        out[(r["workload"], r["kernel_size"], r["dtype"])] = (
+            sum(k["us"] * k["calls"] for k in m["cross_entropy"]), m["cross_entropy_call_us"])
+    return out
+
+
+def design(revs, python, log=print):
+    """The fitted model's per-kernel times for each commit in ``revs`` at DESIGN_WORKLOADS."""
+    constants = json.loads((RESULTS / "calibration-triton-3.6.json").read_text())["constants"]
+    params = perf_model.Params(constants["latency_cycles"], constants["issue_efficiency"])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    commits = [subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", rev], check=True,
+                              capture_output=True, text=True).stdout.strip() for rev in revs]
+    jobs = []
+    for commit in commits:
+        for name, shape, k, dtype in DESIGN_WORKLOADS:
+            jid = job_id(commit, list(shape), k, dtype, None)
+            jobs.append(dict(commit=commit, shape=list(shape), kernel_size=k, dtype=dtype,
+                             variant=None, out=str(CACHE / f"{jid}.json"), workload=name,
+                             label=f"{commit} {name} K={k} {dtype}"))
+    compile_jobs(jobs, python, log)
+    ce = cross_entropy_us()
+    lines = [f"Calibrated model (L = {params.latency_cycles:.0f} cycles, issue efficiency "
+             f"{params.issue_efficiency:.3f}, bench/results/calibration-triton-3.6.json) of each "
+             f"commit's kernels; F.cross_entropy measured on the H200 ({CROSS_ENTROPY_FROM}).", "",
+             "| commit | workload | K | dtype | kernel | registers | modelled us | bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    totals = []
+    for job in jobs:
+        done = load_job(job)
+        if done is None or "error" in done:
+            lines.append(f"| {job['commit']} | {job['workload']} | {job['kernel_size']} | "
+                         f"{job['dtype']} | (did not compile: {(done or {}).get('error')}) |||")
+            continue
+        fig = dict(dtype=job["dtype"], kernel_size=job["kernel_size"], shape=job["shape"])
+        total = 0.0
+        for launch in done["launches"]:
+            if launch["name"] not in KERNELS:
+                continue
+            t = perf_model.calibrated(inputs(launch, fig), params)
+            total += t.time_s * 1e6
+            lines.append(f"| {job['commit']} | {job['workload']} | {job['kernel_size']} | "
+                         f"{job['dtype']} | {launch['name']} | {launch['registers']} | "
+                         f"{t.time_s * 1e6:.0f} | {t.bound} |")
+        totals.append((job, total))
+    lines += ["", "| commit | workload | K | dtype | kernels, modelled us | F.cross_entropy "
+              "kernels us | one call us | ratio of kernels |", "|---|---|---|---|---|---|---|---|"]
+    for job, total in totals:
+        kernels, call = ce.get((job["workload"], job["kernel_size"], job["dtype"]), (None, None))
+        ratio = "-" if kernels is None else f"{total / kernels:.2f}x"
+        lines.append(f"| {job['commit']} | {job['workload']} | {job['kernel_size']} | "
+                     f"{job['dtype']} | {total:.0f} | "
+                     f"{'-' if kernels is None else f'{kernels:.0f}'} | "
+                     f"{'-' if call is None else f'{call:.0f}'} | {ratio} |")
+    lines += ["", "The combine (one launch of a few microseconds) and the host's time are not in "
+              "the kernels' sum; F.cross_entropy's kernels include its fills."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json")
@@ -320,7 +395,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only figures already compiled")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter whose Triton compiles (the GPU ran 3.6)")
+    parser.add_argument("--design", nargs="+", metavar="REV",
+                        help="instead: model these commits' kernels at the target workloads "
+                             "with the committed constants")
     args = parser.parse_args(argv)
+    if args.design:
+        text = design(args.design, args.python)
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        return 0
     return run(args)
 
 

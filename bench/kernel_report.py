@@ -321,10 +321,17 @@ def loop_trips(name, values):
             window.append(2 * values["radius"] + 1)
     if values["C"] <= values["CLASS_TILE"]:
         return window
+    # Class chunks: a second pass over them, which reads back what the first parked where the
+    # output holds the accumulation dtype (no window loops), else pools again.
     if name == "_forward_kernel":
-        return ([values["chunks"]] + window) * (2 if values["NEED_P"] else 1)
+        parked = values["P_ptr"].dtype == values["part_ptr"].dtype
+        if not values["NEED_P"]:
+            return [values["chunks"]] + window
+        return [values["chunks"]] + window + [values["chunks"]] + ([] if parked else window)
     if values["ZSCORE"]:  # the pixels' statistics (one loop per row of the lane), 2 passes
-        return [values["chunks"]] * values["ROWS"] + ([values["chunks"]] + window) * 2
+        parked = values["dx_ptr"].dtype == values["s_ptr"].dtype
+        return ([values["chunks"]] * values["ROWS"] + [values["chunks"]] + window
+                + [values["chunks"]] + ([] if parked else window))
     return [values["chunks"]] + window
 
 

@@ -17,8 +17,11 @@ caller passes the map dL.
 The Jacobian needs every class of G_q and the pixel's z-score statistics, which the kernel
 recomputes from the logits it loads for the Jacobian (the forward's statistics were a
 temporary): in registers when a lane holds every class (C <= CLASS_TILE); beyond, a first pass
-over class chunks merges the statistics, a second accumulates the Jacobian's two class means and
-a third recomputes G chunk by chunk. 2-D images run as volumes of depth 1.
+over class chunks merges the statistics, a second gathers G chunk by chunk for the Jacobian's two
+class means and a third turns G into the gradient. G is parked in the gradient's place between
+the two when that holds it exactly (the gradient in the accumulation dtype: float32 and float64
+logits), else (16-bit logits) the third pass gathers G again. 2-D images run as volumes of
+depth 1.
 
 DRAM traffic per pixel at stride 1 (C classes of E bytes, labels of Y bytes): reads P (C*E), the
 logits (C*E) and labels (Y), writes the gradient (C*E); dL (4 B) only for the map.
@@ -180,6 +183,19 @@ def _means(x_plane, G, cls, cmask, pix, live, m, r, mean_G, mean_Gz, sxc, ACC: t
 
 
 @triton.jit
+def _park(dx_plane, G, cls, cmask, dpix, live, sdc):
+    """One class chunk of G into the gradient's place until the Jacobian's means are known."""
+    tl.store(dx_plane + lane_offsets(cls, sdc, dpix, dpix.shape[0]), G,
+             mask=cmask[:, None] & live[None, :])
+
+
+@triton.jit
+def _park_load(dx_plane, cls, cmask, dpix, live, sdc):
+    return tl.load(dx_plane + lane_offsets(cls, sdc, dpix, dpix.shape[0]),
+                   mask=cmask[:, None] & live[None, :], other=0.0)
+
+
+@triton.jit
 def _finish_chunk(x_plane, dx_plane, dx_ptr, G, cls, cmask, pix, dpix, live, m, r, mean_G,
                   mean_Gz, sxc, sdc, ACC: tl.constexpr, ZSCORE: tl.constexpr):
     x = G
@@ -210,6 +226,7 @@ def _backward_kernel(
 ):
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     SINGLE: tl.constexpr = C <= CLASS_TILE
+    PARK: tl.constexpr = dx_ptr.dtype.element_ty == ACC  # G gathered once, see the docstring
     tl.static_assert(ROWS <= 4 and (ROWS == 1 or STRIDE == 1))  # the row paths written below
     eps = scalar(eps_hi, eps_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
@@ -288,6 +305,14 @@ def _backward_kernel(
                     qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
                     grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
                     STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
+                if PARK:
+                    _park(dx_plane, G0, cls, cmask, dpix0, live0, sdc)
+                    if ROWS > 1:
+                        _park(dx_plane, G1, cls, cmask, dpix1, live1, sdc)
+                    if ROWS > 2:
+                        _park(dx_plane, G2, cls, cmask, dpix2, live2, sdc)
+                    if ROWS > 3:
+                        _park(dx_plane, G3, cls, cmask, dpix3, live3, sdc)
                 mG0, mGz0 = _means(x_plane, G0, cls, cmask, pix0, live0, m0, r0, mG0, mGz0, sxc,
                                    ACC, C)
                 if ROWS > 1:
@@ -304,11 +329,20 @@ def _backward_kernel(
             if WIDE:
                 cls = cls.to(tl.int64)
             cmask = cls < C
-            G0, G1, G2, G3 = _gather(
-                P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
-                qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
-                grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS, STRIDE,
-                ROWS, FROWS, TILE_W, MEAN, WIDE)
+            if ZSCORE and PARK:
+                G0 = _park_load(dx_plane, cls, cmask, dpix0, live0, sdc)
+                if ROWS > 1:
+                    G1 = _park_load(dx_plane, cls, cmask, dpix1, live1, sdc)
+                if ROWS > 2:
+                    G2 = _park_load(dx_plane, cls, cmask, dpix2, live2, sdc)
+                if ROWS > 3:
+                    G3 = _park_load(dx_plane, cls, cmask, dpix3, live3, sdc)
+            else:
+                G0, G1, G2, G3 = _gather(
+                    P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
+                    qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
+                    grad, ftiles_h, ftiles_w, base, inv_base, ACC, C, CLASS_TILE, RADIUS,
+                    STRIDE, ROWS, FROWS, TILE_W, MEAN, WIDE)
             _finish_chunk(x_plane, dx_plane, dx_ptr, G0, cls, cmask, pix0, dpix0, live0, m0, r0,
                           mG0, mGz0, sxc, sdc, ACC, ZSCORE)
             if ROWS > 1:

@@ -51,8 +51,11 @@ def cdiv(a, b):
 TILE_W = 32
 NUM_WARPS = 1
 # Up to CLASS_TILE classes a lane holds all of them; beyond, the kernels loop over chunks of
-# CHUNK_TILE classes: the forward pools every chunk twice (once for the logsumexp, once for P),
-# the backward three times (the pixels' statistics, the Jacobian's class means, the gradient).
+# CHUNK_TILE classes. The forward pools every chunk once for the logsumexp and parks the pooled
+# sums in P's place until it is known, the backward gathers every chunk once for the Jacobian's
+# class means and parks G in the gradient's place (a pass over the logits for the pixels'
+# statistics comes first); with 16-bit logits, whose P and gradient would round what is parked,
+# both pool every chunk a second time instead.
 CLASS_TILE = 32
 CHUNK_TILE = 16
 INTERPRETER_CHUNK_SCALE = 8

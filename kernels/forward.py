@@ -391,6 +391,7 @@ def _forward_kernel(
     backward needs no L), and L is not stored. Otherwise L is stored and P plain."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     SINGLE: tl.constexpr = C <= CLASS_TILE
+    PARK: tl.constexpr = P_ptr.dtype.element_ty == ACC  # class chunks pooled once, see below
     # the row paths written below; the generic window path holds one row
     tl.static_assert(ROWS <= 4 and (ROWS == 1 or (STRIDE == 1 and UNROLL)))
     power = scalar(power_hi, power_lo, ACC)
@@ -454,6 +455,15 @@ def _forward_kernel(
                 y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d, base,
                 inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE, WEIGHT_NORM, UNROLL,
                 WIDE)
+            if NEED_P and PARK:
+                c_lo = chunk * CLASS_TILE
+                _park(P_img, a0, live0, c_lo, cmask, first + ci0 * Wc + cj, C, TILE_W)
+                if ROWS > 1:
+                    _park(P_img, a1, live1, c_lo, cmask, first + (ci0 + 1) * Wc + cj, C, TILE_W)
+                if ROWS > 2:
+                    _park(P_img, a2, live2, c_lo, cmask, first + (ci0 + 2) * Wc + cj, C, TILE_W)
+                if ROWS > 3:
+                    _park(P_img, a3, live3, c_lo, cmask, first + (ci0 + 3) * Wc + cj, C, TILE_W)
             m0, s0, fy0 = _merge(a0, xi0, cmask, cls, c0, m0, s0, fy0)
             if ROWS > 1:
                 m1, s1, fy1 = _merge(a1, xi1, cmask, cls, c1, m1, s1, fy1)
@@ -540,17 +550,31 @@ def _forward_kernel(
                 _store_P(P_ptr, P_img, e3, g3 / (xi3 * s3), g3 / xi3, valid3, live3, cls, 0,
                          cmask, c3, first + (ci0 + 3) * Wc + cj, C, TILE_W)
         else:
-            # The logsumexp is known now: pool every chunk again and write its P (no pooled
-            # values parked in memory, so P can be stored in the logits' dtype).
+            # The logsumexp is known now: each chunk's pooled sums again, and its P. PARK: the
+            # first loop parked the sums in P's place (P holds them exactly: the accumulation
+            # dtype), each lane reads back what it wrote. Else (16-bit P, which would round
+            # them): every chunk pooled again.
             for chunk in range(chunks):
                 cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
                 cmask = cls < C
-                a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
-                    x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0,
-                    pj, y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
-                    base, inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE,
-                    WEIGHT_NORM, UNROLL, WIDE)
                 c_lo = chunk * CLASS_TILE
+                if PARK:
+                    a0 = _unpark(P_img, live0, c_lo, cmask, first + ci0 * Wc + cj, C, TILE_W)
+                    if ROWS > 1:
+                        a1 = _unpark(P_img, live1, c_lo, cmask, first + (ci0 + 1) * Wc + cj, C,
+                                     TILE_W)
+                    if ROWS > 2:
+                        a2 = _unpark(P_img, live2, c_lo, cmask, first + (ci0 + 2) * Wc + cj, C,
+                                     TILE_W)
+                    if ROWS > 3:
+                        a3 = _unpark(P_img, live3, c_lo, cmask, first + (ci0 + 3) * Wc + cj, C,
+                                     TILE_W)
+                else:
+                    a0, a1, a2, a3, xi0, xi1, xi2, xi3 = _pool(
+                        x_img, y_img, mean_img, rstd_img, chunk * CLASS_TILE, D, H, W, pd, row0,
+                        pj, y0, y1, y2, y3, sxc, sxd, sxh, sxw, syd, syh, syw, radius, radius_d,
+                        base, inv_base, ACC, C, CLASS_TILE, RADIUS, ROWS, TILE_W, ZSCORE,
+                        WEIGHT_NORM, UNROLL, WIDE)
                 _zero_padding(P_ptr, P_img, class_plane, last, c_lo, cmask, C, CLASS_TILE, TILE_W)
                 _store_P(P_ptr, P_img, _softmax(a0, xi0, m0, s0), g0 / xi0, g0 / xi0, valid0,
                          live0, cls, c_lo, cmask, c0, first + ci0 * Wc + cj, C, TILE_W)
@@ -563,6 +587,19 @@ def _forward_kernel(
                 if ROWS > 3:
                     _store_P(P_ptr, P_img, _softmax(a3, xi3, m3, s3), g3 / xi3, g3 / xi3, valid3,
                              live3, cls, c_lo, cmask, c3, first + (ci0 + 3) * Wc + cj, C, TILE_W)
+
+
+@triton.jit
+def _park(P_img, acc, live, c0, cmask, centre, C: tl.constexpr, TILE_W: tl.constexpr):
+    """One class chunk's pooled sums into P's place until the logsumexp is known."""
+    tl.store(block_lanes(P_img, centre, c0, acc.shape[0], C, TILE_W), acc,
+             mask=cmask[:, None] & live[None, :])
+
+
+@triton.jit
+def _unpark(P_img, live, c0, cmask, centre, C: tl.constexpr, TILE_W: tl.constexpr):
+    return tl.load(block_lanes(P_img, centre, c0, cmask.shape[0], C, TILE_W),
+                   mask=cmask[:, None] & live[None, :], other=0.0)
 
 
 @triton.jit

@@ -75,11 +75,23 @@ def test_class_counts(classes):
 ])
 def test_class_chunk_paths(block_c, options, monkeypatch):
     # Force several class chunks at C=7: the statistics pass, the forward's two passes over the
-    # chunks (logsumexp, then P), the backward's two (the Jacobian's means, then the gradient).
+    # chunks (logsumexp, then P), the backward's two (the Jacobian's means, then the gradient),
+    # the second of each from what the first parked.
     monkeypatch.setattr(kernel_config, "CLASS_TILE", block_c)
     monkeypatch.setattr(kernel_config, "CHUNK_TILE", block_c)
     monkeypatch.setattr(kernel_config, "INTERPRETER_CHUNK_SCALE", 1)
     check_against_oracle((1, 7, 6, 7), options, backend="triton", n_labels=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_class_chunks_in_every_dtype(dtype, monkeypatch):
+    # float32 (as float64 above) parks the pooled sums in P and G in the gradient between the
+    # passes over the chunks; 16-bit P and gradients would round them, so those pool again.
+    monkeypatch.setattr(kernel_config, "CLASS_TILE", 4)
+    monkeypatch.setattr(kernel_config, "CHUNK_TILE", 4)
+    monkeypatch.setattr(kernel_config, "INTERPRETER_CHUNK_SCALE", 1)
+    check_against_oracle((2, 11, 6, 7), dict(kernel_size=5), backend="triton", dtype=dtype,
+                         n_labels=4)
 
 
 @pytest.mark.parametrize("rows", [(1, 1), (2, 2), (3, 1)])
