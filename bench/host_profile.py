@@ -12,6 +12,7 @@ prove the code path.
 """
 
 import argparse
+import collections
 import cProfile
 import io
 import os
@@ -38,6 +39,70 @@ def calls(x, y, kernel_size):
                 x.detach(), y, kernel_size=kernel_size, backend="triton", check_target=False),
             "cross_entropy": lambda: torch.autograd.grad(F.cross_entropy(x, y, ignore_index=255),
                                                          x)}
+
+
+def split(run, repeats, label):
+    """Where one fused forward + backward's host time goes, per call: the loss call and in it the
+    autograd Function's forward and the launch helpers; torch.autograd.grad and in it the
+    Function's backward, which runs on autograd's device thread (a CUDA tensor's backward does),
+    where the cProfile of the main thread cannot see it: it gets its own profile here."""
+    import lad_triton
+    from lad_triton import fused
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import forward as kf
+
+    spent = collections.Counter()
+    backward_profile = cProfile.Profile()
+
+    def timed(name, fn, profile=None):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if profile is not None:
+                    profile.disable()
+                spent[name] += time.perf_counter() - start
+        return wrapper
+
+    function = fused.FusedMinkowskiMean
+    saved = [(lad_triton, "locally_adaptive_loss"), (kf, "forward"), (kf, "combine"),
+             (kb, "backward")]
+    originals = [getattr(owner, name) for owner, name in saved]
+    methods = (function.forward, function.backward)
+    try:
+        for (owner, name), fn in zip(saved, originals):
+            setattr(owner, name, timed(f"{owner.__name__}.{name}", fn))
+        function.forward = staticmethod(timed("Function.forward", methods[0]))
+        function.backward = staticmethod(timed("Function.backward", methods[1], backward_profile))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        total = time.perf_counter() - start
+    finally:
+        for (owner, name), fn in zip(saved, originals):
+            setattr(owner, name, fn)
+        function.forward, function.backward = (staticmethod(m) for m in methods)
+    us = {k: v / repeats * 1e6 for k, v in spent.items()}
+    loss = us.get("lad_triton.locally_adaptive_loss", 0.0)
+    call = total / repeats * 1e6
+    lines = [f"split of one fused forward + backward at {label}, host us per call "
+             f"(no sync; the timers add ~1 us each):",
+             f"  call {call:.0f} = loss call {loss:.0f} + torch.autograd.grad {call - loss:.0f}",
+             f"  loss call: Function.forward {us.get('Function.forward', 0):.0f} (the forward "
+             f"launch helper {us.get('lad_triton.kernels.forward.forward', 0):.0f}, the combine's "
+             f"{us.get('lad_triton.kernels.forward.combine', 0):.0f}); validation and dispatch "
+             f"the rest",
+             f"  torch.autograd.grad: Function.backward {us.get('Function.backward', 0):.0f} on "
+             f"autograd's thread (the backward launch helper "
+             f"{us.get('lad_triton.kernels.backward.backward', 0):.0f}); the engine and the "
+             f"hand-offs to that thread and back the rest"]
+    text = io.StringIO()
+    pstats.Stats(backward_profile, stream=text).sort_stats("tottime").print_stats(25)
+    return "\n".join(lines) + f"\ncProfile of Function.backward on its thread, by tottime:\n" \
+        f"{text.getvalue()}"
 
 
 def main(argv=None):
@@ -87,6 +152,7 @@ def main(argv=None):
                 walls.append(time.perf_counter() - start)
             say(f"{'x'.join(map(str, shape))} {name:14} host {host * 1e6:7.0f} us/call, "
                 f"pipelined {pipelined * 1e6:7.0f}, synced {sorted(walls)[len(walls) // 2] * 1e6:7.0f}")
+    say(split(profiled, repeats, f"{'x'.join(map(str, shapes[0]))}"))
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(repeats if args.dry_run else 2 * repeats):

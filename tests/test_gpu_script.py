@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,12 @@ def test_host_profile_dry_run(tmp_path):
     for name in ("lad", "lad_checked", "lad_forward", "cross_entropy"):
         assert f" {name} " in text
     assert "by tottime" in text and "locally_adaptive_loss" in text
+    # The split puts the time in the Function's backward, which the timers saw run, and its
+    # profile names the backward's launch helper.
+    split = text[text.index("split of one fused"):text.index("cProfile of Function.backward")]
+    backward = float(re.search(r"Function.backward (\d+)", split).group(1))
+    assert backward > 0
+    assert "kernels/backward.py" in text.split("cProfile of Function.backward")[1]
 
 
 def test_a_stage_cut_short_is_not_counted_as_passed(tmp_path):
