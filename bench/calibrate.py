@@ -1,6 +1,8 @@
-"""``python -m bench.calibrate [--quick] [--json FILE] [--markdown FILE] [--dry-run]``: the
-calibrated performance model (bench/perf_model.py, ``calibrated``) against every kernel time
-the H200 visits committed under bench/results/.
+"""``python -m bench.calibrate [--quick] [--json FILE] [--markdown FILE]``: the calibrated
+performance model (bench/perf_model.py, ``calibrated``) against every kernel time the H200
+visits committed under bench/results/. ``--design REV...``: instead, the model (its committed
+constants) of those commits' kernels at the issue's target workloads, beside cross-entropy's
+measured kernels (docs/performance.md, "Designs judged by the model").
 
 For each committed figure (a kernel's mean device time in one workload under one launch plan)
 it rebuilds the binary the GPU ran: the figure's file names the commit whose code ran (FIGURES
