@@ -4,8 +4,8 @@ table: rows workload x pass; per implementation the median time, throughput and 
 the ratios of the fused kernels' time to cross-entropy's, the unfused baseline's and its
 ``torch.compile``d version's; and the fused kernels' efficiencies against the copy bandwidth.
 Writes ``<device>-<date>.{json,md,png}`` to ``bench/runs/`` (git-ignored) or ``--out DIR``;
-``--save-reference`` writes them to ``bench/results/`` instead, the committed results that the
-README quotes.
+``--save-reference`` writes them to ``bench/results/`` instead, the committed results that
+bench/README.md quotes.
 
     python -m bench [--quick] [--device cuda|cpu] [--run-slow] [--impl NAME ...]
                     [--out DIR | --save-reference]
@@ -345,7 +345,7 @@ def main(argv=None):
     where.add_argument("--out", default=str(HERE / "runs"),
                        help="folder for the table, JSON and PNG (default bench/runs, git-ignored)")
     where.add_argument("--save-reference", action="store_true",
-                       help="write to bench/results/, the committed results the README quotes")
+                       help="write to bench/results/, the committed results bench/README.md quotes")
     args = parser.parse_args(argv)
     if args.save_reference:
         args.out = str(HERE / "results")

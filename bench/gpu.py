@@ -9,7 +9,7 @@ still returns what it measured:
     python -m bench.gpu kernels --out DIR   # each fused kernel measured beside the model
     python -m bench.gpu all --out DIR       # env, the first tests, kernels, bench, the rest of
                                             # the tests, in one --deadline; then DIR/summary.md
-    python -m bench.gpu ingest DIR          # here, afterwards: DIR into bench/results/ + README
+    python -m bench.gpu ingest DIR          # here, afterwards: DIR into bench/results/ + bench/README.md
 
 DIR receives at most seven plain files: env.json, tests.json, tests.xml (junit), bench.json,
 bench.md, kernels.json, summary.md. ``--dry-run`` runs every stage's code path on the CPU (tiny
@@ -457,8 +457,8 @@ def summary(out):
 README_MARKERS = ("<!-- gpu:begin -->", "<!-- gpu:end -->")
 
 
-def ingest(folder, readme=ROOT / "README.md", results=ROOT / "bench" / "results"):
-    """The returned files into bench/results/<gpu>-<date>.* and the README's GPU section."""
+def ingest(folder, readme=ROOT / "bench" / "README.md", results=ROOT / "bench" / "results"):
+    """The returned files into bench/results/<gpu>-<date>.* and bench/README.md's GPU section."""
     env = json.loads((folder / "env.json").read_text())
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     stem = f"{slug}-{env['date']}"

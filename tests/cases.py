@@ -176,9 +176,12 @@ def lad_problems(draw, max_side=11, max_classes=8, kernel_sizes=(1, 3, 5, 7, 9),
 
 
 def readme_example(name):
-    """The code of the fenced block that follows ``<!-- example:name -->`` in README.md, so that
-    the tests run the README's snippets as a reader copies them."""
-    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    """The code of the fenced block that follows ``<!-- example:name -->`` in README.md or
+    docs/integrations.md (as .ci/run finds it), so that the tests run the snippets as a reader
+    copies them."""
+    root = Path(__file__).resolve().parents[1]
+    lines = [line for doc in ("README.md", "docs/integrations.md")
+             for line in (root / doc).read_text().splitlines()]
     start = lines.index(f"<!-- example:{name} -->") + 1
     assert lines[start].startswith("```"), f"no code block after <!-- example:{name} -->"
     end = lines.index("```", start + 1)

@@ -188,9 +188,10 @@ def test_unknown_config_or_one_without_its_rate_is_refused(only, message, capsys
 
 
 def test_readme_tables_are_the_committed_results():
-    # The README quotes the tables of examples/paper/results/ (all but their header line, which
-    # its prose says): regenerated from the JSON by --report's renderer, they must be there.
-    readme = (ROOT / "README.md").read_text()
+    # examples/paper/README.md quotes the tables of examples/paper/results/ (all but their header
+    # line, which its prose says): regenerated from the JSON by --report's renderer, they must be
+    # there.
+    readme = (ROOT / "examples" / "paper" / "README.md").read_text()
     (result,) = (ROOT / "examples" / "paper" / "results").glob("shapes-*.json")
     tables = harness.render(json.loads(result.read_text())).split("\n", 2)[2]
     assert tables in readme

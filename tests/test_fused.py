@@ -380,7 +380,7 @@ def test_offsets_past_2_to_the_31(shape, strides):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("classes", [5, 40])
 def test_saved_tensors_are_bounded(dtype, classes):
-    # README "Memory": between forward and backward, besides the logits and target, one buffer of
+    # docs/performance.md "Memory": between forward and backward, besides the logits and target, one buffer of
     # the logits' size and dtype (P) and a few numbers per tile of centres; nothing K*K-sized,
     # no per-pixel statistics (the forward's are a temporary).
     batch, height, width = 2, 9, 11

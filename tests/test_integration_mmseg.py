@@ -6,7 +6,7 @@ mmsegmentation 1.2.2 needs mmcv < 2.2, whose full build has no CPU wheel; here i
 ``mmcv-lite<2.2`` (mmcv without its compiled ops). ``mmseg.registry`` imports with it, but a
 look-up by name imports ``mmseg.models``, which imports ``mmcv.ops`` (point sampling,
 deformable attention) at module level. Where ``mmcv.ops`` cannot import, the package's
-``stub_mmcv_ops()`` (which the README's example calls) installs a placeholder whose every member
+``stub_mmcv_ops()`` (which the example in docs/integrations.md calls) installs a placeholder whose every member
 raises if used: the registry, the FCN head, the OHEM sampler and the loss never touch one, so
 what runs is mmseg's own code.
 """
@@ -27,7 +27,7 @@ framework("mmseg.registry", INSTALL)
 
 from lad_triton.integrations.mmseg import stub_mmcv_ops  # noqa: E402
 
-STUBBED = stub_mmcv_ops()  # what the README's example does on a CPU
+STUBBED = stub_mmcv_ops()  # what the example in docs/integrations.md does on a CPU
 import mmseg.models  # noqa: E402,F401  (registers FCNHead, OHEMPixelSampler)
 from mmengine.structures import PixelData  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -44,7 +44,7 @@ def test_registered_in_mmseg_registry():
 
 
 def test_custom_imports_in_a_config_file_register_it(tmp_path):
-    # The README's config route: mmengine imports the module named in custom_imports.
+    # The config route of docs/integrations.md: mmengine imports the module named in custom_imports.
     from mmengine.config import Config
 
     path = tmp_path / "config.py"

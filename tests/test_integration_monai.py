@@ -1,6 +1,6 @@
 """lad_triton.integrations.monai against the real MONAI and nnU-Net v2 (issue 13): label maps as
 they come ((B, 1, ...), integer or integral float), inside ``monai.losses.DeepSupervisionLoss``,
-and the README's nnU-Net trainer subclass running the real trainer's ``train_step``."""
+and the nnU-Net trainer subclass of docs/integrations.md running the real trainer's ``train_step``."""
 
 import pytest
 import torch
