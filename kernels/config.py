@@ -10,12 +10,16 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 
-def _has_triton():
+def _triton_version():
+    """(major, minor) of the installed Triton, None without one; read from its metadata, so that
+    nothing imports Triton to ask (the package's one "is Triton there?" check)."""
     try:
-        version("triton")
+        return tuple(map(int, re.findall(r"\d+", version("triton"))[:2]))
     except PackageNotFoundError:
-        return False
-    return True
+        return None
+
+
+TRITON_VERSION = _triton_version()
 
 
 def accumulation_dtype(dtype):
@@ -63,8 +67,7 @@ INTERPRETER_CHUNK_SCALE = 8
 # stops short of what a lane's rows need and spills (Triton 3.6's at 64 registers, 3.9's at 96 to
 # 128 for small C, class chunks and float64); bench/kernel_report.py checks that every plan
 # compiles without spills under its cap.
-NEW_PTXAS = tuple(map(int, re.findall(r"\d+", version("triton"))[:2])) >= (3, 9) \
-    if _has_triton() else True
+NEW_PTXAS = TRITON_VERSION is None or TRITON_VERSION >= (3, 9)
 MAX_REGISTERS = 255
 
 

@@ -8,20 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import _fail, _is_int, _is_real, check_tensors, check_values
+from .validation import check_tensors, check_values, fail, is_int, is_real
 
 FOCAL_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_focal_options(alpha, gamma, ignore_index, reduction):
-    if not (_is_real(alpha) and math.isfinite(alpha) and alpha > 0):
-        _fail(ValueError, "alpha", "a finite number > 0", alpha)
-    if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
-        _fail(ValueError, "gamma", "a finite number >= 0", gamma)
-    if not _is_int(ignore_index):
-        _fail(ValueError, "ignore_index", "an integer", ignore_index)
+    if not (is_real(alpha) and math.isfinite(alpha) and alpha > 0):
+        fail(ValueError, "alpha", "a finite number > 0", alpha)
+    if not (is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
+        fail(ValueError, "gamma", "a finite number >= 0", gamma)
+    if not is_int(ignore_index):
+        fail(ValueError, "ignore_index", "an integer", ignore_index)
     if reduction not in FOCAL_REDUCTIONS:
-        _fail(ValueError, "reduction", f"one of {FOCAL_REDUCTIONS}", reduction)
+        fail(ValueError, "reduction", f"one of {FOCAL_REDUCTIONS}", reduction)
 
 
 def focal_loss(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=255, reduction="mean",
@@ -97,16 +97,16 @@ class CenterLoss(nn.Module):
 
     def __init__(self, num_classes, feature_dim, *, alpha=0.5, lambda_c=3e-4, ignore_index=255):
         super().__init__()
-        if not (_is_int(num_classes) and num_classes >= 1):
-            _fail(ValueError, "num_classes", "an integer >= 1", num_classes)
-        if not (_is_int(feature_dim) and feature_dim >= 1):
-            _fail(ValueError, "feature_dim", "an integer >= 1", feature_dim)
-        if not (_is_real(alpha) and 0 < alpha <= 1):
-            _fail(ValueError, "alpha", "a number in (0, 1] (the centres' update rate)", alpha)
-        if not (_is_real(lambda_c) and math.isfinite(lambda_c) and lambda_c >= 0):
-            _fail(ValueError, "lambda_c", "a finite number >= 0", lambda_c)
-        if not _is_int(ignore_index):
-            _fail(ValueError, "ignore_index", "an integer", ignore_index)
+        if not (is_int(num_classes) and num_classes >= 1):
+            fail(ValueError, "num_classes", "an integer >= 1", num_classes)
+        if not (is_int(feature_dim) and feature_dim >= 1):
+            fail(ValueError, "feature_dim", "an integer >= 1", feature_dim)
+        if not (is_real(alpha) and 0 < alpha <= 1):
+            fail(ValueError, "alpha", "a number in (0, 1] (the centres' update rate)", alpha)
+        if not (is_real(lambda_c) and math.isfinite(lambda_c) and lambda_c >= 0):
+            fail(ValueError, "lambda_c", "a finite number >= 0", lambda_c)
+        if not is_int(ignore_index):
+            fail(ValueError, "ignore_index", "an integer", ignore_index)
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.alpha, self.lambda_c, self.ignore_index = alpha, lambda_c, ignore_index
         self.register_buffer("centers", torch.zeros(num_classes, feature_dim))

@@ -4,12 +4,13 @@ import warnings
 
 import torch
 
-from .dispatch import select_backend
+from .dispatch import label_counter, select_backend
+from .options import CostOptions, accumulation_dtype
 from .pooling import pooled_mean
 from .reduction import centre_weights, cost_map, minkowski_mean, valid_centres, weighted_sum
-from .kernels.config import accumulation_dtype
 from .unfused import UnfusedCosts
-from .validation import check_labels, check_options, check_tensors, check_values, sync_group
+from .validation import check_options, check_tensors, check_values, sync_group
+from .dispatch import check_labels
 
 
 def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
@@ -104,11 +105,12 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
             contract; the message names the argument, what was expected and what it got.
         RuntimeError: ``backend="triton"`` where the fused kernels cannot run, saying why.
     """
-    options = dict(kernel_size=kernel_size, stride=stride, ignore_index=ignore_index, eps=eps,
-                   weight_base=weight_base, normalizer=normalizer, zscore=zscore)
+    options = CostOptions(kernel_size=kernel_size, stride=stride, ignore_index=ignore_index,
+                          eps=eps, weight_base=weight_base, normalizer=normalizer, zscore=zscore)
     check_options(power=power, reduction=reduction, pooling=pooling, lmp_ratio=lmp_ratio,
                   lmp_p=lmp_p, topk_ratio=topk_ratio, backend=backend,
-                  check_target=check_target, sync=sync, process_group=process_group, **options)
+                  check_target=check_target, sync=sync, process_group=process_group,
+                  **options._asdict())
     check_tensors(logits, target, weight, pixel_weight)
     if target.dim() == logits.dim():
         target = target.squeeze(1)  # (B, 1, H, W) -> (B, H, W): a view
@@ -123,7 +125,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         if torch.compiler.is_compiling():
             guard = check_labels(target, weight, classes, ignore_index, pixel_weight)
         else:
-            check_values(target, weight, classes, ignore_index, pixel_weight)
+            check_values(target, weight, classes, ignore_index, pixel_weight,
+                         count_bad=label_counter(target))
     if logits.numel() == 0:  # empty batch: exactly 0 (a map of zeros), zero gradient
         return (logits.sum(dim=1) if reduction == "none" else logits.sum()) * 0
     acc = accumulation_dtype(logits.dtype)
@@ -137,20 +140,16 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     group = sync_group(sync, process_group) if reduction == "mean" else None
     if chosen == "triton":
-        from .fused import fused_costs, fused_mean, plan_of
+        from .fused import fused_cost_map, fused_mean
 
-        fused_options = (kernel_size, stride, ignore_index, float(eps), float(weight_base),
-                         normalizer, zscore)
         # The kernels reduce the Minkowski mean themselves with class weights; pixel weights,
         # the sum and the other poolings reduce the costs L in PyTorch (as reduction="none").
         if reduction == "mean" and pooling == "minkowski" and pixel_weight is None:
-            out = fused_mean(logits, target, weight, fused_options, float(power), group,
-                             need_grad)
+            out = fused_mean(logits, target, weight, options, power, group, need_grad)
             return out if guard is None else out + guard.to(out.dtype)
-        L = fused_costs(logits, target, weight, kernel_size, float(power), *fused_options[1:],
-                        need_grad, False, plan_of(logits, kernel_size, stride, weight))[0]
+        L = fused_cost_map(logits, target, weight, options, power, need_grad)
     else:
-        L = UnfusedCosts.apply(logits, target, *options.values(), need_grad)
+        L = UnfusedCosts.apply(logits, target, options, need_grad)
 
     valid = valid_centres(target, ignore_index, stride)
     w = centre_weights(target, valid, weight, classes, stride, pixel_weight)

@@ -79,8 +79,8 @@ class _NoDevice:
 _NO_DEVICE = _NoDevice()
 
 
-def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], kernel_size: int,
-                 power: float, stride: int, ignore_index: int, eps: float, weight_base: float,
+def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], power: float,
+                 kernel_size: int, stride: int, ignore_index: int, eps: float, weight_base: float,
                  normalizer: str, zscore: bool, need_grad: bool, mean: bool,
                  plan: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(L, partials, ticket, P); see kernels/forward.py. ``plan``: kernels_forward.tile_plan's
@@ -96,7 +96,7 @@ fused_costs = _operator("lad_triton::fused_costs", _fused_costs)
 
 
 @fused_costs.register_fake
-def _(logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
+def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, weight_base,
       normalizer, zscore, need_grad, mean, plan):
     return kernels_forward.allocate(logits, kernel_size=kernel_size, stride=stride,
                                     need_grad=need_grad, mean=mean, plan=plan)
@@ -121,7 +121,7 @@ def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore):
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, target, _, kernel_size, _, stride, _, eps, weight_base, _, zscore, _,
+    (logits, target, _, _, kernel_size, stride, _, eps, weight_base, _, zscore, _,
      mean, _) = inputs
     _, partials, ticket, P = output
     ctx.save_for_backward(logits, target, P)
@@ -138,9 +138,8 @@ def _backward(ctx, dL, *_):
         raise RuntimeError("lad_triton::fused_costs ran with need_grad=False or mean=True, so it "
                            "kept nothing to differentiate L with")
     if dL is None:
-        return (None,) * 14
-    dx = fused_costs_backward(dL, logits, target, P, *ctx.options)
-    return (dx,) + (None,) * 13
+        return _input_grads(None, fused_costs)
+    return _input_grads(fused_costs_backward(dL, logits, target, P, *ctx.options), fused_costs)
 
 
 fused_costs.register_autograd(_backward, setup_context=_setup_context)
@@ -191,6 +190,29 @@ def plan_of(logits, kernel_size, stride, weight=None):
                                      weighted=weight is not None)
 
 
+def _input_grads(dx, op):
+    """The gradients of ``op``'s inputs: ``dx`` for the logits (the first), None for the rest."""
+    return (dx,) + (None,) * (len(op._opoverload._schema.arguments) - 1)
+
+
+def costs(logits, target, weight, options, power, need_grad, mean):
+    """``fused_costs`` on a CostOptions: the one place the options become the operator's
+    arguments."""
+    return _eager(fused_costs)(
+        logits, target, weight, float(power), options.kernel_size, options.stride,
+        options.ignore_index, float(options.eps), float(options.weight_base),
+        options.normalizer, options.zscore, need_grad, mean,
+        plan_of(logits, options.kernel_size, options.stride, weight))
+
+
+def count_bad_labels(target, classes, ignore_index):
+    """The label check's one pass on the GPU (kernels/labels.py), for validation.check_values."""
+    from .kernels.labels import count_bad_labels as count
+
+    with _on_device(target):  # Triton launches on the current device
+        return count(target, classes, ignore_index)
+
+
 def _reduce(partials, ticket, power, group, dtype):
     """(loss, float64 (loss, max L, a), each tile's max L) from the partials: the combine kernel
     locally, PyTorch across processes."""
@@ -203,14 +225,13 @@ class FusedMinkowskiMean(torch.autograd.Function):
     """reduction="mean" on the fused kernels: logits -> loss, and its exact gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, power, group, kernel_size, stride, ignore_index,
-                eps, weight_base, normalizer, zscore):
-        _, partials, ticket, P = _eager(fused_costs)(
-            logits, target, weight, kernel_size, power, stride, ignore_index, eps, weight_base,
-            normalizer, zscore, True, True, plan_of(logits, kernel_size, stride, weight))
+    def forward(ctx, logits, target, weight, options, power, group):
+        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True)
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
         ctx.save_for_backward(tile_max, scalars, logits, target, P)
-        ctx.options = (kernel_size, stride, eps, weight_base, zscore, weight is not None, power)
+        ctx.options = (options.kernel_size, options.stride, float(options.eps),
+                       float(options.weight_base), options.zscore, weight is not None,
+                       float(power))
         return loss
 
     @staticmethod
@@ -218,16 +239,18 @@ class FusedMinkowskiMean(torch.autograd.Function):
         tile_max, scalars, logits, target, P = ctx.saved_tensors
         dx = _eager(fused_mean_backward)(grad, tile_max, scalars, logits, target, P,
                                          *ctx.options)
-        return (dx,) + (None,) * 11
+        return dx, None, None, None, None, None
 
 
 def fused_mean(logits, target, weight, options, power, group, need_grad):
     """The fused Minkowski mean: through autograd when a gradient is needed, else the forward
-    and the combine alone (no P). ``options``: (kernel_size, stride, ignore_index, eps,
-    weight_base, normalizer, zscore)."""
+    and the combine alone (no P). ``options``: a CostOptions."""
     if need_grad:
-        return FusedMinkowskiMean.apply(logits, target, weight, power, group, *options)
-    _, partials, ticket, _ = _eager(fused_costs)(
-        logits, target, weight, options[0], power, *options[1:], False, True,
-        plan_of(logits, options[0], options[1], weight))
+        return FusedMinkowskiMean.apply(logits, target, weight, options, float(power), group)
+    _, partials, ticket, _ = costs(logits, target, weight, options, power, False, True)
     return _reduce(partials, ticket, power, group, logits.dtype)[0]
+
+
+def fused_cost_map(logits, target, weight, options, power, need_grad):
+    """The costs L on the centre grid, differentiable (the other reductions reduce them)."""
+    return costs(logits, target, weight, options, power, need_grad, False)[0]

@@ -49,6 +49,14 @@ def centre_weights(target, valid, weight, classes, stride, pixel_weight=None):
     return w
 
 
+def weight_total(target, weight, classes, stride, ignore_index, pixel_weight=None):
+    """sum_p w_p over the valid centres, float64: the weighted mean's denominator. ``weight`` and
+    ``pixel_weight`` in the accumulation dtype, or None."""
+    w = centre_weights(target, valid_centres(target, ignore_index, stride), weight, classes,
+                       stride, pixel_weight)
+    return w.sum(dtype=torch.float64)
+
+
 def cost_map(L, w, stride, spatial_shape):
     """reduction="none": w_p * L_p at the centres, 0 elsewhere, shape (B, *spatial_shape)."""
     weighted = L * w

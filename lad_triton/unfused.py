@@ -41,7 +41,7 @@ import itertools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernels.config import accumulation_dtype
+from .options import accumulation_dtype
 
 
 def _grid_pair(size, stride, delta):
@@ -145,17 +145,14 @@ class UnfusedCosts(torch.autograd.Function):
     """Autograd wiring of :func:`costs_forward` and :func:`costs_backward`: logits -> L."""
 
     @staticmethod
-    def forward(ctx, logits, target, kernel_size, stride, ignore_index, eps, weight_base,
-                normalizer, zscore, need_grad):
-        L, saved = costs_forward(
-            logits, target, kernel_size=kernel_size, stride=stride, ignore_index=ignore_index,
-            eps=eps, weight_base=weight_base, normalizer=normalizer, zscore=zscore,
-            need_grad=need_grad)
+    def forward(ctx, logits, target, options, need_grad):
+        """``options``: a CostOptions."""
+        L, saved = costs_forward(logits, target, **options._asdict(), need_grad=need_grad)
         if need_grad:
             P, mean, rstd = saved
             ctx.save_for_backward(logits, target, P, mean, rstd)
-            ctx.options = dict(kernel_size=kernel_size, stride=stride, weight_base=weight_base,
-                               zscore=zscore)
+            ctx.options = dict(kernel_size=options.kernel_size, stride=options.stride,
+                               weight_base=options.weight_base, zscore=options.zscore)
         return L
 
     @staticmethod
@@ -163,4 +160,4 @@ class UnfusedCosts(torch.autograd.Function):
     def backward(ctx, dL):
         logits, target, P, mean, rstd = ctx.saved_tensors
         grad = costs_backward(dL, logits, target, P, mean, rstd, **ctx.options)
-        return (grad.to(logits.dtype),) + (None,) * 9
+        return grad.to(logits.dtype), None, None, None

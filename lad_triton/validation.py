@@ -5,18 +5,14 @@ Messages have one shape: ``<argument> must be <what was expected>, got <argument
 Hyper-parameters are checked by :func:`check_options` (also at module construction), tensors by
 :func:`check_tensors`. Only the label, class weight and pixel weight *values* need tensor data,
 read in one device-to-host sync by :func:`check_values`; ``check_target=False`` skips it. Under
-``torch.compile`` the same check runs inside the ``lad_triton::check_labels`` custom operator,
-so it raises without a graph break.
+``torch.compile`` the same check runs inside the ``lad_triton::check_labels`` custom operator
+(dispatch.py), so it raises without a graph break.
 """
 
 import numbers
-from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from .dispatch import TRITON_FOUND
 
 REDUCTIONS = ("mean", "sum", "none")
 POOLINGS = ("minkowski", "lmp", "topk")
@@ -26,15 +22,15 @@ LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _fail(exc_type, name, expected, got):
+def fail(exc_type, name, expected, got):
     raise exc_type(f"{name} must be {expected}, got {name}={got!r}")
 
 
-def _is_int(value):
+def is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value):
+def is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -46,11 +42,11 @@ def _finite(value):
 
 
 def _positive_finite(value):
-    return _is_real(value) and _finite(value) and value > 0
+    return is_real(value) and _finite(value) and value > 0
 
 
 def _ratio(value):
-    return _is_real(value) and 0 < value <= 1
+    return is_real(value) and 0 < value <= 1
 
 
 _VALID_OPTIONS = set()
@@ -81,55 +77,55 @@ def check_options(**options):
 def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
                    zscore, reduction, backend, check_target, sync=False, process_group=None,
                    pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
-    if not (_is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
-        _fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
-    if not (_is_real(power) and _finite(power) and power >= 1):
-        _fail(ValueError, "power", "a finite number >= 1 (the Minkowski exponent k)", power)
-    if not (_is_int(stride) and stride >= 1):
-        _fail(ValueError, "stride", "an integer >= 1 (the centre-grid step s)", stride)
-    if not _is_int(ignore_index):
-        _fail(ValueError, "ignore_index", "an integer", ignore_index)
+    if not (is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
+        fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
+    if not (is_real(power) and _finite(power) and power >= 1):
+        fail(ValueError, "power", "a finite number >= 1 (the Minkowski exponent k)", power)
+    if not (is_int(stride) and stride >= 1):
+        fail(ValueError, "stride", "an integer >= 1 (the centre-grid step s)", stride)
+    if not is_int(ignore_index):
+        fail(ValueError, "ignore_index", "an integer", ignore_index)
     if not _positive_finite(eps):
-        _fail(ValueError, "eps", "a finite number > 0", eps)
+        fail(ValueError, "eps", "a finite number > 0", eps)
     if not _positive_finite(weight_base):
-        _fail(ValueError, "weight_base", "a finite number > 0 (omega(d) = weight_base**(1-d))",
+        fail(ValueError, "weight_base", "a finite number > 0 (omega(d) = weight_base**(1-d))",
               weight_base)
     if normalizer not in NORMALIZERS:
-        _fail(ValueError, "normalizer", f"one of {NORMALIZERS}", normalizer)
+        fail(ValueError, "normalizer", f"one of {NORMALIZERS}", normalizer)
     if not isinstance(zscore, bool):
-        _fail(ValueError, "zscore", "True or False", zscore)
+        fail(ValueError, "zscore", "True or False", zscore)
     if reduction not in REDUCTIONS:
-        _fail(ValueError, "reduction", f"one of {REDUCTIONS}", reduction)
+        fail(ValueError, "reduction", f"one of {REDUCTIONS}", reduction)
     if pooling not in POOLINGS:
-        _fail(ValueError, "pooling", f"one of {POOLINGS}", pooling)
+        fail(ValueError, "pooling", f"one of {POOLINGS}", pooling)
     if not _ratio(lmp_ratio):
-        _fail(ValueError, "lmp_ratio", "a number in (0, 1] (the share of centres loss max-pooling "
+        fail(ValueError, "lmp_ratio", "a number in (0, 1] (the share of centres loss max-pooling "
               "may weight fully)", lmp_ratio)
-    if not (_is_real(lmp_p) and _finite(lmp_p) and lmp_p > 1):
-        _fail(ValueError, "lmp_p", "a finite number > 1 (the p-norm of loss max-pooling)", lmp_p)
+    if not (is_real(lmp_p) and _finite(lmp_p) and lmp_p > 1):
+        fail(ValueError, "lmp_p", "a finite number > 1 (the p-norm of loss max-pooling)", lmp_p)
     if not _ratio(topk_ratio):
-        _fail(ValueError, "topk_ratio", "a number in (0, 1] (the share of centres top-k pooling "
+        fail(ValueError, "topk_ratio", "a number in (0, 1] (the share of centres top-k pooling "
               "averages)", topk_ratio)
     if backend not in BACKENDS:
-        _fail(ValueError, "backend", f"one of {BACKENDS}", backend)
+        fail(ValueError, "backend", f"one of {BACKENDS}", backend)
     if not isinstance(check_target, bool):
-        _fail(ValueError, "check_target", "True or False", check_target)
+        fail(ValueError, "check_target", "True or False", check_target)
     if not isinstance(sync, bool):
-        _fail(ValueError, "sync", "True or False", sync)
+        fail(ValueError, "sync", "True or False", sync)
     if process_group is not None and not (dist.is_available()
                                           and isinstance(process_group, dist.ProcessGroup)):
-        _fail(ValueError, "process_group", "None or a torch.distributed ProcessGroup",
+        fail(ValueError, "process_group", "None or a torch.distributed ProcessGroup",
               process_group)
     if pooling != "minkowski":
         # Both rank every centre's cost: across processes that needs a global sort.
         if reduction != "mean":
-            _fail(ValueError, "reduction", f"'mean' with pooling={pooling!r} ('none' and 'sum' "
+            fail(ValueError, "reduction", f"'mean' with pooling={pooling!r} ('none' and 'sum' "
                   "do not pool the costs)", reduction)
         if sync:
-            _fail(ValueError, "sync", f"False with pooling={pooling!r} (it ranks the costs of "
+            fail(ValueError, "sync", f"False with pooling={pooling!r} (it ranks the costs of "
                   "this process only; use pooling='minkowski' to synchronise)", sync)
         if process_group is not None:
-            _fail(ValueError, "process_group", f"None with pooling={pooling!r} (it ranks the "
+            fail(ValueError, "process_group", f"None with pooling={pooling!r} (it ranks the "
                   "costs of this process only; use pooling='minkowski' to synchronise)",
                   process_group)
     if (sync or process_group is not None) and not (dist.is_available()
@@ -150,12 +146,12 @@ def check_tensors(logits, target, weight=None, pixel_weight=None):
     the contract does not accept (shapes, dtypes, devices; not values: :func:`check_values`).
     The target may carry a channel of size 1, ``(B, 1, H, W)`` as MONAI and nnU-Net keep it."""
     if not isinstance(logits, torch.Tensor):
-        _fail(TypeError, "logits", "a torch.Tensor", type(logits).__name__)
+        fail(TypeError, "logits", "a torch.Tensor", type(logits).__name__)
     if logits.dtype not in LOGITS_DTYPES:
         raise TypeError("logits must be a floating tensor (float16, bfloat16, float32 or "
                         f"float64), got logits.dtype={logits.dtype}")
     if not isinstance(target, torch.Tensor):
-        _fail(TypeError, "target", "a torch.Tensor", type(target).__name__)
+        fail(TypeError, "target", "a torch.Tensor", type(target).__name__)
     if target.dtype not in TARGET_DTYPES:
         raise TypeError("target must be an integer tensor (uint8, int8, int16, int32 or int64), "
                         f"got target.dtype={target.dtype}; {_index_hint(logits, target)}")
@@ -238,22 +234,19 @@ def _bad_labels(target, classes, ignore_index):
     return bad
 
 
-def check_values(target, weight, classes, ignore_index, pixel_weight=None):
+def check_values(target, weight, classes, ignore_index, pixel_weight=None, count_bad=None):
     """Raise ``ValueError`` for a label neither in [0, C) nor ignore_index, a negative or
     non-finite class weight, or a negative or non-finite pixel weight. One device-to-host sync,
-    of one number; on CUDA the labels are read once (one kernel, kernels/labels.py), elsewhere by
-    a few PyTorch comparisons.
+    of one number. ``count_bad(target, classes, ignore_index)``, where a backend gives one (the
+    fused backend's reads the labels once, in one kernel), counts the bad labels; else a few
+    PyTorch comparisons do.
 
     The sync comes before the loss launches anything: the GPU then runs the loss's forward while
     the host goes on to the backward's launches. Queued after the forward instead (measured on an
     H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
     took ~0.3 ms longer."""
-    if target.is_cuda and target.is_contiguous() and TRITON_FOUND:
-        from .fused import _on_device
-        from .kernels.labels import count_bad_labels
-
-        with _on_device(target):  # Triton launches on the current device
-            flag = count_bad_labels(target, classes, ignore_index)
+    if count_bad is not None:
+        flag = count_bad(target, classes, ignore_index)
     else:
         flag = _bad_labels(target, classes, ignore_index).any()
     if weight is not None:
@@ -305,18 +298,3 @@ def _label_fix(values, classes, ignore_index):
     else:
         fixes.append("if one of them marks pixels to ignore, pass it as ignore_index")
     return f"labels outside the classes: {shown}. " + "; ".join(fixes)
-
-
-@torch.library.custom_op("lad_triton::check_labels", mutates_args=())
-def check_labels(target: Tensor, weight: Optional[Tensor], classes: int, ignore_index: int,
-                 pixel_weight: Optional[Tensor]) -> Tensor:
-    """:func:`check_values` as an operator for torch.compile: raises inside the compiled graph
-    instead of breaking it. Returns a 0-dim zero that the loss adds, so the check is not
-    dead code."""
-    check_values(target, weight, classes, ignore_index, pixel_weight)
-    return torch.zeros((), device=target.device)
-
-
-@check_labels.register_fake
-def _(target, weight, classes, ignore_index, pixel_weight):
-    return target.new_empty((), dtype=torch.float32)

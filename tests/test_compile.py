@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 from cases import BACKENDS, DEVICE, make_labels, make_logits
 from lad_triton import LocallyAdaptiveLoss
-from lad_triton.validation import check_labels
+from lad_triton.dispatch import check_labels
 
 
 def model_and_batch(device, spatial=(9, 11), classes=5):
@@ -133,16 +133,16 @@ def fused_cases():
     volume = make_logits((1, 3, 3, 4, 5), device=DEVICE).requires_grad_(True)
     labels3 = make_labels(1, (3, 4, 5), 3, device=DEVICE)
     weight = torch.rand(5, device=DEVICE)
-    common = (3, 3.0, 1, 255, 1e-5, 2.0)
+    common = (3.0, 3, 1, 255, 1e-5, 2.0)  # power, kernel_size, stride, ignore_index, eps, base
     cases = [
         (logits, target, None) + common + ("count", True, True, False),
         (logits, target, weight) + common + ("weight", False, True, False),
         (logits.detach(), target, None) + common + ("count", True, False, False),
-        (logits, target, None, 5, 2.3, 2, 255, 1e-5, 1.5, "count", True, True, False),
+        (logits, target, None, 2.3, 5, 2, 255, 1e-5, 1.5, "count", True, True, False),
         (volume, labels3, None) + common + ("count", True, True, False),
         (logits.detach(), target, weight) + common + ("count", True, True, True),
     ]
-    return [case + (plan_of(case[0], case[3], case[5], case[2]),) for case in cases]
+    return [case + (plan_of(case[0], case[4], case[5], case[2]),) for case in cases]
 
 
 @pytest.mark.parametrize("case", range(6))

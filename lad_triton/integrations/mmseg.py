@@ -30,16 +30,15 @@ import torch
 from torch import nn
 
 from ..functional import locally_adaptive_loss
-from ..kernels.config import accumulation_dtype
-from ..reduction import centre_weights, valid_centres
-from ..validation import check_options
+from ..options import accumulation_dtype
+from ..reduction import weight_total
+from ..validation import REDUCTIONS, check_options
 
 try:
     from mmseg.registry import MODELS
 except ImportError:  # mmseg absent (or without its mmcv): mmengine's root registry
     from mmengine.registry import MODELS
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 class _CompiledOpsMissing(types.ModuleType):
@@ -155,12 +154,9 @@ class LocallyAdaptiveLoss(nn.Module):
         if label.dim() == cls_score.dim():
             label = label.squeeze(1)
         acc = accumulation_dtype(cls_score.dtype)
-        stride = self.options["stride"]
-        w = centre_weights(label, valid_centres(label, ignore_index, stride),
-                           None if class_weight is None else class_weight.to(acc),
-                           cls_score.shape[1], stride,
-                           None if weight is None else weight.detach().to(acc))
-        return w.sum(dtype=torch.float64)
+        return weight_total(label, None if class_weight is None else class_weight.to(acc),
+                            cls_score.shape[1], self.options["stride"], ignore_index,
+                            None if weight is None else weight.detach().to(acc))
 
     def extra_repr(self):
         options = dict(self.options, reduction=self.reduction, loss_weight=self.loss_weight,
