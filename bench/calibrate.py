@@ -26,7 +26,6 @@ import base64
 import gzip
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess

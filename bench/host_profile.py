@@ -49,6 +49,7 @@ def split(run, repeats, label):
     import lad_triton
     from lad_triton import fused
     from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import combine as kc
     from lad_triton.kernels import forward as kf
 
     spent = collections.Counter()
@@ -68,7 +69,7 @@ def split(run, repeats, label):
         return wrapper
 
     function = fused.FusedMinkowskiMean
-    saved = [(lad_triton, "locally_adaptive_loss"), (kf, "forward"), (kf, "combine"),
+    saved = [(lad_triton, "locally_adaptive_loss"), (kf, "forward"), (kc, "combine"),
              (kb, "backward")]
     originals = [getattr(owner, name) for owner, name in saved]
     methods = (function.forward, function.backward)
@@ -93,7 +94,7 @@ def split(run, repeats, label):
              f"  call {call:.0f} = loss call {loss:.0f} + torch.autograd.grad {call - loss:.0f}",
              f"  loss call: Function.forward {us.get('Function.forward', 0):.0f} (the forward "
              f"launch helper {us.get('lad_triton.kernels.forward.forward', 0):.0f}, the combine's "
-             f"{us.get('lad_triton.kernels.forward.combine', 0):.0f}); validation and dispatch "
+             f"{us.get('lad_triton.kernels.combine.combine', 0):.0f}); validation and dispatch "
              f"the rest",
              f"  torch.autograd.grad: Function.backward {us.get('Function.backward', 0):.0f} on "
              f"autograd's thread (the backward launch helper "

@@ -51,16 +51,19 @@ import perf_model  # noqa: E402
 import lad_triton  # noqa: E402
 from lad_triton import dispatch  # noqa: E402
 from lad_triton.kernels import backward as kb  # noqa: E402
+from lad_triton.kernels import combine as kc  # noqa: E402
 from lad_triton.kernels import config as kernel_config  # noqa: E402
 from lad_triton.kernels import forward as kf  # noqa: E402
 from lad_triton.kernels import halo as kh  # noqa: E402
 from lad_triton.kernels import labels as kl  # noqa: E402
+from lad_triton.kernels import stats as ks  # noqa: E402
 
 ARCHS = (80, 90)
 TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
               torch.float64: "fp64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16",
               torch.int32: "i32", torch.int64: "i64"}
-KERNELS = {"_zscore_stats_kernel": kf, "_forward_kernel": kf, "_combine_kernel": kf, "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
+KERNELS = {"_zscore_stats_kernel": ks, "_forward_kernel": kf, "_combine_kernel": kc,
+           "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
            "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb}
 
 
@@ -123,7 +126,7 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
                                             mean=mean, **options)
-        _, scalars, tile_max = kf.combine(partials, ticket, options["power"], dtype)
+        _, scalars, tile_max = kc.combine(partials, ticket, options["power"], dtype)
         if need_grad and mean:
             kb.backward(tile_max, logits, target, P, weighted=weighted,
                         grad=torch.empty((), dtype=dtype, device="meta"), scalars=scalars,

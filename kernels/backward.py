@@ -36,7 +36,8 @@ import triton.language as tl
 from . import halo
 from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, target_of,
                      tile_grid)
-from .forward import as_volume, centre_shape, grid_of, pixel_logits, pixel_stats
+from .geometry import as_volume, centre_shape
+from .stats import pixel_logits, pixel_stats
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, power_of,
                      scalar, tile_coordinates, tile_scale_factors)
 

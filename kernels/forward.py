@@ -1,17 +1,13 @@
-"""Forward kernels of the locally adaptive loss and their launch helper.
+"""The forward kernel of the locally adaptive loss (outside the window-row kernels of halo.py)
+and its launch helper.
 
 Names as in docs/contract.md and docs/math.md. For 2-D images (B, C, H, W) and 3-D volumes
-(B, C, D, H, W) alike (an image is a volume of depth 1 with a depth radius of 0):
-
-1. ``_zscore_stats_kernel`` (zscore=True): per pixel the mean and rstd = 1 / sqrt(var + eps)
-   over classes, into a buffer that lives only until the forward kernel has read it.
-2. ``_forward_kernel``: per tile of ROWS x 32 centres, the pooled vector f of every centre, the
-   cost L = logsumexp(f) - f[y], the tile's Minkowski partials (max L, sum w (L / max L)^k,
-   sum w, with w the class weight of each valid centre) and P = (softmax(f) - onehot(y)) / xi for
-   the backward (0 at invalid centres).
-3. ``_combine_kernel``: the partials added in a fixed order, by blocks of tiles and then the
-   blocks (the program that finishes last), into the loss and the two numbers the backward needs
-   (max L and the Minkowski factor a): no float atomics, bitwise repeatable.
+(B, C, D, H, W) alike (an image is a volume of depth 1 with a depth radius of 0), after the
+statistics pass of stats.py (zscore=True): ``_forward_kernel``, per tile of ROWS x 32 centres,
+the pooled vector f of every centre, the cost L = logsumexp(f) - f[y], the tile's Minkowski
+partials (max L, sum w (L / max L)^k, sum w, with w the class weight of each valid centre) and
+P = (softmax(f) - onehot(y)) / xi for the backward (0 at invalid centres). combine.py then adds
+the partials into the loss.
 
 The z-score is folded into the pooling: with a_q = omega * [y_q == y_p] * rstd_q,
 ``f_p = (1 / xi_p) (sum_q a_q x_q - sum_q a_q m_q)``: per neighbour and class one multiply-add
@@ -56,78 +52,14 @@ import triton.language as tl
 from . import halo
 from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of, tile_grid)
+from .geometry import as_volume, centre_shape, grid_of
+from .stats import zscore_stats
 from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
                      tile_coordinates, window_weight)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-# Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
-# divisible-by-16 specialisations. The window radii are run-time loop bounds (the loops stay
-# loops: their trip counts are what the performance model multiplies by) and compile-time
-# constants (RADIUS: the rows unrolled per loop iteration).
-@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "chunks"])
-def _zscore_stats_kernel(
-    x_ptr,        # logits (B, C, D, H, W), any strides
-    mean_ptr,     # out (B, D, H, W) contiguous, ACC: mean over classes
-    rstd_ptr,     # out (B, D, H, W) contiguous, ACC: 1 / sqrt(var + eps)
-    D, H, W, tiles_h, tiles_w, chunks,
-    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
-    eps_hi, eps_lo,           # eps as split_scalar()
-    C: tl.constexpr, CLASS_TILE: tl.constexpr, ROWS: tl.constexpr, TILE_W: tl.constexpr,
-    WIDE: tl.constexpr,
-):
-    ACC: tl.constexpr = mean_ptr.dtype.element_ty
-    image, plane, row0, cols = tile_coordinates(tiles_h, tiles_w, D, ROWS, TILE_W, WIDE)
-    live = also(cols < W, row0 < H)
-    pix = row0 * sxh + cols * sxw
-    x_plane = x_ptr + image * sxb + plane * sxd
-    mean, rstd = pixel_stats(x_plane, pix, live, scalar(eps_hi, eps_lo, ACC), sxc, chunks, ACC,
-                             C, CLASS_TILE, TILE_W, WIDE)
-    q = (image * D + plane) * H * W + row0 * W + cols
-    tl.store(mean_ptr + q, mean, mask=live)
-    tl.store(rstd_ptr + q, rstd, mask=live)
-
-
-@triton.jit
-def chan_update(x, cmask, count, mean, m2):
-    """Merge one chunk of classes into a running (count, mean, sum of squared deviations), Chan
-    et al.'s pairwise update: the chunk's mean and deviations are exact two-pass sums in
-    registers, merged without the cancellation of E[x^2] - E[x]^2."""
-    n_chunk = tl.sum(cmask.to(x.dtype), axis=0)
-    mean_chunk = tl.sum(x, axis=0) / n_chunk
-    dev = tl.where(cmask[:, None], x - mean_chunk[None, :], 0.0)
-    total = count + n_chunk
-    delta = mean_chunk - mean
-    mean += delta * (n_chunk / total)
-    m2 += tl.sum(dev * dev, axis=0) + delta * delta * (count * n_chunk / total)
-    return total, mean, m2
-
-
-@triton.jit
-def pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC: tl.constexpr):
-    """The logits [CLASS_TILE, TILE_W] of classes ``cls`` at pixel offsets ``pix``, masked."""
-    return tl.load(x_plane + lane_offsets(cls, sxc, pix, pix.shape[0]),
-                   mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
-
-
-@triton.jit
-def pixel_stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.constexpr,
-                CLASS_TILE: tl.constexpr, TILE_W: tl.constexpr, WIDE: tl.constexpr):
-    """Mean and rstd of the pixels at ``pix`` over every class, chunk by chunk."""
-    count = tl.zeros([TILE_W], dtype=ACC)
-    mean = tl.zeros([TILE_W], dtype=ACC)
-    m2 = tl.zeros([TILE_W], dtype=ACC)
-    for chunk in range(chunks):
-        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-        if WIDE:
-            cls = cls.to(tl.int64)
-        cmask = cls < C
-        x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
-        count, mean, m2 = chan_update(x, cmask, count, mean, m2)
-    return mean, 1.0 / tl.sqrt(m2 / C + eps)
 
 
 @triton.jit
@@ -620,103 +552,6 @@ def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
     return m_new, s_run, f_y + fy_chunk
 
 
-@triton.jit(do_not_specialize=["n", "blocks", "rounds"])
-def _combine_kernel(
-    part_ptr,     # (n, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
-    block_ptr,    # out (blocks, 3) float64: per block of BLOCK tiles the same three, the max NaN
-                  # if a tile's is
-    ticket_ptr,   # int32, zeroed by the forward kernel: how many blocks are done
-    out_ptr,      # out (3,) float64: the loss, max L, a
-    tile_max_ptr,  # out (n,) ACC: each tile's max L, all the backward keeps of the partials
-    loss_ptr,     # out 0-dim, the logits' dtype: the loss
-    n, blocks, rounds, power_hi, power_lo,
-    BLOCK: tl.constexpr,
-):
-    """The Minkowski mean of docs/math.md from the forward's partials, in one launch and a fixed
-    order (bitwise repeatable, no float atomics): each program adds its BLOCK tiles (each tile's
-    sum rescaled from its own max to the block's, docs/math.md "Numerics"), then takes a ticket;
-    the program that takes the last adds the blocks' sums in float64, in block order, and stores
-    the loss, max L and a = (S / M)^(1/k - 1) / M. The backward turns a, max L and each tile's
-    max L (copied out here, so that the partials can go) into each tile's d loss / d L itself. (One program over every tile ran 34-53 us on an H200, on one SM;
-    a second launch for the blocks costs host time.)"""
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
-    power = scalar(power_hi, power_lo, ACC)
-    power64 = scalar(power_hi, power_lo, tl.float64)
-    block = tl.program_id(0).to(tl.int64)  # 3 * i: past 2^31 for 700 M tiles
-    offs = tl.arange(0, BLOCK)
-    i = block * BLOCK + offs
-    l_max = tl.load(part_ptr + 3 * i, mask=i < n, other=0.0)
-    tl.store(tile_max_ptr + i, l_max, mask=i < n)
-    nan = tl.max((l_max != l_max).to(tl.int32), axis=0)
-    top = tl.max(tl.where(l_max == l_max, l_max, 0.0), axis=0)
-    unit = 1.0 / tl.where(top > 0, top, 1.0)
-    scaled = tl.load(part_ptr + 3 * i + 1, mask=i < n, other=0.0)
-    total = tl.sum((scaled * power_of(l_max * unit, power)).to(tl.float64), axis=0)
-    weights = tl.sum(tl.load(part_ptr + 3 * i + 2, mask=i < n, other=0.0).to(tl.float64), axis=0)
-    tl.store(block_ptr + 3 * block, tl.where(nan > 0, float("nan"), top.to(tl.float64)))
-    tl.store(block_ptr + 3 * block + 1, total)
-    tl.store(block_ptr + 3 * block + 2, weights)
-    # Every thread's stores of the block's sums before the ticket (the scalar atomic runs in one
-    # thread), and acq_rel: they are visible to whoever takes a later ticket.
-    tl.debug_barrier()
-    if tl.atomic_add(ticket_ptr, 1) == blocks - 1:
-        tl.store(ticket_ptr, 0)  # as the forward left it: a second combine on it works too
-        b_top = tl.zeros([BLOCK], dtype=tl.float64)
-        b_nan = tl.zeros([BLOCK], dtype=tl.int32)
-        for r in range(rounds):
-            b = r * BLOCK + offs
-            b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
-            b_nan = tl.maximum(b_nan, (b_max != b_max).to(tl.int32))
-            b_top = tl.maximum(b_top, tl.where(b_max == b_max, b_max, 0.0))
-        top64 = tl.where(tl.max(b_nan, axis=0) > 0, float("nan"), tl.max(b_top, axis=0))
-        unit64 = 1.0 / tl.where(top64 > 0, top64, 1.0)
-        b_total = tl.zeros([BLOCK], dtype=tl.float64)
-        b_weights = tl.zeros([BLOCK], dtype=tl.float64)
-        for r in range(rounds):
-            b = r * BLOCK + offs
-            b_max = tl.load(block_ptr + 3 * b, mask=b < blocks, other=0.0)
-            b_sum = tl.load(block_ptr + 3 * b + 1, mask=b < blocks, other=0.0)
-            b_total += b_sum * power_of(b_max * unit64, power64)
-            b_weights += tl.load(block_ptr + 3 * b + 2, mask=b < blocks, other=0.0)
-        total64 = tl.sum(b_total, axis=0)
-        weights64 = tl.sum(b_weights, axis=0)
-        mean_ratio = total64 / tl.where(weights64 > 0, weights64, 1.0)
-        loss = top64 * power_of(mean_ratio, 1.0 / power64)
-        a = tl.where((top64 == 0) | (weights64 == 0), 0.0,
-                     power_of(mean_ratio, 1.0 / power64 - 1.0)
-                     / tl.where(weights64 > 0, weights64, 1.0))
-        tl.store(out_ptr, loss)
-        tl.store(out_ptr + 1, top64)
-        tl.store(out_ptr + 2, a)
-        if loss_ptr.dtype.element_ty == tl.float64:
-            tl.store(loss_ptr, loss)
-        else:  # via float32: Triton's interpreter casts float64 to bfloat16 wrongly
-            tl.store(loss_ptr, loss.to(tl.float32).to(loss_ptr.dtype.element_ty))
-
-
-def as_volume(t, dims):
-    """(shape, strides) of a (B, [C,] H, W) image as the (B, [C,] 1, H, W) volume the kernels
-    index (the strides ``unsqueeze(-3)`` would give), of a volume its own. Tuples, not a view:
-    a view per tensor and call costs host time."""
-    shape, strides = t.shape, t.stride()
-    if t.dim() == dims + 1:
-        return tuple(shape), strides
-    return (*shape[:-2], 1, *shape[-2:]), (*strides[:-2], shape[-2] * strides[-2],
-                                           *strides[-2:])
-
-
-def centre_shape(spatial, stride):
-    return tuple(-(-n // stride) for n in spatial)
-
-
-def grid_of(rows, tile_w, centres):
-    """(tiles_h, tiles_w, programs) for tiles of rows x tile_w over a (B, D, H, W) grid of
-    centres or pixels."""
-    batch, depth, height, width = centres
-    tiles_h, tiles_w = cdiv(height, rows), cdiv(width, tile_w)
-    return tiles_h, tiles_w, batch * depth * tiles_h * tiles_w
-
-
 def tile_plan(logits, *, kernel_size, stride, weighted=False):
     """The forward's tiles as "ROWSxCOLUMNS" centres: the one part of the launch plan that shapes
     an output (the per-tile partials). The custom operator takes it as an argument, so that a
@@ -788,11 +623,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     stats = (batch, depth, height, width) if zscore else (0,)
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:
-        tiles_h, tiles_w, programs = grid_of(1, cfg.tile_w, (batch, depth, height, width))
-        _zscore_stats_kernel[(programs,)](
-            logits, mean_, rstd, depth, height, width, tiles_h, tiles_w, cfg.chunks, *sx,
-            *split_scalar(eps), C=classes, CLASS_TILE=cfg.class_tile, ROWS=1,
-            TILE_W=cfg.tile_w, WIDE=wide, **cfg.forward_launch)
+        zscore_stats(logits, mean_, rstd, sx, (batch, classes, depth, height, width), eps, cfg,
+                     wide)
     tiles_h, tiles_w, programs = grid_of(cfg.forward_rows, cfg.tile_w, (batch, d_c, h_c, w_c))
     radius = kernel_size // 2
     _forward_kernel[(programs,)](
@@ -806,27 +638,6 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, UNROLL=cfg.unrolled,
         WIDE=wide, **cfg.forward_launch)
     return L, partials, ticket, P
-
-
-COMBINE_BLOCK = 1024
-
-
-def combine(partials, ticket, power, loss_dtype, block=COMBINE_BLOCK):
-    """(loss, scalars, tile_max): the loss (0-dim, ``loss_dtype``), float64 (loss, max L, a) and
-    each tile's max L from the forward's partials, in one launch of cdiv(tiles, block) programs
-    (a power of 2; tests take small blocks). ``ticket``: the forward's, zeroed by it. No host
-    sync."""
-    scalars = partials.new_empty(3, dtype=torch.float64)
-    tile_max = partials.new_empty(partials.shape[0])
-    loss = partials.new_empty((), dtype=loss_dtype)
-    n = partials.shape[0]
-    blocks = max(1, cdiv(n, block))
-    block_sums = partials.new_empty((blocks, 3), dtype=torch.float64)
-    # maxnreg: Triton 3.6's ptxas stops at 64 registers and spills the float64 sums on sm_80.
-    _combine_kernel[(blocks,)](partials, block_sums, ticket, scalars, tile_max, loss, n, blocks,
-                               cdiv(blocks, block), *split_scalar(power), BLOCK=block,
-                               num_warps=8, num_stages=1, maxnreg=128)
-    return loss, scalars, tile_max
 
 
 # Whether @triton.jit made these kernels interpreted (TRITON_INTERPRET when this module was

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .kernels import backward as kernels_backward
+from .kernels import combine as kernels_combine
 from .kernels import forward as kernels_forward
 from .reduction import synced_scalars
 
@@ -150,7 +151,7 @@ def _fused_combine(partials: Tensor, ticket: Tensor, power: float,
     """(loss, scalars, tile_max): the Minkowski mean, float64 (loss, max L, a) and each tile's
     max L; see kernels/forward.py."""
     with _on_device(partials):
-        return kernels_forward.combine(partials, ticket, power, loss_dtype)
+        return kernels_combine.combine(partials, ticket, power, loss_dtype)
 
 
 # The ticket counts the combine's finished blocks (the forward zeroed it).

@@ -397,7 +397,6 @@ def test_saved_tensors_are_bounded(dtype, classes):
         loss = locally_adaptive_loss(logits, target, kernel_size=5, backend="triton")
     extra = {t.untyped_storage().data_ptr(): t for t in saved
              if t.data_ptr() not in (logits.data_ptr(), target.data_ptr())}.values()
-    pixels = batch * height * width
     # P's images are padded to whole blocks of 32 centres (kernels/tiling.block_lanes).
     padded = batch * 32 * -(-height * width // 32)
     extra_bytes = sum(t.untyped_storage().nbytes() for t in extra)
@@ -604,7 +603,7 @@ def test_combine_by_blocks_against_float64(tiles, block, dtype):
     # ticket, against the formula in float64 on the same partials, including tiles whose max is
     # 0 (no valid centre); bitwise repeatable. Blocks of 16 take the second level through 3
     # rounds, as 3 M tiles would with the GPUs' 1024.
-    from lad_triton.kernels import forward as kf
+    from lad_triton.kernels import combine as kc
 
     gen = torch.Generator().manual_seed(tiles)
     power = 2.5
@@ -617,7 +616,7 @@ def test_combine_by_blocks_against_float64(tiles, block, dtype):
     ticket = torch.zeros(1, dtype=torch.int32, device=DEVICE)  # as the forward leaves it
 
     def combine():  # on one ticket: the last program zeroes it again
-        return kf.combine(partials, ticket, power, dtype, block)
+        return kc.combine(partials, ticket, power, dtype, block)
 
     loss, scalars, tile_max = combine()
     p = partials.cpu().double()
