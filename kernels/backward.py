@@ -38,8 +38,8 @@ from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, 
                      tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .tiling import (also, block_lanes, clamp, lane_offsets, omega_at, omega_of, power_of,
-                     scalar, tile_coordinates, tile_scale_factors)
+from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets, omega_at,
+                     omega_of, power_of, scalar, tile_coordinates, tile_scale_factors)
 
 
 @triton.jit
@@ -81,10 +81,7 @@ def _gather(P_img, s_ptr, s_img, y_img, c0, image, D, H, W, Dc, Hc, Wc, qd, row0
     window holds it; with one row the rows are a run-time loop (see forward._pool). MEAN: dL_p =
     grad * the scale of p's forward tile (FROWS x TILE_W centres) times the factor already in
     P; else dL_p from the map."""
-    cls = c0 + tl.arange(0, CLASS_TILE)
-    if WIDE:
-        cls = cls.to(tl.int64)
-    cmask = cls < C
+    cls, cmask = class_range(c0, CLASS_TILE, C, WIDE)
     G0 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
     G1 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
     G2 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
@@ -242,11 +239,7 @@ def _backward_kernel(
     x_plane = x_ptr + image * sxb + qd * sxd
     dx_plane = dx_ptr + image * sdb + qd * sdd
     y_img = y_ptr + image * syb
-    if WIDE:
-        class_plane = Dc.to(tl.int64) * Hc * Wc
-    else:
-        class_plane = Dc * Hc * Wc
-    P_img = P_ptr + image * (C * TILE_W) * ((class_plane + TILE_W - 1) // TILE_W)
+    P_img, class_plane = image_of_P(P_ptr, image, Dc, Hc, Wc, C, TILE_W, WIDE)
     s_img = s_ptr + image * class_plane
 
     y0, live0, pix0, dpix0 = _pixel(y_img, qd, q0, qj, H, W, sxh, sxw, sdh, sdw, syd, syh, syw)
@@ -258,10 +251,7 @@ def _backward_kernel(
                                     syw)
 
     if SINGLE:
-        cls = tl.arange(0, CLASS_TILE)
-        if WIDE:
-            cls = cls.to(tl.int64)
-        cmask = cls < C  # compile-time per register: padded lanes fold away
+        cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
         G0, G1, G2, G3 = _gather(
             P_img, s_ptr, s_img, y_img, 0, image, D, H, W, Dc, Hc, Wc, qd, row0,
             qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d, grad, ftiles_h, ftiles_w, base,
@@ -297,10 +287,7 @@ def _backward_kernel(
                 m3, r3 = pixel_stats(x_plane, pix3, live3, eps, sxc, chunks, ACC, C,
                                      CLASS_TILE, TILE_W, WIDE)
             for chunk in range(chunks):
-                cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-                if WIDE:
-                    cls = cls.to(tl.int64)
-                cmask = cls < C
+                cls, cmask = class_range(chunk * CLASS_TILE, CLASS_TILE, C, WIDE)
                 G0, G1, G2, G3 = _gather(
                     P_img, s_ptr, s_img, y_img, chunk * CLASS_TILE, image, D, H, W, Dc, Hc, Wc,
                     qd, row0, qj, y0, y1, y2, y3, syd, syh, syw, radius, radius_d,
@@ -326,10 +313,7 @@ def _backward_kernel(
                     mG3, mGz3 = _means(x_plane, G3, cls, cmask, pix3, live3, m3, r3, mG3, mGz3,
                                        sxc, ACC, C)
         for chunk in range(chunks):
-            cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-            if WIDE:
-                cls = cls.to(tl.int64)
-            cmask = cls < C
+            cls, cmask = class_range(chunk * CLASS_TILE, CLASS_TILE, C, WIDE)
             if ZSCORE and PARK:
                 G0 = _park_load(dx_plane, cls, cmask, dpix0, live0, sdc)
                 if ROWS > 1:

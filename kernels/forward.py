@@ -54,8 +54,8 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape, grid_of
 from .stats import zscore_stats
-from .tiling import (also, block_lanes, clamp, lane_offsets, omega_of, power_of, scalar,
-                     tile_coordinates, window_weight)
+from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets, omega_of,
+                     power_of, scalar, tile_coordinates, window_weight)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -98,6 +98,19 @@ def _take(acc, xi, shift, x, m, same, omega, scale, WEIGHT_NORM: tl.constexpr):
 
 
 @triton.jit
+def _take_row(acc, xi, shift, y, O: tl.constexpr, t, far, DV: tl.constexpr, x, m, ok, y_q, scale,
+              base, inv_base, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+              WEIGHT_NORM: tl.constexpr):
+    """_take for the lane's centre O (a no-op where O >= ROWS) from window row t and column
+    offset DV: its distance max(|t - O - RADIUS|, far) decides the weight, none beyond RADIUS."""
+    if O < ROWS:
+        du = tl.maximum(tl.abs(t - O - RADIUS), far)
+        acc, xi, shift = _take(acc, xi, shift, x, m, ok & (y_q == y) & (du <= RADIUS),
+                               window_weight(du, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+    return acc, xi, shift
+
+
+@triton.jit
 def _neighbour_row(x_plane, y_plane, mean_img, rstd_img, cls, cmask, qdc, qi, qj, qjc, col_in,
                    col_ok, H, W, sxc, sxh, sxw, syh, syw, m_q, r_q, ACC: tl.constexpr,
                    ZSCORE: tl.constexpr, TILE_W: tl.constexpr):
@@ -126,10 +139,7 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
     [c0, c0 + CLASS_TILE): the centres sit at pixel rows row0 + RADIUS + o (o < ROWS; row0 is the
     first window row), column pj, depth pd; y0..y3 their labels. The loops: see the module's
     docstring (unrolling the rows too, ptxas hoists every row's loads at once and spills)."""
-    cls = c0 + tl.arange(0, CLASS_TILE)
-    if WIDE:
-        cls = cls.to(tl.int64)
-    cmask = cls < C
+    cls, cmask = class_range(c0, CLASS_TILE, C, WIDE)
     acc0 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
     acc1 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
     acc2 = tl.zeros([CLASS_TILE, TILE_W], dtype=ACC)
@@ -181,11 +191,6 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
                 x_row = x_plane + lane_offsets(cls, sxc, qic * sxh + pj * sxw, TILE_W)
                 y_row = y_plane + qic * syh + pj * syw
                 q_row = (qdc * H + qic) * W + pj
-                # the row's distance to each centre (depth included); beyond RADIUS: no weight
-                du0 = tl.maximum(tl.abs(t - RADIUS), far)
-                du1 = tl.maximum(tl.abs(t - 1 - RADIUS), far)
-                du2 = tl.maximum(tl.abs(t - 2 - RADIUS), far)
-                du3 = tl.maximum(tl.abs(t - 3 - RADIUS), far)
                 for DV in tl.static_range(-RADIUS, RADIUS + 1):
                     col_in = (pj + DV >= 0) & (pj + DV < W)
                     ok = also(col_in, row_ok)
@@ -201,21 +206,16 @@ def _pool(x_img, y_img, mean_img, rstd_img, c0, D, H, W, pd, row0, pj, y0, y1, y
                     else:
                         x = tl.load(x_row + DV * sxw, mask=cmask[:, None] & col_in[None, :])
                         x, m, scale = _standardised(x.to(ACC), m_q, r_q, col_in, ZSCORE)
-                    acc0, xi0, sh0 = _take(
-                        acc0, xi0, sh0, x, m, ok & (y_q == y0) & (du0 <= RADIUS),
-                        window_weight(du0, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
-                    if ROWS > 1:
-                        acc1, xi1, sh1 = _take(
-                            acc1, xi1, sh1, x, m, ok & (y_q == y1) & (du1 <= RADIUS),
-                            window_weight(du1, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
-                    if ROWS > 2:
-                        acc2, xi2, sh2 = _take(
-                            acc2, xi2, sh2, x, m, ok & (y_q == y2) & (du2 <= RADIUS),
-                            window_weight(du2, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
-                    if ROWS > 3:
-                        acc3, xi3, sh3 = _take(
-                            acc3, xi3, sh3, x, m, ok & (y_q == y3) & (du3 <= RADIUS),
-                            window_weight(du3, DV, RADIUS, base, inv_base), scale, WEIGHT_NORM)
+                    # every row to every centre o of the lane: a weight where its distance
+                    # (depth included) is within RADIUS
+                    acc0, xi0, sh0 = _take_row(acc0, xi0, sh0, y0, 0, t, far, DV, x, m, ok, y_q,
+                                               scale, base, inv_base, RADIUS, ROWS, WEIGHT_NORM)
+                    acc1, xi1, sh1 = _take_row(acc1, xi1, sh1, y1, 1, t, far, DV, x, m, ok, y_q,
+                                               scale, base, inv_base, RADIUS, ROWS, WEIGHT_NORM)
+                    acc2, xi2, sh2 = _take_row(acc2, xi2, sh2, y2, 2, t, far, DV, x, m, ok, y_q,
+                                               scale, base, inv_base, RADIUS, ROWS, WEIGHT_NORM)
+                    acc3, xi3, sh3 = _take_row(acc3, xi3, sh3, y3, 3, t, far, DV, x, m, ok, y_q,
+                                               scale, base, inv_base, RADIUS, ROWS, WEIGHT_NORM)
     return (acc0 - sh0[None, :], acc1 - sh1[None, :], acc2 - sh2[None, :], acc3 - sh3[None, :],
             xi0, xi1, xi2, xi3)
 
@@ -339,15 +339,13 @@ def _forward_kernel(
     y_img = y_ptr + image * syb
     if WIDE:
         plane = D.to(tl.int64) * H * W
-        class_plane = Dc.to(tl.int64) * Hc * Wc
         first = cd * Hc * Wc  # the flat index of the plane's first centre
     else:
         plane = D * H * W
-        class_plane = Dc * Hc * Wc
         first = (cd * Hc * Wc).to(tl.int32)
     mean_img = mean_ptr + image * plane
     rstd_img = rstd_ptr + image * plane
-    P_img = P_ptr + image * (C * TILE_W) * ((class_plane + TILE_W - 1) // TILE_W)
+    P_img, class_plane = image_of_P(P_ptr, image, Dc, Hc, Wc, C, TILE_W, WIDE)
     L_img = L_ptr + (image * Dc + cd) * Hc * Wc
 
     y0, live0, valid0, c0 = _centre(y_img, pd, ci0, cj, Hc, Wc, syd, syh, syw, ignore_index,

@@ -28,7 +28,8 @@ logits and the labels and writes the gradient (C*E); window rows and halo come f
 import triton
 import triton.language as tl
 
-from .tiling import also, clamp, omega_of, power_of, scalar, tile_scale_factors
+from .tiling import (also, clamp, class_range, image_of_P, omega_of, power_of, scalar,
+                     tile_indices, tile_scale_factors)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -36,18 +37,13 @@ LANES = tl.constexpr(32)
 
 
 @triton.jit
-def _tile(tiles_h, tiles_w, planes, ROWS: tl.constexpr, RADIUS: tl.constexpr,
+def _tile(tiles_h, tiles_w, planes, W, ROWS: tl.constexpr, RADIUS: tl.constexpr,
           WIDE: tl.constexpr):
     """(image: an int64 scalar; plane, first row: scalars; the lanes' pixel columns [32]; the centre
-    rows [ROWS]). Programs run over (image, plane, tile row, tile column), the column fastest;
-    tile column t covers centres t * (32 - 2r) ..; its lanes start r columns to the left."""
-    pid = tl.program_id(0).to(tl.int64)
-    tile_col = pid % tiles_w
-    rest = pid // tiles_w
-    tile_row = rest % tiles_h
-    rest = rest // tiles_h
-    plane = rest % planes
-    image = rest // planes
+    rows [ROWS]; the centre lanes, r .. 31 - r inside the image [32]). Programs run over (image,
+    plane, tile row, tile column), the column fastest; tile column t covers centres t * (32 - 2r)
+    ..; its lanes start r columns to the left."""
+    image, plane, tile_row, tile_col = tile_indices(tiles_h, tiles_w, planes)
     row0 = (tile_row * ROWS).to(tl.int32)
     cols = (tile_col * (LANES - 2 * RADIUS)).to(tl.int32) - RADIUS + tl.arange(0, LANES)
     rows = row0 + tl.arange(0, ROWS)
@@ -55,7 +51,8 @@ def _tile(tiles_h, tiles_w, planes, ROWS: tl.constexpr, RADIUS: tl.constexpr,
         row0, cols, rows = row0.to(tl.int64), cols.to(tl.int64), rows.to(tl.int64)
     else:  # 32-bit offsets inside an image; only the image's base offset needs 64 bits
         plane = plane.to(tl.int32)
-    return image, plane, row0, cols, rows
+    lane = tl.arange(0, LANES)
+    return image, plane, row0, cols, rows, (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols < W)
 
 
 @triton.jit
@@ -168,21 +165,13 @@ def _halo_forward_kernel(
     power = scalar(power_hi, power_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / base
-    image, pd, row0, cols, rows = _tile(tiles_h, tiles_w, D, ROWS, RADIUS, WIDE)
-    lane = tl.arange(0, LANES)
-    cls = tl.arange(0, CLASS_TILE)
-    cmask = cls < C  # compile-time per register: padded lanes fold away
-    if WIDE:  # cls * class stride can pass 2^31
-        cls = cls.to(tl.int64)
+    image, pd, row0, cols, rows, centre_lane = _tile(tiles_h, tiles_w, D, W, ROWS, RADIUS, WIDE)
+    cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
     x_img = x_ptr + image * sxb
     y_img = y_ptr + image * syb
-    if WIDE:
-        plane = D.to(tl.int64) * H * W
-    else:
-        plane = D * H * W
+    P_img, plane = image_of_P(P_ptr, image, D, H, W, C, LANES, WIDE)
 
     # The centres: lanes r .. 31 - r of each row.
-    centre_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols < W)
     live = centre_lane[None, :] & (rows < H)[:, None]                       # [ROWS, 32]
     y_c = tl.load(y_img + pd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
                   mask=live, other=0)
@@ -264,15 +253,13 @@ def _halo_forward_kernel(
         scale = g / tl.where(xi > 0, xi, 1.0)
         P = e * (scale / total)[:, None, :] - tl.where(onehot, scale[:, None, :], 0.0)
         P = tl.where(valid[:, None, :], P, 0.0)  # a where: a NaN at an invalid centre stays out
-        blocks = (plane + LANES - 1) // LANES
-        P_img = P_ptr + image * (C * LANES) * blocks
         lanes = (n >> 5) * (C * LANES) + (n & 31)
         tl.store(P_img + _outer3(lanes, cls * LANES),
                  P.to(P_ptr.dtype.element_ty), mask=cmask[None, :, None] & live[:, None, :])
         # The padding of the image's last block of P: zeros, so that P is a function of the
         # inputs (never read). The program whose tile holds the image's last centre writes it.
         last = (pd == D - 1) & (row0 + ROWS >= H) & (tl.program_id(0) % tiles_w == tiles_w - 1)
-        m = ((plane - 1) // LANES) * LANES + lane
+        m = ((plane - 1) // LANES) * LANES + tl.arange(0, LANES)
         pad = also(m >= plane, last)
         tl.store(P_img + _outer(cls * LANES, (m >> 5) * (C * LANES) + (m & 31)),
                  tl.zeros([CLASS_TILE, LANES], P_ptr.dtype.element_ty),
@@ -309,12 +296,8 @@ def _halo_backward_kernel(
     eps = scalar(eps_hi, eps_lo, ACC)
     base = scalar(base_hi, base_lo, ACC)
     inv_base = 1.0 / base
-    image, qd, row0, cols, rows = _tile(tiles_h, tiles_w, D, ROWS, RADIUS, WIDE)
-    lane = tl.arange(0, LANES)
-    cls = tl.arange(0, CLASS_TILE)
-    cmask = cls < C
-    if WIDE:
-        cls = cls.to(tl.int64)
+    image, qd, row0, cols, rows, out_lane = _tile(tiles_h, tiles_w, D, W, ROWS, RADIUS, WIDE)
+    cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
     grad = tl.zeros([], dtype=ACC)
     unit = grad
     power1 = grad
@@ -322,14 +305,9 @@ def _halo_backward_kernel(
         grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
                                                 power_lo, ACC)
     y_img = y_ptr + image * syb
-    if WIDE:
-        plane = D.to(tl.int64) * H * W
-    else:
-        plane = D * H * W
-    P_img = P_ptr + image * (C * LANES) * ((plane + LANES - 1) // LANES)
+    P_img, plane = image_of_P(P_ptr, image, D, H, W, C, LANES, WIDE)
     s_img = s_ptr + image * plane
 
-    out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols < W)
     live = out_lane[None, :] & (rows < H)[:, None]                            # [ROWS, 32]
     y_q = tl.load(y_img + qd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
                   mask=live, other=0).to(tl.int32)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .geometry import grid_of
 from .config import split_scalar
-from .tiling import also, lane_offsets, scalar, tile_coordinates
+from .tiling import also, class_range, lane_offsets, scalar, tile_coordinates
 
 
 # Sizes are never specialised (no recompile per B, D, H, W); strides keep Triton's ==1 and
@@ -71,10 +71,7 @@ def pixel_stats(x_plane, pix, live, eps, sxc, chunks, ACC: tl.constexpr, C: tl.c
     mean = tl.zeros([TILE_W], dtype=ACC)
     m2 = tl.zeros([TILE_W], dtype=ACC)
     for chunk in range(chunks):
-        cls = chunk * CLASS_TILE + tl.arange(0, CLASS_TILE)
-        if WIDE:
-            cls = cls.to(tl.int64)
-        cmask = cls < C
+        cls, cmask = class_range(chunk * CLASS_TILE, CLASS_TILE, C, WIDE)
         x = pixel_logits(x_plane, cls, cmask, pix, live, sxc, ACC)
         count, mean, m2 = chan_update(x, cmask, count, mean, m2)
     return mean, 1.0 / tl.sqrt(m2 / C + eps)

@@ -12,19 +12,49 @@ def scalar(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def tile_indices(tiles_h, tiles_w, planes):
+    """(image, plane, tile row, tile column) of this program, int64: programs run over them in
+    that order, the tile column fastest."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile_col = pid % tiles_w
+    rest = pid // tiles_w
+    tile_row = rest % tiles_h
+    rest = rest // tiles_h
+    return rest // planes, rest % planes, tile_row, tile_col
+
+
+@triton.jit
+def class_range(c0, CLASS_TILE: tl.constexpr, C: tl.constexpr, WIDE: tl.constexpr):
+    """Classes c0 .. c0 + CLASS_TILE - 1 (int64 where WIDE: times a class stride they can pass
+    2^31) and which of them exist (compile-time per register where c0 is: padded lanes fold
+    away)."""
+    cls = c0 + tl.arange(0, CLASS_TILE)
+    cmask = cls < C
+    if WIDE:
+        cls = cls.to(tl.int64)
+    return cls, cmask
+
+
+@triton.jit
+def image_of_P(P_ptr, image, D, H, W, C: tl.constexpr, TILE_W: tl.constexpr,
+               WIDE: tl.constexpr):
+    """(P's part for ``image``, whose D x H x W centres it holds in blocks of TILE_W, each block
+    C x TILE_W values (block_lanes); the image's number of centres, int64 where WIDE)."""
+    if WIDE:
+        n = D.to(tl.int64) * H * W
+    else:
+        n = D * H * W
+    return P_ptr + image * (C * TILE_W) * ((n + TILE_W - 1) // TILE_W), n
+
+
+@triton.jit
 def tile_coordinates(tiles_h, tiles_w, planes, ROWS: tl.constexpr, TILE_W: tl.constexpr,
                      WIDE: tl.constexpr):
     """This program's image and depth plane (int64 scalars: their base offsets may exceed 2^31),
     the first of its ROWS rows (a scalar) and its TILE_W columns, int32 unless WIDE, so that every
     offset inside a plane computed from them stays in range. Programs run over (image, plane, tile
     row, tile column), the tile column fastest; 2-D inputs have one plane."""
-    pid = tl.program_id(0).to(tl.int64)
-    tile_col = pid % tiles_w
-    rest = pid // tiles_w
-    tile_row = rest % tiles_h
-    rest = rest // tiles_h
-    plane = rest % planes
-    image = rest // planes
+    image, plane, tile_row, tile_col = tile_indices(tiles_h, tiles_w, planes)
     row0 = (tile_row * ROWS).to(tl.int32)
     cols = tile_col.to(tl.int32) * TILE_W + tl.arange(0, TILE_W)
     if WIDE:
