@@ -364,13 +364,15 @@ def _tile_scales_kernel(
     tl.store(scale_ptr + i, a * power_of(t_max * unit, power1), mask=i < n)
 
 
-def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore,
+def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,
              weighted=False, grad=None, scalars=None, power=1.0):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
     ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
-    scaled P (the Minkowski mean); without, ``s`` is the map dL on the centre grid.
-    ``weighted``: the forward had class weights (its tiling depends on it)."""
+    scaled P (the Minkowski mean); without, ``s`` is the map dL on the centre grid. ``plan``:
+    the forward's tiles ("ROWSxCOLUMNS", forward.tile_plan), which ``s`` and P are laid out by;
+    ``weighted``: the forward had class weights (the backward's own launch plan depends on
+    it)."""
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -382,7 +384,8 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     cfg = launch_config(classes, stride, kernel_size, acc, weighted, **target_of(logits))
     tiles_h, tiles_w, programs = tile_grid(cfg, cfg.backward_rows, kernel_size,
                                            (batch, depth, height, width))
-    forward_tiles = tile_grid(cfg, cfg.forward_rows, kernel_size, (batch, d_c, h_c, w_c))
+    forward_rows, forward_cols = map(int, plan.split("x"))
+    forward_tiles = (cdiv(h_c, forward_rows), cdiv(w_c, forward_cols))
     if not mean:
         s = s.to(acc).contiguous()
     pixels = (classes, depth, height, width)
@@ -393,11 +396,11 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     if cfg.halo:
         halo._halo_backward_kernel[(programs,)](
             logits, target, P, s, grad if mean else s, scalars if mean else s, dx,
-            depth, height, width, tiles_h, tiles_w, *forward_tiles[:2], *sx, *sy, *sdx,
+            depth, height, width, tiles_h, tiles_w, *forward_tiles, *sx, *sy, *sdx,
             radius if volume else 0, *split_scalar(eps), *split_scalar(weight_base),
             *split_scalar(power),
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, ROWS=cfg.backward_rows,
-            FROWS=cfg.forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
+            FROWS=forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide, **cfg.backward_launch)
         return dx
     if mean:  # each forward tile's share of d loss / d L, once
         n = s.shape[0]
@@ -407,11 +410,11 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         s = scales
     _backward_kernel[(programs,)](
         logits, target, P, s, grad if mean else s, dx,
-        depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles[:2],
+        depth, height, width, d_c, h_c, w_c, tiles_h, tiles_w, *forward_tiles,
         *sx, *sy, *sdx,
         radius, radius if volume else 0, cfg.chunks,
         *split_scalar(eps), *split_scalar(weight_base),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
-        ROWS=cfg.backward_rows, FROWS=cfg.forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
+        ROWS=cfg.backward_rows, FROWS=forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
         MEAN=mean, WIDE=wide, **cfg.backward_launch)
     return dx

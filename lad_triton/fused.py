@@ -105,28 +105,29 @@ def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, wei
 
 def _fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
                           kernel_size: int, stride: int, eps: float, weight_base: float,
-                          zscore: bool) -> Tensor:
-    """d output / d logits from the map dL = d output / d L; see kernels/backward.py."""
+                          zscore: bool, plan: str) -> Tensor:
+    """d output / d logits from the map dL = d output / d L; see kernels/backward.py. ``plan``:
+    the forward's."""
     with _on_device(logits):
         return kernels_backward.backward(dL, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
-                                         zscore=zscore)
+                                         zscore=zscore, plan=plan)
 
 
 fused_costs_backward = _operator("lad_triton::fused_costs_backward", _fused_costs_backward)
 
 
 @fused_costs_backward.register_fake
-def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore):
+def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore, plan):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
     (logits, target, _, _, kernel_size, stride, _, eps, weight_base, _, zscore, _,
-     mean, _) = inputs
+     mean, plan) = inputs
     _, partials, ticket, P = output
     ctx.save_for_backward(logits, target, P)
-    ctx.options = (kernel_size, stride, eps, weight_base, zscore)
+    ctx.options = (kernel_size, stride, eps, weight_base, zscore, plan)
     ctx.mean = mean
     ctx.mark_non_differentiable(partials, ticket, P)
     # Only L is differentiable: no logits-sized zero gradient for P (nor for the partials).
@@ -166,13 +167,14 @@ def _(partials, ticket, power, loss_dtype):
 
 def _fused_mean_backward(grad: Tensor, tile_max: Tensor, scalars: Tensor, logits: Tensor,
                          target: Tensor, P: Tensor, kernel_size: int, stride: int, eps: float,
-                         weight_base: float, zscore: bool, weighted: bool,
-                         power: float) -> Tensor:
-    """d output / d logits of the fused Minkowski mean; see kernels/backward.py."""
+                         weight_base: float, zscore: bool, weighted: bool, power: float,
+                         plan: str) -> Tensor:
+    """d output / d logits of the fused Minkowski mean; see kernels/backward.py. ``plan``: the
+    forward's, whose tiles ``tile_max`` holds."""
     with _on_device(logits):
         return kernels_backward.backward(tile_max, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
-                                         zscore=zscore, weighted=weighted, grad=grad,
+                                         zscore=zscore, plan=plan, weighted=weighted, grad=grad,
                                          scalars=scalars, power=power)
 
 
@@ -181,7 +183,7 @@ fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_b
 
 @fused_mean_backward.register_fake
 def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
-      weighted, power):
+      weighted, power, plan):
     return torch.empty_like(logits)
 
 
@@ -196,14 +198,15 @@ def _input_grads(dx, op):
     return (dx,) + (None,) * (len(op._opoverload._schema.arguments) - 1)
 
 
-def costs(logits, target, weight, options, power, need_grad, mean):
+def costs(logits, target, weight, options, power, need_grad, mean, plan=None):
     """``fused_costs`` on a CostOptions: the one place the options become the operator's
-    arguments."""
+    arguments. ``plan``: plan_of's, computed here unless given."""
+    if plan is None:
+        plan = plan_of(logits, options.kernel_size, options.stride, weight)
     return _eager(fused_costs)(
         logits, target, weight, float(power), options.kernel_size, options.stride,
         options.ignore_index, float(options.eps), float(options.weight_base),
-        options.normalizer, options.zscore, need_grad, mean,
-        plan_of(logits, options.kernel_size, options.stride, weight))
+        options.normalizer, options.zscore, need_grad, mean, plan)
 
 
 def count_bad_labels(target, classes, ignore_index):
@@ -227,12 +230,13 @@ class FusedMinkowskiMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, options, power, group):
-        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True)
+        plan = plan_of(logits, options.kernel_size, options.stride, weight)
+        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan)
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
         ctx.save_for_backward(tile_max, scalars, logits, target, P)
         ctx.options = (options.kernel_size, options.stride, float(options.eps),
                        float(options.weight_base), options.zscore, weight is not None,
-                       float(power))
+                       float(power), plan)
         return loss
 
     @staticmethod

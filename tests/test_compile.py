@@ -158,7 +158,7 @@ def test_opcheck_fused_costs_backward():
     args = fused_cases()[0]
     L, _, _, P = fused_costs(*args)
     opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, 3, 1,
-                                   1e-5, 2.0, True))
+                                   1e-5, 2.0, True, args[-1]))
 
 
 def test_opcheck_fused_combine_and_mean_backward():
@@ -169,7 +169,7 @@ def test_opcheck_fused_combine_and_mean_backward():
     opcheck(fused_combine, (partials, ticket, 3.0, torch.float32))
     _, scalars, tile_max = fused_combine(partials, ticket, 3.0, torch.float32)
     opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), tile_max, scalars, args[0],
-                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0))
+                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0, args[-1]))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -675,3 +675,21 @@ def test_a_forward_and_backward_is_three_launches():
     window_rows = ["_halo_forward_kernel _combine_kernel _halo_backward_kernel"] * 2
     assert lines == window_rows + ["_zscore_stats_kernel _forward_kernel _combine_kernel "
                                    "_tile_scales_kernel _backward_kernel"]
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=5), dict(kernel_size=3, stride=2)])
+def test_the_backward_takes_the_forwards_tiles_from_its_plan(options, monkeypatch):
+    # Each forward tile's max L is found by the forward's plan, which the backward is handed: a
+    # backward whose own heuristic would tile the centres otherwise still gets the gradient right
+    # (window-row kernels, then the others).
+    from lad_triton.kernels import backward as kb
+
+    planned = kernel_config.launch_config
+
+    def other_tiles(*args, **kwargs):
+        cfg = planned(*args, **kwargs)
+        cfg.forward_rows += 1
+        return cfg
+
+    monkeypatch.setattr(kb, "launch_config", other_tiles)
+    check_against_oracle((2, 5, 9, 11), options, backend="triton", n_labels=3)
