@@ -38,8 +38,9 @@ from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, 
                      tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets, omega_at,
-                     omega_of, power_of, scalar, tile_coordinates, tile_scale_factors)
+from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
+                     minkowski_share, omega_at, omega_of, scalar, tile_coordinates,
+                     tile_scale_factors)
 
 
 @triton.jit
@@ -361,7 +362,7 @@ def _tile_scales_kernel(
                                          ACC)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     t_max = tl.load(tile_max_ptr + i, mask=i < n, other=0.0)
-    tl.store(scale_ptr + i, a * power_of(t_max * unit, power1), mask=i < n)
+    tl.store(scale_ptr + i, a * minkowski_share(t_max, unit, power1), mask=i < n)
 
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,

@@ -27,8 +27,9 @@ def _combine_kernel(
     sum rescaled from its own max to the block's, docs/math.md "Numerics"), then takes a ticket;
     the program that takes the last adds the blocks' sums in float64, in block order, and stores
     the loss, max L and a = (S / M)^(1/k - 1) / M. The backward turns a, max L and each tile's
-    max L (copied out here, so that the partials can go) into each tile's d loss / d L itself. (One program over every tile ran 34-53 us on an H200, on one SM;
-    a second launch for the blocks costs host time.)"""
+    max L (copied out here, so that the partials can go) into each tile's d loss / d L itself.
+    One launch of many programs: one program over every tile runs on one SM, and a second launch
+    for the blocks costs host time."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     power = scalar(power_hi, power_lo, ACC)
     power64 = scalar(power_hi, power_lo, tl.float64)

@@ -135,27 +135,15 @@ def target_of(tensor):
     return dict(arch=arch_of(tensor), interpreted=TARGET_ARCH is None and not tensor.is_cuda)
 
 
-# Rows per lane of the forward and the backward for the window sizes K = 3, 5, 7, by the largest C
-# of one class tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90, and the register cap
-# (maxnreg) of each kernel. A lane's registers grow with C times (rows + K); an SM holds 65536 / 32
-# / registers warps (8 at 255, 12 at 168), and with one-warp programs those few warps are all that
-# hides the loads' latency. Measured on an H200 with Triton 3.6 (python -m bench.sweep,
-# bench/results/nvidia-h200-2026-11-26-sweep.*; the kernels stage after the change,
-# nvidia-h200-2026-11-26-after-*), fewer rows under a lower cap beat the most rows that fit in 255
-# registers at K = 3 (C = 21: forward 238 -> 200 us with 2 rows at 168 registers, backward 251 ->
-# 225 us) and in the class chunks' forward (C = 150, K = 5: 5.84 -> 4.80 ms bfloat16, 6.18 -> 4.45
-# ms float32, at 168). At C = 21, K = 5 only 168 registers helped the forward (367 -> 313 us, 2
-# rows), and there they spill 48 B (Triton 3.6; 8 B at 184 in two options, none in the others;
-# 216 measured no better than 255): K = 5 keeps 3 rows in 255 until a GPU times 2 rows at 184
-# (bench.sweep's (2, 2, 184)). The chunks' backward keeps 255: 128 registers ran 7% faster but
-# spill 192 B, 168 within 1%. Triton 3.9 takes the same rows and caps, unmeasured, except where its
-# ptxas spills (the chunks' forward at K = 5 from 168 to 200 registers: 216). Every cap compiles
-# without spills for every kernel option (python -m bench.kernel_report compiles them, --all-classes
-# every C from 2 to 32). Where nothing was measured (22 <= C <= 32, K = 7) the plans keep the most
-# rows that compile without spills in 255 registers; ptxas is not monotonic in them (Triton 3.6's
-# holds 3 float32 backward rows at C = 28, K = 5, but 2 at C = 21). 0 forward rows: the generic
-# window path (one row, run-time loops), which also takes every K > 7. Entries: (largest C, forward
-# rows, backward rows[, forward caps, backward caps]), each by K = 3, 5, 7.
+# Rows per lane of the forward and the backward for K = 3, 5, 7, by the largest C of one class
+# tile (C > 32: chunks of 16 classes, 8 at K = 7), on sm_90, and each kernel's register cap
+# (maxnreg). A lane's registers grow with C x (rows + K), and with one-warp programs the warps an
+# SM holds (65536 / 32 / registers) are all that hides the loads' latency: fewer rows under a
+# lower cap can beat the most rows that fit in 255. The entries are what a GPU measured fastest
+# where it was timed, else the most rows that compile without spills (docs/performance.md, "Launch
+# plans", has the figures); python -m bench.kernel_report checks every cap spill-free. 0 forward
+# rows: the generic window path (one row, run-time loops), which also takes every K > 7.
+# Entries: (largest C, forward rows, backward rows[, forward caps, backward caps]), by K = 3, 5, 7.
 ROW_PLANS = {
     "3.9": dict(single=[(21, (2, 3, 2), (2, 3, 3), (168, 255, 255), (168, 255, 255)),
                         (24, (3, 2, 0), (3, 3, 1)), (28, (3, 2, 0), (3, 1, 1)),
@@ -170,10 +158,9 @@ MAX_UNROLLED_K = 7
 
 # The window-row kernels (kernels/halo.py) take stride 1, C <= CLASS_TILE (HALO_FLOAT64_CLASSES
 # for float64, whose registers are twice as wide) and K <= 7: rows of centres per program (a power
-# of 2: a block dimension) and their register caps on sm_90 (largest C, forward, backward), the
-# fewest registers that compile without spills under Triton 3.6 and 3.9 (python -m
-# bench.kernel_report: 128 spills from C = 27 on, and 8 B in 3.6's backward at C = 21, K = 3). An
-# H200 measured 2 rows at 128 each way fastest at C = 19 and 21 (bench.sweep); 136 unmeasured.
+# of 2: a block dimension) and their register caps on sm_90 (largest C, forward, backward): the
+# fewest that compile without spills under Triton 3.6 and 3.9, which are also where a GPU timed
+# them fastest (docs/performance.md, "Launch plans").
 HALO = True
 HALO_ROWS = 2
 HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))

@@ -54,8 +54,8 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape, grid_of
 from .stats import zscore_stats
-from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets, omega_of,
-                     power_of, scalar, tile_coordinates, window_weight)
+from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
+                     minkowski_share, omega_of, scalar, tile_coordinates, window_weight)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -425,10 +425,10 @@ def _forward_kernel(
     l_max = tl.max(top, axis=0)
     l_max = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, float("nan"), l_max)
     unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
-    r0 = power_of(L0 * unit, power - 1.0)
-    r1 = power_of(L1 * unit, power - 1.0)
-    r2 = power_of(L2 * unit, power - 1.0)
-    r3 = power_of(L3 * unit, power - 1.0)
+    r0 = minkowski_share(L0, unit, power - 1.0)
+    r1 = minkowski_share(L1, unit, power - 1.0)
+    r2 = minkowski_share(L2, unit, power - 1.0)
+    r3 = minkowski_share(L3, unit, power - 1.0)
     scaled = w0 * r0 * L0 * unit
     weights = w0
     if ROWS > 1:

@@ -28,7 +28,7 @@ logits and the labels and writes the gradient (C*E); window rows and halo come f
 import triton
 import triton.language as tl
 
-from .tiling import (also, clamp, class_range, image_of_P, omega_of, power_of, scalar,
+from .tiling import (also, clamp, class_range, image_of_P, minkowski_share, omega_of, scalar,
                      tile_indices, tile_scale_factors)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -233,7 +233,7 @@ def _halo_forward_kernel(
     l_max = tl.max(tl.max(L, axis=1), axis=0)
     l_max = tl.where(has_nan > 0, float("nan"), l_max)
     unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
-    r = power_of(L * unit, power - 1.0)
+    r = minkowski_share(L, unit, power - 1.0)
     tile = tl.program_id(0).to(tl.int64)
     if tile == 0:  # the combine's ticket, zeroed here: it runs after this kernel on the stream
         tl.store(ticket_ptr, 0)
@@ -331,7 +331,7 @@ def _halo_backward_kernel(
             n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
             if MEAN:
                 t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
-                s = grad * power_of(t_max * unit, power1)
+                s = grad * minkowski_share(t_max, unit, power1)
             else:
                 s = tl.load(s_img + n)
             s = tl.where(ok, s, 0.0)

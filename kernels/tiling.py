@@ -110,6 +110,15 @@ def omega_of(far, base, inv_base, RADIUS: tl.constexpr):
 
 
 @triton.jit
+def minkowski_share(L, unit, power1):
+    """(L / t)^(k - 1) with unit = 1 / t and power1 = k - 1: d loss / d L of the Minkowski mean up
+    to a constant factor, relative to a maximum t so that it neither overflows nor underflows. The
+    forward takes it per centre against its tile's max L, the backward per tile against the
+    global max L (docs/math.md, "Numerics")."""
+    return power_of(L * unit, power1)
+
+
+@triton.jit
 def power_of(r, e):
     """r ** e for r >= 0 (or NaN, which propagates), with 0 ** 0 == 1."""
     p = tl.exp(e * tl.log(tl.where(r == 0, 1.0, r)))

@@ -241,10 +241,9 @@ def check_values(target, weight, classes, ignore_index, pixel_weight=None, count
     fused backend's reads the labels once, in one kernel), counts the bad labels; else a few
     PyTorch comparisons do.
 
-    The sync comes before the loss launches anything: the GPU then runs the loss's forward while
-    the host goes on to the backward's launches. Queued after the forward instead (measured on an
-    H200, bench/results/nvidia-h200-2026-11-26-3*), it left the GPU idle through them: one call
-    took ~0.3 ms longer."""
+    The sync comes before the loss launches anything, so that the GPU runs the forward while the
+    host goes on to the backward's launches (after the forward, it would leave the GPU idle
+    through them)."""
     if count_bad is not None:
         flag = count_bad(target, classes, ignore_index)
     else:
