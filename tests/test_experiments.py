@@ -91,29 +91,109 @@ def test_mean_iou():
 def test_harness_quick_runs_every_config_end_to_end(tmp_path, capsys):
     assert harness.main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    for title in ("Learning rates", "Table 1.", "Table 2.", "Paired differences", "top-k",
+    for title in ("Learning rates", "Table 1.", "Table 2.", "Table 3.", "Paired differences",
+                  "Other paired comparisons", "Per-class test IoU", "Holm", "top-k",
                   "loss max-pooling"):
         assert title in printed, title
     (result,) = tmp_path.glob("shapes-*.json")
     report = json.loads(result.read_text())
     seeds, lrs = harness.QUICK["seeds"], report["lr_grid"]
     tuned = [n for n in harness.CONFIGS if n not in harness.RATE_OF]
-    assert len(lrs) == 2 and report["arguments"]["iterations"] == harness.QUICK["iterations"]
-    # Every tuned config at every rate and seed, then Table 1's exponents at lad-k5's rate.
-    assert len(report["runs"]) == seeds * (len(tuned) * len(lrs) + len(harness.RATE_OF))
-    assert sorted(report["selection"]) == sorted(tuned)
-    assert all(sorted(map(float, v)) == sorted(lrs) for v in report["selection"].values())
+    assert len(lrs) == 3 and report["arguments"]["iterations"] == harness.QUICK["iterations"]
+    # Every tuned config at every rate of its grid (the full one for FINE, every other rate
+    # for the rest, grown where the choice was on an edge) and seed, then Table 1's other
+    # exponents at lad-k5's rate.
+    assert sorted(report["lr_grids"]) == sorted(tuned)
+    for name in tuned:
+        ran = {(r["seed"], r["lr"]) for r in report["runs"] if r["name"] == name}
+        assert ran == {(seed, lr) for seed in range(seeds) for lr in report["lr_grids"][name]}
+        assert set(harness.grid_of(name, lrs)) <= set(report["lr_grids"][name])
+        assert sorted(map(float, report["selection"][name])) == report["lr_grids"][name]
+    assert len(report["lr_grids"]["ce"]) >= 3 and len(report["lr_grids"]["lad-k3"]) >= 2
     for name, base in harness.RATE_OF.items():
         assert report["chosen_lr"][name] == report["chosen_lr"][base]
         assert {r["lr"] for r in report["runs"] if r["name"] == name} == {
             report["chosen_lr"][base]}
+    assert "lad-k5-p1" in report["selection"]  # k = 1 at its own rate
     assert all(0.0 <= r["miou"][split] <= 1.0 for r in report["runs"] for split in ("val", "test"))
     assert report["summary"]["lad-k5-lmp"]["seeds"] == seeds
     assert set(report["differences"]) == set(harness.CONFIGS) - {"ce"}
+    assert set(report["comparisons"]) == {f"{a} - {b}" for a, b in harness.VERSUS}
+    assert report["comparisons_made"] == len(report["differences"]) + len(harness.VERSUS)
+    assert all("p_holm" in d for d in report["comparisons"].values())
+    assert len(report["per_class"]["lad-k5"]) == len(report["class_names"])
     assert "out" not in report["arguments"]  # no path of this machine in the results
     # --report prints the tables of saved results: the same as the run wrote.
     assert harness.main(["--report", str(result)]) == 0
     assert capsys.readouterr().out == next(tmp_path.glob("shapes-*.md")).read_text()
+
+
+def test_runs_in_worker_processes_equal_runs_in_one(tmp_path):
+    # --jobs: each run is seeded, so where it ran changes nothing but the time it took.
+    results = []
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        assert harness.main(["--quick", "--only", "ce,lad-k5", "--grow", "0", "--jobs", jobs,
+                             "--out", str(out)]) == 0
+        report = json.loads(next(out.glob("shapes-*.json")).read_text())
+        results.append([{k: v for k, v in r.items() if k != "seconds"} for r in report["runs"]])
+    assert results[0] == results[1] and len(results[0]) == 2 * 2 * 3
+
+
+def test_pilot_reports_each_iteration_count(tmp_path, capsys):
+    assert harness.main(["--quick", "--only", "ce,lad-k5", "--seeds", "1", "--pilot", "2,4",
+                         "--out", str(tmp_path)]) == 0
+    pilot = json.loads(next(tmp_path.glob("pilot-shapes-*.json")).read_text())
+    assert pilot["counts"] == [2, 4] and sorted(pilot["best"]) == ["ce", "lad-k5"]
+    assert all(len(v) == 2 for v in pilot["best"].values())
+    assert "Plateau:" in capsys.readouterr().out
+
+
+def test_grids_and_their_growth():
+    fine = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    assert harness.grid_of("ce", fine) == fine
+    assert harness.grid_of("lad-k3", fine) == [0.005, 0.02, 0.1, 0.5]
+    assert harness.grid_of("lad-k3", fine[:6]) == [0.005, 0.02, 0.1, 0.2]  # both ends kept
+    assert harness.edge_step([0.01, 0.02, 0.05], 0.02) is None
+    assert harness.edge_step([0.01, 0.02, 0.05], 0.01) == pytest.approx(0.005)
+    assert harness.edge_step([0.01, 0.02, 0.05], 0.05) == pytest.approx(0.125)
+
+
+def test_temperature_is_the_scale_the_loss_applies():
+    # An interior pixel whose whole window shares its label: LAD at K and LAD at K = 1 with
+    # weight_base = temperature(K) give the same cost (the loss computes it; the formula is
+    # derived in docs/math.md). The control of Table 3 rests on this.
+    from lad_triton import locally_adaptive_loss
+
+    assert [harness.temperature(k) for k in (1, 3, 5, 7)] == pytest.approx(
+        [2, 10 / 9, 18 / 25, 24 / 49])
+    logits = torch.randn(1, 21, 9, 9, dtype=torch.float64, generator=torch.Generator()
+                         .manual_seed(0))
+    target = torch.full((1, 9, 9), 3)
+    for k in (3, 5, 7):
+        # the centre pixel with every neighbour's logits equal to its own
+        same = logits[:, :, 4:5, 4:5].expand(1, 21, 9, 9).contiguous()
+        lad = locally_adaptive_loss(same, target, kernel_size=k, reduction="none",
+                                    backend="torch")[0, 4, 4]
+        control = locally_adaptive_loss(same, target, kernel_size=1, reduction="none",
+                                        weight_base=harness.temperature(k),
+                                        backend="torch")[0, 4, 4]
+        assert float(lad) == pytest.approx(float(control), rel=1e-12)
+        plain = locally_adaptive_loss(same, target, kernel_size=1, reduction="none",
+                                      backend="torch")[0, 4, 4]
+        assert abs(float(plain) - float(lad)) > 1e-3  # K = 1 at its own scale differs
+
+
+def test_paired_t_test_and_holm():
+    # t = 2.7764 on 4 degrees of freedom is the two-sided 5 % point.
+    assert 2 * (1 - harness.t_cdf(2.7764451, 4)) == pytest.approx(0.05, abs=1e-6)
+    d = harness.describe([5.0, 6.0, 7.0])  # t = 6 / (1 / sqrt 3) = 10.392, 2 df
+    assert d["p"] == pytest.approx(0.009133, abs=1e-5)
+    assert harness.describe([1.0, -1.0, 1.0, -1.0])["p"] == pytest.approx(1.0)
+    # Holm: sorted 0.01, 0.03, 0.04 times 3, 2, 1, kept monotone.
+    assert harness.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx(
+        {"a": 0.03, "c": 0.06, "b": 0.06})
+    assert harness.holm({"a": 0.5, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})
 
 
 def fake_runs(scores):

@@ -23,6 +23,7 @@ class Run:
     kernel_size: int = 5      # LAD's K
     power: float = 3.0        # LAD's Minkowski k
     pooling: str = "minkowski"  # LAD's pooling of the costs: "minkowski", "lmp" or "topk"
+    weight_base: float = 2.0  # LAD's window weight base (with K = 1: the temperature alone)
     iterations: int = 300
     batch: int = 8
     lr: float = 0.02
@@ -76,7 +77,7 @@ def criterion_for(run, model, classes, device):
     if run.loss == "lad":
         return (lambda logits, feats, y: locally_adaptive_loss(
             logits, y, kernel_size=run.kernel_size, power=run.power, pooling=run.pooling,
-            ignore_index=IGNORE)), None
+            weight_base=run.weight_base, ignore_index=IGNORE)), None
     raise ValueError(f"loss must be one of ('ce', 'focal', 'center', 'lad'), got {run.loss!r}")
 
 
@@ -133,3 +134,22 @@ def train_and_evaluate(run, train_set, eval_sets, device):
                 per_class_iou={split: iou for split, (_, iou) in scores.items()},
                 seconds=time.time() - start, first_loss=losses[0],
                 last_loss=sum(losses[-10:]) / len(losses[-10:]))
+
+
+# A worker's data sets and settings (examples.paper's --jobs runs cells in spawned processes).
+_WORKER = {}
+
+
+def setup_worker(settings, train_set, splits, device, threads):
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER.update(settings=settings, train_set=train_set, splits=splits,
+                   device=torch.device(device))
+
+
+def run_cell(cell):
+    """One (seed, config name, rate, loss, loss overrides) cell, trained and evaluated."""
+    seed, name, lr, loss, overrides = cell
+    run = Run(loss, seed, lr=lr, **_WORKER["settings"], **overrides)
+    return dict(train_and_evaluate(run, _WORKER["train_set"], _WORKER["splits"],
+                                   _WORKER["device"]), name=name)
