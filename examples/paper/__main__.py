@@ -428,7 +428,10 @@ def pilot(args, names, lrs, train_set, splits, device, data, environment):
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pilot-{data}-{environment['date']}"
+    stem, n = out / f"pilot-{data}-{environment['date']}", 1
+    while stem.with_suffix(".json").exists():  # a second pilot the same day keeps the first
+        n += 1
+        stem = out / f"pilot-{data}-{environment['date']}-{n}"
     stem.with_suffix(".json").write_text(json.dumps(dict(counts=counts, lrs=lrs, best=best,
                                                          plateau=plateau,
                                                          environment=environment), indent=1))
