@@ -7,17 +7,17 @@ import torch
 
 
 class CostOptions(NamedTuple):
-    """The options of the costs L (docs/contract.md, steps 1-7), checked by
-    ``validation.check_options``. A NamedTuple, which ``torch.compile`` traces as constants; the
+    """The options of the costs L (docs/contract.md, steps 1-7; the defaults are the API's),
+    checked by ``validation.check_options``. A NamedTuple, which ``torch.compile`` traces as constants; the
     fused backend turns it into its custom operators' arguments in one place (``fused.py``)."""
 
-    kernel_size: int = 5
-    stride: int = 1
-    ignore_index: int = 255
-    eps: float = 1e-5
-    weight_base: float = 2.0
-    normalizer: str = "count"
-    zscore: bool = True
+    kernel_size: int
+    stride: int
+    ignore_index: int
+    eps: float
+    weight_base: float
+    normalizer: str
+    zscore: bool
 
 
 def accumulation_dtype(dtype):

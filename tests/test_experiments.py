@@ -211,7 +211,7 @@ def test_rates_are_chosen_on_validation_and_differences_are_paired():
         ("lad-k5", 1.0): [(0.50, 0.10), (0.50, 0.10), (0.50, 0.10)],  # a tie: the first rate
         ("lad-k5-p1", 0.1): [(0.0, 0.41), (0.0, 0.46), (0.0, 0.40)],
     })
-    result = harness.analyse(runs, ["ce", "lad-k5", "lad-k5-p1"], [0.1, 1.0])
+    result = harness.analyse(runs, ["ce", "lad-k5", "lad-k5-p1"])
     assert result["chosen_lr"] == {"ce": 0.1, "lad-k5": 0.1, "lad-k5-p1": 0.1}
     assert result["summary"]["ce"]["values"] == pytest.approx([40, 44, 42])
     lad = result["differences"]["lad-k5"]

@@ -153,7 +153,7 @@ def describe(values):
     return out
 
 
-def analyse(runs, names, lrs=None):
+def analyse(runs, names):
     """Learning-rate selection on the validation split (over the rates each config ran at), test
     scores at the chosen rates, the paired differences to the baseline and the other paired
     comparisons (VERSUS), each with a two-sided paired t-test and Holm's correction over all of
@@ -403,8 +403,7 @@ def pilot(args, names, lrs, train_set, splits, device, data, environment):
     for count in counts:
         args.iterations = count
         cells = [(seed, name, lr) for seed in range(args.seeds) for name in names for lr in lrs]
-        runs = list(Runner(args, train_set, dict(val=splits["val"], test=splits["val"]),
-                           device).run(cells))
+        runs = list(Runner(args, train_set, dict(val=splits["val"]), device).run(cells))
         for name in names:
             by_rate = {lr: statistics.fmean(100 * r["miou"]["val"] for r in runs
                                             if r["name"] == name and r["lr"] == lr) for lr in lrs}
