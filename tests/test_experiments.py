@@ -3,6 +3,7 @@ what they claim, rates are chosen on the validation split, differences are paire
 command runs end to end, on the procedural set and on a VOC directory."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from examples.paper import __main__ as harness  # noqa: E402
 from examples.paper.data import IGNORE, Shapes, render  # noqa: E402
-from examples.paper.train import Run, batches, mean_iou  # noqa: E402
+from examples.paper.train import Run, batches, mean_iou, train_and_evaluate  # noqa: E402
 
 
 def test_samples_are_deterministic_and_boundaries_are_ignored():
@@ -138,6 +139,41 @@ def test_runs_in_worker_processes_equal_runs_in_one(tmp_path):
         report = json.loads(next(out.glob("shapes-*.json")).read_text())
         results.append([{k: v for k, v in r.items() if k != "seconds"} for r in report["runs"]])
     assert results[0] == results[1] and len(results[0]) == 2 * 2 * 3
+
+
+def test_tuning_seeds_choose_the_rate_and_the_others_run_at_it_only(tmp_path):
+    # --tune-seeds 1: seed 0 trains at every rate of each grid and alone chooses the rate; seeds
+    # 1 and 2 train at the chosen rate only, and count in the tables like seed 0.
+    assert harness.main(["--quick", "--only", "ce,lad-k5", "--seeds", "3", "--tune-seeds", "1",
+                         "--grow", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("shapes-*.json")).read_text())
+    assert report["tune_seeds"] == 1
+    for name in ("ce", "lad-k5"):
+        chosen = report["chosen_lr"][name]
+        ran = {(r["seed"], r["lr"]) for r in report["runs"] if r["name"] == name}
+        assert ran == ({(0, lr) for lr in report["lr_grids"][name]}
+                       | {(seed, chosen) for seed in (1, 2)})
+        seed0 = {r["lr"]: 100 * r["miou"]["val"] for r in report["runs"]
+                 if r["name"] == name and r["seed"] == 0}
+        assert {float(lr): v["val"] for lr, v in report["selection"][name].items()} == seed0
+        assert chosen == max(seed0, key=lambda lr: (seed0[lr], -lr))
+        assert report["summary"][name]["seeds"] == 3
+    assert report["differences"]["lad-k5"]["seeds"] == 3
+    assert "rates chosen on the first 1" in report["header"]
+
+
+def test_a_diverging_run_is_scored_not_raised():
+    # A rate far too high: the loss stops being finite; the run ends there and is scored, so
+    # that the comparison goes on and the rate loses the choice.
+    data = Shapes(8, 24, seed=5)
+    result = train_and_evaluate(Run("ce", 0, iterations=6, batch=2, lr=1e12, width=4), data,
+                                dict(val=data), "cpu")
+    assert result["diverged"] is not None and result["diverged"] < 6
+    assert 0.0 <= result["miou"]["val"] <= 1.0
+    assert not math.isfinite(result["last_loss"])
+    ok = train_and_evaluate(Run("ce", 0, iterations=3, batch=2, lr=0.01, width=4), data,
+                            dict(val=data), "cpu")
+    assert ok["diverged"] is None
 
 
 def test_pilot_reports_each_iteration_count(tmp_path, capsys):

@@ -153,20 +153,21 @@ def describe(values):
     return out
 
 
-def analyse(runs, names):
-    """Learning-rate selection on the validation split (over the rates each config ran at), test
-    scores at the chosen rates, the paired differences to the baseline and the other paired
+def analyse(runs, names, tune_seeds=None):
+    """Learning-rate selection on the validation split (over the rates each config ran at, by
+    the mean over seeds 0 .. tune_seeds - 1, default all), test scores at the chosen rates, the paired differences to the baseline and the other paired
     comparisons (VERSUS), each with a two-sided paired t-test and Holm's correction over all of
     them, and the per-class test IoU at the chosen rates."""
     def by_seed(name, lr, split):
         return {r["seed"]: 100 * r["miou"][split] for r in runs
                 if r["name"] == name and r["lr"] == lr}
 
-    def scores(name, lr, split):
-        return [score for _, score in sorted(by_seed(name, lr, split).items())]
+    def scores(name, lr, split, seeds=None):
+        return [score for seed, score in sorted(by_seed(name, lr, split).items())
+                if seeds is None or seed < seeds]
 
-    selection = {name: {str(lr): dict(val=statistics.fmean(scores(name, lr, "val")),
-                                      test=statistics.fmean(scores(name, lr, "test")))
+    selection = {name: {str(lr): dict(val=statistics.fmean(scores(name, lr, "val", tune_seeds)),
+                                      test=statistics.fmean(scores(name, lr, "test", tune_seeds)))
                         for lr in sorted({r["lr"] for r in runs if r["name"] == name})}
                  for name in names if name not in RATE_OF}
     chosen = {}
@@ -227,8 +228,10 @@ def render(report):
     lrs = sorted({float(lr) for by_rate in report["selection"].values() for lr in by_rate})
     rate_of = report.get("rate_of", {name: "lad-k5" for name, _ in TABLE1 if name != "lad-k5"})
     lines = [report["header"], "",
-             "Learning rates: mean IoU (%) on the validation split, mean over seeds; the chosen "
-             "rate (best) is the one every table below uses.", "",
+             "Learning rates: mean IoU (%) on the validation split, mean over "
+             + (f"seeds 0 to {report['tune_seeds'] - 1}" if report.get("tune_seeds", 0) > 1
+                else "seed 0" if report.get("tune_seeds") == 1 else "seeds")
+             + "; the chosen rate (best) is the one every table below uses.", "",
              "| Training framework | Hyper Para. | " + " | ".join(f"lr {lr:g}" for lr in lrs)
              + " | chosen |", "|---|---|" + "---|" * (len(lrs) + 1)]
     for name, by_rate in report["selection"].items():
@@ -442,6 +445,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--tune-seeds", type=int,
+                        help="seeds that train at every rate of a grid to choose it (the first "
+                             "ones; default all); the other seeds train at the chosen rate only")
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--size", type=int, default=48, help="training and evaluation size")
     parser.add_argument("--batch", type=int, default=8)
@@ -519,6 +525,9 @@ def main(argv=None):
     print(", ".join(f"{k} {v}" for k, v in environment.items()), flush=True)
     if args.pilot:
         return pilot(args, names, lrs, train_set, splits, device, data, environment)
+    tune = args.seeds if args.tune_seeds is None else args.tune_seeds
+    if not 1 <= tune <= args.seeds:
+        parser.error(f"--tune-seeds must be in [1, --seeds = {args.seeds}], got {tune}")
     tuned = [n for n in names if n not in RATE_OF]
     grids = {name: grid_of(name, lrs) for name in tuned}
     start, runs = time.time(), []
@@ -532,12 +541,11 @@ def main(argv=None):
                   f"val {100 * result['miou']['val']:5.1f} test {100 * result['miou']['test']:5.1f}"
                   f"  ({result['seconds']:.0f} s; {elapsed / 60:.1f} min)", flush=True)
 
-    run_all([(seed, name, lr) for seed in range(args.seeds) for name in tuned
-             for lr in grids[name]])
+    run_all([(seed, name, lr) for seed in range(tune) for name in tuned for lr in grids[name]])
     # A rate chosen on an edge of its grid: the grid grows by one step that way, until it is not
     # (at most --grow steps per loss).
     for _ in range(args.grow):
-        chosen = analyse(runs, tuned)["chosen_lr"]
+        chosen = analyse(runs, tuned, tune)["chosen_lr"]
         grown = {name: edge_step(grids[name], chosen[name]) for name in tuned}
         grown = {name: lr for name, lr in grown.items() if lr is not None}
         if not grown:
@@ -545,15 +553,19 @@ def main(argv=None):
         for name, lr in grown.items():
             grids[name] = sorted(grids[name] + [lr])
             print(f"{name}: chosen rate {chosen[name]:g} on the edge of its grid, adding {lr:g}")
-        run_all([(seed, name, lr) for seed in range(args.seeds) for name, lr in grown.items()])
-    chosen = analyse(runs, tuned)["chosen_lr"]
-    run_all([(seed, name, chosen[RATE_OF[name]]) for seed in range(args.seeds)
-             for name in names if name in RATE_OF])
+        run_all([(seed, name, lr) for seed in range(tune) for name, lr in grown.items()])
+    chosen = analyse(runs, tuned, tune)["chosen_lr"]
+    # The other seeds at the chosen rates, and the configs that borrow another's rate.
+    run_all([(seed, name, chosen[name]) for seed in range(tune, args.seeds) for name in tuned]
+            + [(seed, name, chosen[RATE_OF[name]]) for seed in range(args.seeds)
+               for name in names if name in RATE_OF])
     runs.sort(key=lambda r: (r["seed"], names.index(r["name"]), r["lr"]))
 
     header = (f"{data}: {len(train_set)} training / {len(splits['val'])} validation / "
               f"{len(splits['test'])} test samples of {args.size}x{args.size}, {args.iterations} "
-              f"iterations of batch {args.batch}, {args.seeds} seeds, learning rates "
+              f"iterations of batch {args.batch}, {args.seeds} seeds"
+              + (f" (rates chosen on the first {tune})" if tune < args.seeds else "")
+              + ", learning rates "
               f"{', '.join(f'{v:g}' for v in lrs)} (every other one for the losses beside "
               f"{', '.join(FINE)}); {environment['device']}, torch {environment['torch']}; "
               f"`{environment['command']}`")
@@ -562,7 +574,7 @@ def main(argv=None):
                   lr_grid=lrs, lr_grids=grids, rate_of={n: RATE_OF[n] for n in names
                                                        if n in RATE_OF},
                   class_names=list(train_set.names), minutes=(time.time() - start) / 60,
-                  **analyse(runs, names), runs=runs)
+                  tune_seeds=tune, **analyse(runs, names, tune), runs=runs)
     text = render(report)
     print("\n" + text)
     out = Path(args.out)

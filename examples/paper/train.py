@@ -113,9 +113,9 @@ def train_and_evaluate(run, train_set, eval_sets, device):
     poly = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - it / run.iterations) ** 0.9)
     loss_fn, after_step = criterion_for(run, model, classes, device)
-    start, losses = time.time(), []
+    start, losses, diverged = time.time(), [], None
     data = batches(train_set, run, generator)
-    for _ in range(run.iterations):
+    for iteration in range(run.iterations):
         images, labels = next(data)
         images, labels = images.to(device), labels.to(device)
         logits, features = model(images)
@@ -128,12 +128,16 @@ def train_and_evaluate(run, train_set, eval_sets, device):
             after_step(features.detach(), labels)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{run}: the loss became {losses[-1]}")
+            # A rate too high for the loss: the run stops and is scored as it stands (its
+            # weights are no longer finite, so it predicts one class), so that the rate loses
+            # the choice instead of ending the whole comparison.
+            diverged = iteration
+            break
     scores = {split: mean_iou(model, data, classes, device) for split, data in eval_sets.items()}
     return dict(asdict(run), miou={split: miou for split, (miou, _) in scores.items()},
                 per_class_iou={split: iou for split, (_, iou) in scores.items()},
                 seconds=time.time() - start, first_loss=losses[0],
-                last_loss=sum(losses[-10:]) / len(losses[-10:]))
+                last_loss=sum(losses[-10:]) / len(losses[-10:]), diverged=diverged)
 
 
 # A worker's data sets and settings (examples.paper's --jobs runs cells in spawned processes).
