@@ -127,6 +127,9 @@ def test_harness_quick_runs_every_config_end_to_end(tmp_path, capsys):
     # --report prints the tables of saved results: the same as the run wrote.
     assert harness.main(["--report", str(result)]) == 0
     assert capsys.readouterr().out == next(tmp_path.glob("shapes-*.md")).read_text()
+    again = tmp_path / "again.png"
+    assert harness.main(["--report", str(result), "--plot", str(again)]) == 0
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_runs_in_worker_processes_equal_runs_in_one(tmp_path):

@@ -18,7 +18,8 @@ training plateaus; ``--jobs N`` trains N runs at once.
 Writes ``<data>-<date>.json`` (every run), the tables in markdown and, with matplotlib, a PNG to
 ``examples/paper/runs/`` (git-ignored), or with ``--save-reference`` to
 ``examples/paper/results/``, the committed results examples/paper/README.md quotes.
-``--report FILE.json`` prints the tables of saved results again.
+``--report FILE.json`` prints the tables of saved results again (``--plot FILE.png``: and draws
+their figure).
 
     python -m examples.paper --threads 1 --jobs 2  # procedural shapes, on two CPU cores
     python -m examples.paper --quick               # every step on tiny settings, seconds (CI)
@@ -308,6 +309,13 @@ def _paired_cells(d, tested):
     return cells
 
 
+def _zoom(axis, values):
+    """Bars of scores some points apart: the axis from 10 below the lowest to 5 above the highest
+    (within 0-100), not from 0."""
+    if values:
+        axis.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
+
+
 def plot(report, path):
     try:
         import matplotlib
@@ -322,7 +330,30 @@ def plot(report, path):
               "lad-k5": "LAD K=5", "lad-k7": "LAD K=7", "lad-k5-lmp": "LAD LMP",
               "lad-k5-topk": "LAD top-k"}
     labels.update({name: f"k={k}" for name, k in TABLE1 if name != "lad-k5"})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw=dict(width_ratios=(4, 2, 4)))
+    labels.update({n: f"{kind} K={k}" for k, _, *controls in TABLE3
+                   for n, kind in zip(controls, ("no loc.", "zCE"))})
+    controls = [(k, names) for k, *names in TABLE3 if any(n in summary for n in names[1:])]
+    panels = 4 if controls else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), gridspec_kw=dict(
+        width_ratios=(4, 2, 3, 4) if controls else (4, 2, 4)))
+    if controls:  # Table 3: per K, LAD beside its controls at the same temperature
+        axis, kinds = axes[2], ("L^AD", "no locality", "z-scored CE")
+        for j, (kind, colour) in enumerate(zip(kinds, ("tab:blue", "tab:orange", "tab:green"))):
+            xs = [i + (j - 1) * 0.27 for i, (_, names) in enumerate(controls)
+                  if names[j] in summary]
+            stats = [summary[names[j]] for _, names in controls if names[j] in summary]
+            axis.bar(xs, [s["mean"] for s in stats], width=0.27, yerr=[s["std"] for s in stats],
+                     capsize=3, color=colour, label=kind)
+            for x, st in zip(xs, stats):
+                axis.scatter([x] * len(st["values"]), st["values"], color="k", s=6)
+        axis.set_xticks(range(len(controls)))
+        axis.set_xticklabels([f"K={k}\ns_K={temperature(k):.2f}" for k, _ in controls],
+                             fontsize=8)
+        axis.set_ylabel("test mean IoU (%)")
+        axis.set_title("Table 3: locality against temperature")
+        axis.legend(fontsize=7, loc="lower right")
+        _zoom(axis, [v for _, names in controls for n in names if n in summary
+                     for v in summary[n]["values"]])
     for axis, names in ((axes[0], TABLE2), (axes[1], [n for n, _ in TABLE1])):
         names = [n for n in names if n in summary]
         stats = [summary[n] for n in names]
@@ -332,23 +363,25 @@ def plot(report, path):
         for i, s in enumerate(stats):
             axis.scatter([i] * len(s["values"]), s["values"], color="k", s=8)
         axis.set_xticks(range(len(names)))
-        axis.set_xticklabels([f"{labels.get(n, 'k=3')}\nlr {report['chosen_lr'][n]:g}"
-                              for n in names], fontsize=8)
+        exponent = dict(TABLE1) if axis is axes[1] else {}
+        axis.set_xticklabels([(f"k={exponent[n]:g}" if n in exponent else labels.get(n, n))
+                              + f"\nlr {report['chosen_lr'][n]:g}" for n in names], fontsize=8)
         axis.set_ylabel("test mean IoU (%)")
+        _zoom(axis, [v for st in stats for v in st["values"]])
     axes[0].set_title("Table 2: each loss at its chosen rate")
     axes[1].set_title("Table 1: LAD's exponent k (K=5)")
     names = compared(differences)
     for i, name in enumerate(names):
         d = differences[name]
-        axes[2].errorbar([i], [d["mean"]], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
-                         fmt="o", capsize=4, color="tab:blue" if name.startswith("lad")
-                         else "tab:gray")
-        axes[2].scatter([i] * len(d["values"]), d["values"], color="k", s=8)
-    axes[2].axhline(0, color="k", lw=0.8)
-    axes[2].set_xticks(range(len(names)))
-    axes[2].set_xticklabels([labels.get(n, "k=3") for n in names], fontsize=8, rotation=20)
-    axes[2].set_ylabel("minus CE, mIoU points")
-    axes[2].set_title("Paired differences to CE: mean, 95 % interval, seeds")
+        axes[-1].errorbar([i], [d["mean"]],
+                          yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                          capsize=4, color="tab:blue" if name.startswith("lad") else "tab:gray")
+        axes[-1].scatter([i] * len(d["values"]), d["values"], color="k", s=8)
+    axes[-1].axhline(0, color="k", lw=0.8)
+    axes[-1].set_xticks(range(len(names)))
+    axes[-1].set_xticklabels([labels.get(n, "k=3") for n in names], fontsize=8, rotation=20)
+    axes[-1].set_ylabel("minus CE, mIoU points")
+    axes[-1].set_title("Paired differences to CE: mean, 95 % interval, seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -475,6 +508,7 @@ def main(argv=None):
                         help="tiny settings that run every step in seconds: "
                              + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--report", metavar="JSON", help="print the tables of saved results")
+    parser.add_argument("--plot", metavar="PNG", help="with --report: draw its figure again")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=str(HERE / "runs"),
                        help="folder for the results (default examples/paper/runs, git-ignored)")
@@ -483,8 +517,13 @@ def main(argv=None):
     if "--quick" in argv:
         parser.set_defaults(**QUICK)  # flags given beside --quick still win
     args = parser.parse_args(argv)
+    if args.plot and not args.report:
+        parser.error("--plot draws the figure of --report's results: give --report JSON")
     if args.report:
-        print(render(json.loads(Path(args.report).read_text())))
+        report = json.loads(Path(args.report).read_text())
+        print(render(report))
+        if args.plot:
+            plot(report, args.plot)
         return 0
     if args.save_reference:
         args.out = str(HERE / "results")
