@@ -181,7 +181,7 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
 def _upsampled(logits, size, mode, align_corners):
     """The logits at the target's ``size``: ``upsample``'s definition, F.interpolate's values.
     Both backends score this full-resolution tensor for now; the fused kernels do not yet
-    interpolate in registers (docs/performance.md, "Limitations")."""
+    interpolate in registers (README.md, "Limitations")."""
     if 0 in size:  # nothing to interpolate to: an empty map, and a zero gradient
         return (logits.sum() * 0).expand(logits.shape[:2] + size)
     return F.interpolate(logits, size=size, mode=mode, align_corners=align_corners)
@@ -212,5 +212,6 @@ def _warn_large_window(kernel_size, spatial):
     warnings.warn(
         f"locally_adaptive_loss with kernel_size={kernel_size}, larger than the image "
         f"({' x '.join(map(str, spatial))}): every centre's window covers the whole image. "
-        "Upsample the logits to the mask's size, or pass a smaller kernel_size (this warning "
-        "is shown once per process).", UserWarning, stacklevel=3)
+        "Upsample the logits to the mask's size (upsample='bilinear' does it inside the loss), "
+        "or pass a smaller kernel_size (this warning is shown once per process).", UserWarning,
+        stacklevel=3)

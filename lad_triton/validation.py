@@ -190,6 +190,11 @@ def check_tensors(logits, target, weight=None, pixel_weight=None, upsample=None)
                                  f"got logits.shape={tuple(logits.shape)} with target.shape="
                                  f"{tuple(target.shape)}")
             spatial = grid
+    if upsample is not None and tuple(target.shape) not in ((batch,) + spatial,
+                                                             (batch, 1) + spatial):
+        raise ValueError(f"target must have shape {names} or {channel} with B = {batch}, any "
+                         f"{names[4:-1]} (upsample interpolates the logits to it), got "
+                         f"target.shape={tuple(target.shape)}")
     if tuple(target.shape) not in ((batch,) + spatial, (batch, 1) + spatial):
         hint = ("; it has the logits' shape: for a one-hot target pass its class indices, "
                 "target.argmax(1)" if tuple(target.shape) == tuple(logits.shape) else "")

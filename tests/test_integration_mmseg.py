@@ -177,10 +177,14 @@ def test_loss_by_feat_with_the_ohem_sampler():
 
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
-    # upsample=True (the default): the loss gets the head's (N, C, h, w) logits and the head's
-    # align_corners, not the resized ones; the value and the gradient are those of the resize
-    # then the loss, and acc_seg is still computed.
-    head = decode_head(align_corners=align_corners)
+    # upsample=True: the loss gets the head's (N, C, h, w) logits and the head's align_corners,
+    # not the resized ones; the value and the gradient are those of the resize then the loss,
+    # and acc_seg is mmseg's accuracy of the resized logits.
+    from mmseg.models.losses import accuracy
+
+    head = decode_head(align_corners=align_corners, loss_decode=dict(
+        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
+        upsample=True))
     seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=2).requires_grad_(True)
     labels = make_labels(2, (9, 10), 5, n_labels=4, seed=2)
     calls = []
@@ -192,9 +196,9 @@ def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
     ((given, options),) = calls
     assert given is seg_logits
     assert options["upsample"] == "bilinear" and options["align_corners"] is align_corners
-    assert "acc_seg" in losses
     x = seg_logits.detach().requires_grad_(True)
     up = F.interpolate(x, size=(9, 10), mode="bilinear", align_corners=align_corners)
+    assert torch.equal(losses["acc_seg"], accuracy(up.detach(), labels, ignore_index=255))
     ref = lad_reference(up.detach(), labels, weight=torch.tensor(CLASS_WEIGHT), kernel_size=3)
     assert rel_err(losses["loss_lad"], 0.7 * ref.loss) < 1e-10
     losses["loss_lad"].backward()
@@ -202,11 +206,29 @@ def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
     assert rel_err(seg_logits.grad, expected) < 1e-10
 
 
+def test_the_ohem_sampler_with_the_heads_logits():
+    # The sampler ranks the loss's map of the no-grad resize (the loss reads the head's logits
+    # on it); the loss and its gradient are those of the resize then the sampled loss.
+    head = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12), loss_decode=dict(
+        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
+        upsample=True))
+    seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=4).requires_grad_(True)
+    labels = make_labels(2, (8, 10), 5, n_labels=4, seed=4)
+    losses = head.loss_by_feat(seg_logits, data_samples(labels))
+    losses["loss_lad"].backward()
+    x = seg_logits.detach().requires_grad_(True)
+    plain = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12))
+    expected = plain.loss_by_feat(x, data_samples(labels))["loss_lad"]
+    (grad,) = torch.autograd.grad(expected, x)
+    assert rel_err(losses["loss_lad"], expected) < 1e-10
+    assert rel_err(seg_logits.grad, grad) < 1e-10 and float(grad.abs().sum()) > 0
+
+
 def test_a_head_with_other_losses_resizes_for_all_of_them():
     # Cross-entropy beside LAD needs the resized logits with their gradient: the head resizes as
     # mmseg does, and LAD scores those (no upsample), as does upsample=False.
     for losses in ([dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
-                         class_weight=CLASS_WEIGHT),
+                         class_weight=CLASS_WEIGHT, upsample=True),
                     dict(type="CrossEntropyLoss", loss_weight=0.3)],
                    dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
                         class_weight=CLASS_WEIGHT, upsample=False)):

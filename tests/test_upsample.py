@@ -153,6 +153,15 @@ def test_module_and_cross_entropy_style_loop():
     assert costs.shape == (2, 16, 16)
 
 
+def test_volumes_with_a_channel_target():
+    # (B, 1, D, H, W) labels, as MONAI keeps them, set the size trilinear interpolates to.
+    logits = make_logits((1, 3, 2, 3, 3), dtype=torch.float64, seed=5)
+    labels = make_labels(1, [4, 5, 6], 3, seed=5)
+    ours = locally_adaptive_loss(logits, labels[:, None], upsample="trilinear", kernel_size=3)
+    ref = lad_reference(interpolate_reference(logits, (4, 5, 6), False), labels, kernel_size=3)
+    assert within(ours, ref.loss, ref.loss_floor, 1e-10)
+
+
 def test_empty_inputs():
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = locally_adaptive_loss(logits, torch.zeros(2, 0, 8, dtype=torch.uint8),
@@ -177,8 +186,12 @@ def test_empty_inputs():
     (dict(upsample="bilinear", align_corners=1), ((1, 3, 4, 4), (1, 8, 8)),
      "align_corners must be True or False"),
     (dict(), ((1, 3, 4, 4), (1, 8, 8)), "target must have shape (B, H, W) = (1, 4, 4)"),
-    (dict(upsample="bilinear"), ((2, 3, 4, 4), (1, 8, 8)), "target must have shape"),
-    (dict(upsample="bilinear"), ((1, 3, 4, 4), (1, 2, 8, 8)), "target must have shape"),
+    (dict(upsample="bilinear"), ((2, 3, 4, 4), (1, 8, 8)),
+     "target must have shape (B, H, W) or (B, 1, H, W) with B = 2, any H, W"),
+    (dict(upsample="bilinear"), ((1, 3, 4, 4), (1, 2, 8, 8)), "with B = 1, any H, W"),
+    (dict(upsample="bilinear"), ((1, 3, 4, 4), (8, 8)), "with B = 1, any H, W"),
+    (dict(upsample="bilinear", pixel_weight=torch.ones(1, 4, 4)), ((1, 3, 4, 4), (1, 8, 8)),
+     "pixel_weight must have shape (B, H, W) = (1, 8, 8)"),
     (dict(upsample="bilinear"), ((1, 3, 0, 4), (1, 8, 8)),
      "logits must have a non-empty spatial size to upsample from"),
 ])
@@ -194,3 +207,18 @@ def test_bad_input(kwargs, shapes, message):
 def test_the_module_refuses_bad_options_at_construction(kwargs):
     with pytest.raises(ValueError, match="upsample|align_corners"):
         LocallyAdaptiveLoss(**kwargs)
+
+
+def test_under_torch_compile():
+    # One graph (fullgraph=True), the eager value and gradient.
+    def loss_fn(x, t):
+        return locally_adaptive_loss(x, t, kernel_size=3, upsample="bilinear",
+                                     align_corners=True, backend="torch")
+
+    x = make_logits((2, 5, 4, 6), dtype=torch.float32, seed=1).requires_grad_(True)
+    t = make_labels(2, [9, 11], 5, dtype=torch.uint8, seed=1)
+    compiled = torch.compile(loss_fn, fullgraph=True)(x, t)
+    (grad,) = torch.autograd.grad(compiled, x)
+    eager = loss_fn(x, t)
+    (expected,) = torch.autograd.grad(eager, x)
+    assert rel_err(compiled, eager) < 1e-6 and rel_err(grad, expected) < 1e-5

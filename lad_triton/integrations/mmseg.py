@@ -17,14 +17,18 @@ with ``pixel_weight=weight``: ``(sum_p w_p L_p^k / sum_p w_p)^(1/k)``, ``w_p = c
 as its ``weight_reduce_loss`` adds); ``reduction_override="none"`` returns the ``(N, H, W)`` map
 ``w_p L_p``, which the OHEM sampler ranks. Every result is multiplied by ``loss_weight``.
 
-Low-resolution logits (``upsample=True``, the default). ``loss_by_feat`` resizes the head's
+Low-resolution logits (``upsample=True``; default False). ``loss_by_feat`` resizes the head's
 logits to the label's size (bilinear, the head's ``align_corners``) before its losses. When
 every loss of a head is this one with ``upsample=True``, the resize inside ``loss_by_feat`` is
 computed without autograd, for the accuracy and the pixel sampler only, and the loss scores the
 head's logits as they came with ``upsample="bilinear"`` and the head's ``align_corners``: the
-same value and gradient, but only the loss's own memory through the backward. A head with
-other losses beside it, or one whose ``loss_by_feat`` is its own, passes the resized logits as
-before.
+same value and gradient. The loss interpolates with PyTorch itself for now (README.md,
+"Limitations"), so this saves no memory yet (it holds one more full-resolution copy through
+the forward): it is the wiring for kernels that interpolate in registers. A head with other
+losses beside it, or one whose ``loss_by_feat`` is its own, passes the resized logits as
+before. Building a loss with ``upsample=True`` wraps ``BaseDecodeHead.loss_by_feat`` and the
+``resize`` of mmseg's decode-head module for the rest of the process; heads without such a
+loss run mmseg's code unchanged.
 
 On a machine without the compiled mmcv (``mmcv-lite``, the CPU install), call
 :func:`stub_mmcv_ops` before mmseg builds anything: ``mmseg.models`` imports ``mmcv.ops`` at
@@ -106,7 +110,7 @@ class LocallyAdaptiveLoss(nn.Module):
     def __init__(self, *, kernel_size=5, power=3.0, stride=1, eps=1e-5, weight_base=2.0,
                  normalizer="count", zscore=True, reduction="mean", backend="auto",
                  check_target=True, sync=False, loss_weight=1.0, loss_name="loss_lad",
-                 class_weight=None, upsample=True):
+                 class_weight=None, upsample=False):
         super().__init__()
         self.options = dict(kernel_size=kernel_size, power=power, stride=stride, eps=eps,
                             weight_base=weight_base, normalizer=normalizer, zscore=zscore,
@@ -203,23 +207,28 @@ def _low_resolution_heads():
 
     @functools.wraps(original_resize)
     def resize(input, *args, **kwargs):
-        if not _DEFERRED.get():
+        # mmseg's resize(input, size=None, scale_factor=None, mode='nearest', align_corners=None,
+        # warning=True)
+        named = dict(zip(("size", "scale_factor", "mode", "align_corners"), args), **kwargs)
+        if not (_DEFERRED.get() and named.get("mode") == "bilinear"
+                and named.get("size") is not None):
             return original_resize(input, *args, **kwargs)
         # The resize of loss_by_feat: for the accuracy and the sampler, which need no gradient;
         # the loss finds the head's logits on it.
         with torch.no_grad():
             out = original_resize(input, *args, **kwargs)
-        align_corners = kwargs.get("align_corners", args[3] if len(args) > 3 else None)
-        setattr(out, _SOURCE, (input, align_corners))
+        setattr(out, _SOURCE, (input, named.get("align_corners")))
         return out
 
     @functools.wraps(original_loss_by_feat)
     def loss_by_feat(self, seg_logits, batch_data_samples):
         losses = (self.loss_decode if isinstance(self.loss_decode, nn.ModuleList)
                   else [self.loss_decode])
-        if not all(isinstance(loss, LocallyAdaptiveLoss) and loss.upsample for loss in losses):
-            return original_loss_by_feat(self, seg_logits, batch_data_samples)
-        token = _DEFERRED.set(True)
+        # Only this class's forward reads the source: a subclass overriding it would score the
+        # resize without a gradient.
+        deferred = all(type(loss).forward is LocallyAdaptiveLoss.forward and loss.upsample
+                       for loss in losses)
+        token = _DEFERRED.set(deferred)
         try:
             return original_loss_by_feat(self, seg_logits, batch_data_samples)
         finally:
