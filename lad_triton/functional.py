@@ -3,6 +3,7 @@
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import label_counter, select_backend
 from .options import CostOptions, accumulation_dtype
@@ -17,7 +18,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
                           ignore_index=255, eps=1e-5, weight_base=2.0, normalizer="count",
                           zscore=True, reduction="mean", pooling="minkowski", lmp_ratio=0.3,
                           lmp_p=1.7, topk_ratio=0.2, weight=None, pixel_weight=None,
-                          backend="auto", check_target=True, sync=False, process_group=None):
+                          backend="auto", check_target=True, sync=False, process_group=None,
+                          upsample=None, align_corners=False):
     r"""The locally adaptive loss (LAD) of Guo et al. for semantic segmentation.
 
     For every valid centre pixel p, the z-scored logits z_q of the neighbours q in a K x K
@@ -91,10 +93,19 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
             numbers) instead of this rank's own. Default False: a local mean, as
             ``F.cross_entropy``.
         process_group: the group to synchronise over (implies ``sync``); default the world.
+        upsample: None (default: the logits have the target's spatial size), ``"bilinear"``
+            (images) or ``"trilinear"`` (volumes): the logits may have another spatial size,
+            a head's output at 1/4 or 1/8 of the mask's, and the loss is that of
+            ``F.interpolate(logits, size=<the target's spatial size>, mode=upsample,
+            align_corners=align_corners)``, as segmentation models upsample before
+            cross-entropy. The gradient flows back to the low-resolution logits.
+        align_corners: PyTorch's ``align_corners`` of that interpolation (Hugging Face's
+            models: False; mmsegmentation: the head's flag). Default False; True needs
+            ``upsample``.
 
     Returns:
         The loss in the logits' dtype: 0-dim for ``"mean"`` and ``"sum"``, ``(B, H, W)``
-        (``(B, D, H, W)``) for ``"none"``.
+        (``(B, D, H, W)``, the target's size) for ``"none"``.
         Differentiable with respect to ``logits``; the gradient comes back in their dtype.
 
     Raises:
@@ -110,10 +121,12 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     check_options(power=power, reduction=reduction, pooling=pooling, lmp_ratio=lmp_ratio,
                   lmp_p=lmp_p, topk_ratio=topk_ratio, backend=backend,
                   check_target=check_target, sync=sync, process_group=process_group,
-                  **options._asdict())
-    check_tensors(logits, target, weight, pixel_weight)
+                  upsample=upsample, align_corners=align_corners, **options._asdict())
+    check_tensors(logits, target, weight, pixel_weight, upsample)
     if target.dim() == logits.dim():
         target = target.squeeze(1)  # (B, 1, H, W) -> (B, H, W): a view
+    if upsample is not None:
+        logits = _upsampled(logits, tuple(target.shape[1:]), upsample, align_corners)
     chosen = select_backend(backend, logits)
     classes = logits.shape[1]
     if classes == 2 and zscore:
@@ -165,6 +178,15 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     return out if guard is None else out + guard.to(out.dtype)
 
 
+def _upsampled(logits, size, mode, align_corners):
+    """The logits at the target's ``size``: ``upsample``'s definition, F.interpolate's values.
+    Both backends score this full-resolution tensor for now; the fused kernels do not yet
+    interpolate in registers (README.md, "Limitations")."""
+    if 0 in size:  # nothing to interpolate to: an empty map, and a zero gradient
+        return (logits.sum() * 0).expand(logits.shape[:2] + size)
+    return F.interpolate(logits, size=size, mode=mode, align_corners=align_corners)
+
+
 _WARNED = set()
 
 
@@ -190,5 +212,6 @@ def _warn_large_window(kernel_size, spatial):
     warnings.warn(
         f"locally_adaptive_loss with kernel_size={kernel_size}, larger than the image "
         f"({' x '.join(map(str, spatial))}): every centre's window covers the whole image. "
-        "Upsample the logits to the mask's size, or pass a smaller kernel_size (this warning "
-        "is shown once per process).", UserWarning, stacklevel=3)
+        "Upsample the logits to the mask's size (upsample='bilinear' does it inside the loss), "
+        "or pass a smaller kernel_size (this warning is shown once per process).", UserWarning,
+        stacklevel=3)

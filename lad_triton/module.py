@@ -23,14 +23,15 @@ class LocallyAdaptiveLoss(nn.Module):
     def __init__(self, *, kernel_size=5, power=3.0, stride=1, ignore_index=255, eps=1e-5,
                  weight_base=2.0, normalizer="count", zscore=True, reduction="mean",
                  pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2, weight=None,
-                 backend="auto", check_target=True, sync=False, process_group=None):
+                 backend="auto", check_target=True, sync=False, process_group=None,
+                 upsample=None, align_corners=False):
         super().__init__()
         self.options = dict(kernel_size=kernel_size, power=power, stride=stride,
                             ignore_index=ignore_index, eps=eps, weight_base=weight_base,
                             normalizer=normalizer, zscore=zscore, reduction=reduction,
                             pooling=pooling, lmp_ratio=lmp_ratio, lmp_p=lmp_p,
                             topk_ratio=topk_ratio, backend=backend, check_target=check_target,
-                            sync=sync)
+                            sync=sync, upsample=upsample, align_corners=align_corners)
         check_options(process_group=process_group, **self.options)
         if weight is not None:
             check_weight_type(weight)

@@ -18,6 +18,8 @@ REDUCTIONS = ("mean", "sum", "none")
 POOLINGS = ("minkowski", "lmp", "topk")
 NORMALIZERS = ("count", "weight")
 BACKENDS = ("auto", "torch", "triton")
+# upsample: the interpolation of low-resolution logits to the target's size, by the logits' rank
+UPSAMPLE_MODES = {4: "bilinear", 5: "trilinear"}
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -76,7 +78,8 @@ def check_options(**options):
 
 def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base, normalizer,
                    zscore, reduction, backend, check_target, sync=False, process_group=None,
-                   pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2):
+                   pooling="minkowski", lmp_ratio=0.3, lmp_p=1.7, topk_ratio=0.2, upsample=None,
+                   align_corners=False):
     if not (is_int(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         fail(ValueError, "kernel_size", "an odd integer >= 1 (the window size K)", kernel_size)
     if not (is_real(power) and _finite(power) and power >= 1):
@@ -112,6 +115,14 @@ def _check_options(*, kernel_size, power, stride, ignore_index, eps, weight_base
         fail(ValueError, "check_target", "True or False", check_target)
     if not isinstance(sync, bool):
         fail(ValueError, "sync", "True or False", sync)
+    if upsample is not None and upsample not in UPSAMPLE_MODES.values():
+        fail(ValueError, "upsample", "None, 'bilinear' (images) or 'trilinear' (volumes)",
+             upsample)
+    if not isinstance(align_corners, bool):
+        fail(ValueError, "align_corners", "True or False", align_corners)
+    if align_corners and upsample is None:
+        fail(ValueError, "align_corners", "False without upsample (it says how upsample maps "
+             "the logits' pixels onto the target's)", align_corners)
     if process_group is not None and not (dist.is_available()
                                           and isinstance(process_group, dist.ProcessGroup)):
         fail(ValueError, "process_group", "None or a torch.distributed ProcessGroup",
@@ -141,10 +152,11 @@ def sync_group(sync, process_group):
     return dist.group.WORLD if sync else None
 
 
-def check_tensors(logits, target, weight=None, pixel_weight=None):
+def check_tensors(logits, target, weight=None, pixel_weight=None, upsample=None):
     """Raise ``TypeError``/``ValueError`` for logits, target, class weights and pixel weights that
     the contract does not accept (shapes, dtypes, devices; not values: :func:`check_values`).
-    The target may carry a channel of size 1, ``(B, 1, H, W)`` as MONAI and nnU-Net keep it."""
+    The target may carry a channel of size 1, ``(B, 1, H, W)`` as MONAI and nnU-Net keep it.
+    With ``upsample`` the logits' spatial size may differ from the target's, which sets it."""
     if not isinstance(logits, torch.Tensor):
         fail(TypeError, "logits", "a torch.Tensor", type(logits).__name__)
     if logits.dtype not in LOGITS_DTYPES:
@@ -165,6 +177,24 @@ def check_tensors(logits, target, weight=None, pixel_weight=None):
                          f"{tuple(logits.shape)}")
     names = "(B, H, W)" if logits.dim() == 4 else "(B, D, H, W)"
     channel = "(B, 1, H, W)" if logits.dim() == 4 else "(B, 1, D, H, W)"
+    if upsample is not None:
+        if upsample != UPSAMPLE_MODES[logits.dim()]:
+            raise ValueError(f"upsample must be {UPSAMPLE_MODES[logits.dim()]!r} for "
+                             f"{logits.dim()}-D logits, got upsample={upsample!r} with "
+                             f"logits.shape={tuple(logits.shape)}")
+        # The target sets the spatial size; the logits' is the interpolation's source.
+        if target.dim() in (logits.dim() - 1, logits.dim()):
+            grid = tuple(target.shape[-len(spatial):])
+            if 0 in spatial and 0 not in grid:
+                raise ValueError("logits must have a non-empty spatial size to upsample from, "
+                                 f"got logits.shape={tuple(logits.shape)} with target.shape="
+                                 f"{tuple(target.shape)}")
+            spatial = grid
+    if upsample is not None and tuple(target.shape) not in ((batch,) + spatial,
+                                                             (batch, 1) + spatial):
+        raise ValueError(f"target must have shape {names} or {channel} with B = {batch}, any "
+                         f"{names[4:-1]} (upsample interpolates the logits to it), got "
+                         f"target.shape={tuple(target.shape)}")
     if tuple(target.shape) not in ((batch,) + spatial, (batch, 1) + spatial):
         hint = ("; it has the logits' shape: for a one-hot target pass its class indices, "
                 "target.argmax(1)" if tuple(target.shape) == tuple(logits.shape) else "")

@@ -190,3 +190,31 @@ def topk_reference(costs, ratio):
     k = math.ceil(ratio * len(costs))
     chosen = sorted(range(len(costs)), key=lambda i: (-costs[i], i))[:k]
     return [1.0 / k if i in chosen else 0.0 for i in range(len(costs))]
+
+
+def source_index(dst, size_in, size_out, align_corners):
+    """(i0, i1, weight of i1) of PyTorch's linear interpolation along one axis for output index
+    ``dst``, from the documented source-coordinate rule, in float64: with align_corners the
+    corner samples map onto each other (dst * (in - 1) / (out - 1)); without, the pixel centres
+    do ((dst + 1/2) * in / out - 1/2, clamped at 0)."""
+    if align_corners:
+        src = dst * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    else:
+        src = max(0.0, (dst + 0.5) * size_in / size_out - 0.5)
+    i0 = min(int(math.floor(src)), size_in - 1)
+    i1 = min(i0 + 1, size_in - 1)
+    return i0, i1, src - i0
+
+
+def interpolate_reference(x, size, align_corners):
+    """Bilinear (4-D) or trilinear (5-D) interpolation of ``x`` to spatial ``size``, axis by axis
+    with explicit index loops (linear interpolation is separable). Differentiable: the
+    transposed interpolation of a gradient is autograd's."""
+    for axis, size_out in enumerate(size, start=2):
+        size_in = x.shape[axis]
+        slices = []
+        for dst in range(size_out):
+            i0, i1, w1 = source_index(dst, size_in, size_out, align_corners)
+            slices.append(x.select(axis, i0) * (1 - w1) + x.select(axis, i1) * w1)
+        x = torch.stack(slices, dim=axis)
+    return x

@@ -12,6 +12,7 @@ what runs is mmseg's own code.
 """
 
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -116,11 +117,12 @@ def test_bad_config_raises(config, message):
 
 def decode_head(**extra):
     torch.manual_seed(0)
-    return MODELS.build(dict(
+    config = dict(
         type="FCNHead", in_channels=4, channels=8, num_convs=1, concat_input=False,
         num_classes=5, norm_cfg=None, align_corners=False, ignore_index=255,
         loss_decode=dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
-                         class_weight=CLASS_WEIGHT), **extra)).double()
+                         class_weight=CLASS_WEIGHT))
+    return MODELS.build({**config, **extra}).double()
 
 
 def data_samples(labels):
@@ -171,6 +173,80 @@ def test_loss_by_feat_with_the_ohem_sampler():
     assert rel_err(losses["loss_lad"], expected) < 1e-10
     # Not the unweighted mean: the sampler's map took effect.
     assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) > 1e-3
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
+    # upsample=True: the loss gets the head's (N, C, h, w) logits and the head's align_corners,
+    # not the resized ones; the value and the gradient are those of the resize then the loss,
+    # and acc_seg is mmseg's accuracy of the resized logits.
+    from mmseg.models.losses import accuracy
+
+    head = decode_head(align_corners=align_corners, loss_decode=dict(
+        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
+        upsample=True))
+    seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=2).requires_grad_(True)
+    labels = make_labels(2, (9, 10), 5, n_labels=4, seed=2)
+    calls = []
+    scored = adapter.locally_adaptive_loss
+    with mock.patch.object(adapter, "locally_adaptive_loss",
+                           side_effect=lambda x, *a, **k: calls.append((x, k)) or scored(
+                               x, *a, **k)):
+        losses = head.loss_by_feat(seg_logits, data_samples(labels))
+    ((given, options),) = calls
+    assert given is seg_logits
+    assert options["upsample"] == "bilinear" and options["align_corners"] is align_corners
+    x = seg_logits.detach().requires_grad_(True)
+    up = F.interpolate(x, size=(9, 10), mode="bilinear", align_corners=align_corners)
+    assert torch.equal(losses["acc_seg"], accuracy(up.detach(), labels, ignore_index=255))
+    ref = lad_reference(up.detach(), labels, weight=torch.tensor(CLASS_WEIGHT), kernel_size=3)
+    assert rel_err(losses["loss_lad"], 0.7 * ref.loss) < 1e-10
+    losses["loss_lad"].backward()
+    (expected,) = torch.autograd.grad(up, x, 0.7 * ref.grad)
+    assert rel_err(seg_logits.grad, expected) < 1e-10
+
+
+def test_the_ohem_sampler_with_the_heads_logits():
+    # The sampler ranks the loss's map of the no-grad resize (the loss reads the head's logits
+    # on it); the loss and its gradient are those of the resize then the sampled loss.
+    head = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12), loss_decode=dict(
+        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
+        upsample=True))
+    seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=4).requires_grad_(True)
+    labels = make_labels(2, (8, 10), 5, n_labels=4, seed=4)
+    losses = head.loss_by_feat(seg_logits, data_samples(labels))
+    losses["loss_lad"].backward()
+    x = seg_logits.detach().requires_grad_(True)
+    plain = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12))
+    expected = plain.loss_by_feat(x, data_samples(labels))["loss_lad"]
+    (grad,) = torch.autograd.grad(expected, x)
+    assert rel_err(losses["loss_lad"], expected) < 1e-10
+    assert rel_err(seg_logits.grad, grad) < 1e-10 and float(grad.abs().sum()) > 0
+
+
+def test_a_head_with_other_losses_resizes_for_all_of_them():
+    # Cross-entropy beside LAD needs the resized logits with their gradient: the head resizes as
+    # mmseg does, and LAD scores those (no upsample), as does upsample=False.
+    for losses in ([dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
+                         class_weight=CLASS_WEIGHT, upsample=True),
+                    dict(type="CrossEntropyLoss", loss_weight=0.3)],
+                   dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
+                        class_weight=CLASS_WEIGHT, upsample=False)):
+        head = decode_head(loss_decode=losses)
+        seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=3)
+        labels = make_labels(2, (8, 10), 5, n_labels=4, seed=3)
+        calls = []
+        scored = adapter.locally_adaptive_loss
+        with mock.patch.object(adapter, "locally_adaptive_loss",
+                               side_effect=lambda x, *a, **k: calls.append((x, k)) or scored(
+                                   x, *a, **k)):
+            result = head.loss_by_feat(seg_logits, data_samples(labels))
+        ((given, options),) = calls
+        assert given.shape == (2, 5, 8, 10) and "upsample" not in options
+        upsampled = F.interpolate(seg_logits, size=(8, 10), mode="bilinear",
+                                  align_corners=False)
+        assert rel_err(result["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) \
+            < 1e-10
 
 
 def test_the_placeholder_raises_only_when_a_compiled_op_is_used():

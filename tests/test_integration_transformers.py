@@ -166,6 +166,10 @@ def test_compute_loss_func_and_its_share_of_an_accumulated_batch():
     count = labels.numel()
     assert rel_err(loss_func(outputs, labels, num_items_in_batch=torch.tensor(3 * count)),
                    expected / 3) < 1e-5
+    # The models' interpolation is fixed: the loss's upsample option is the function's to set.
+    for name, value in (("upsample", "bilinear"), ("align_corners", True)):
+        with pytest.raises(ValueError, match=f"{name} must be left to compute_loss_func"):
+            adapter.compute_loss_func(**{name: value})
 
 
 @pytest.mark.parametrize("route", ["compute_loss_func", "apply_lad_to_segformer"])

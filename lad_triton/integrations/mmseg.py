@@ -17,14 +17,29 @@ with ``pixel_weight=weight``: ``(sum_p w_p L_p^k / sum_p w_p)^(1/k)``, ``w_p = c
 as its ``weight_reduce_loss`` adds); ``reduction_override="none"`` returns the ``(N, H, W)`` map
 ``w_p L_p``, which the OHEM sampler ranks. Every result is multiplied by ``loss_weight``.
 
+Low-resolution logits (``upsample=True``; default False). ``loss_by_feat`` resizes the head's
+logits to the label's size (bilinear, the head's ``align_corners``) before its losses. When
+every loss of a head is this one with ``upsample=True``, the resize inside ``loss_by_feat`` is
+computed without autograd, for the accuracy and the pixel sampler only, and the loss scores the
+head's logits as they came with ``upsample="bilinear"`` and the head's ``align_corners``: the
+same value and gradient. The loss interpolates with PyTorch itself for now (README.md,
+"Limitations"), so this saves no memory yet (it holds one more full-resolution copy through
+the forward): it is the wiring for kernels that interpolate in registers. A head with other
+losses beside it, or one whose ``loss_by_feat`` is its own, passes the resized logits as
+before. Building a loss with ``upsample=True`` wraps ``BaseDecodeHead.loss_by_feat`` and the
+``resize`` of mmseg's decode-head module for the rest of the process; heads without such a
+loss run mmseg's code unchanged.
+
 On a machine without the compiled mmcv (``mmcv-lite``, the CPU install), call
 :func:`stub_mmcv_ops` before mmseg builds anything: ``mmseg.models`` imports ``mmcv.ops`` at
 module level, which mmcv-lite lacks.
 """
 
+import functools
 import importlib
 import sys
 import types
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -95,7 +110,7 @@ class LocallyAdaptiveLoss(nn.Module):
     def __init__(self, *, kernel_size=5, power=3.0, stride=1, eps=1e-5, weight_base=2.0,
                  normalizer="count", zscore=True, reduction="mean", backend="auto",
                  check_target=True, sync=False, loss_weight=1.0, loss_name="loss_lad",
-                 class_weight=None):
+                 class_weight=None, upsample=False):
         super().__init__()
         self.options = dict(kernel_size=kernel_size, power=power, stride=stride, eps=eps,
                             weight_base=weight_base, normalizer=normalizer, zscore=zscore,
@@ -110,6 +125,11 @@ class LocallyAdaptiveLoss(nn.Module):
                 and all(isinstance(v, (int, float)) for v in class_weight)):
             raise ValueError("class_weight must be None or a list of C class weights, got "
                              f"class_weight={class_weight!r}")
+        if not isinstance(upsample, bool):
+            raise ValueError(f"upsample must be True or False, got upsample={upsample!r}")
+        self.upsample = upsample
+        if upsample:
+            _low_resolution_heads()
         self.reduction = reduction
         self.loss_weight = float(loss_weight)
         self.class_weight = None if class_weight is None else [float(v) for v in class_weight]
@@ -137,9 +157,14 @@ class LocallyAdaptiveLoss(nn.Module):
         if self.class_weight is not None:
             class_weight = torch.tensor(self.class_weight, dtype=torch.float32,
                                         device=cls_score.device)
+        source = getattr(cls_score, _SOURCE, None) if self.upsample else None
+        interpolation = {}
+        if source is not None:  # the head's logits, before its resize (module docstring)
+            cls_score, align_corners = source
+            interpolation = dict(upsample="bilinear", align_corners=bool(align_corners))
         loss = locally_adaptive_loss(cls_score, label, weight=class_weight, pixel_weight=weight,
                                      ignore_index=ignore_index, reduction=reduction,
-                                     **self.options)
+                                     **self.options, **interpolation)
         if avg_factor is not None and reduction == "mean":
             # (S / W)^(1/k) -> (S / avg_factor)^(1/k): multiply by (W / avg_factor)^(1/k). W
             # depends on labels and weights only, so the gradient is the loss's, rescaled.
@@ -160,5 +185,55 @@ class LocallyAdaptiveLoss(nn.Module):
 
     def extra_repr(self):
         options = dict(self.options, reduction=self.reduction, loss_weight=self.loss_weight,
-                       loss_name=self._loss_name, class_weight=self.class_weight)
+                       loss_name=self._loss_name, class_weight=self.class_weight,
+                       upsample=self.upsample)
         return ", ".join(f"{name}={value!r}" for name, value in options.items())
+
+
+# The attribute of a resized-logits tensor that carries (the head's logits, align_corners), and
+# whether loss_by_feat runs for a head whose losses all take them.
+_SOURCE = "_lad_triton_source"
+_DEFERRED = ContextVar("lad_triton_mmseg_deferred", default=False)
+
+
+def _low_resolution_heads():
+    """Make mmseg's BaseDecodeHead.loss_by_feat hand this loss the logits before its resize
+    (module docstring). Once, and only where mmseg's decode heads are loaded: a head that builds
+    this loss has imported them (importing them here would import mmcv.ops)."""
+    module = sys.modules.get("mmseg.models.decode_heads.decode_head")
+    if module is None or getattr(module.BaseDecodeHead.loss_by_feat, "_lad_triton", False):
+        return
+    original_loss_by_feat, original_resize = module.BaseDecodeHead.loss_by_feat, module.resize
+
+    @functools.wraps(original_resize)
+    def resize(input, *args, **kwargs):
+        # mmseg's resize(input, size=None, scale_factor=None, mode='nearest', align_corners=None,
+        # warning=True)
+        named = dict(zip(("size", "scale_factor", "mode", "align_corners"), args), **kwargs)
+        if not (_DEFERRED.get() and named.get("mode") == "bilinear"
+                and named.get("size") is not None):
+            return original_resize(input, *args, **kwargs)
+        # The resize of loss_by_feat: for the accuracy and the sampler, which need no gradient;
+        # the loss finds the head's logits on it.
+        with torch.no_grad():
+            out = original_resize(input, *args, **kwargs)
+        setattr(out, _SOURCE, (input, named.get("align_corners")))
+        return out
+
+    @functools.wraps(original_loss_by_feat)
+    def loss_by_feat(self, seg_logits, batch_data_samples):
+        losses = (self.loss_decode if isinstance(self.loss_decode, nn.ModuleList)
+                  else [self.loss_decode])
+        # Only this class's forward reads the source: a subclass overriding it would score the
+        # resize without a gradient.
+        deferred = all(type(loss).forward is LocallyAdaptiveLoss.forward and loss.upsample
+                       for loss in losses)
+        token = _DEFERRED.set(deferred)
+        try:
+            return original_loss_by_feat(self, seg_logits, batch_data_samples)
+        finally:
+            _DEFERRED.reset(token)
+
+    loss_by_feat._lad_triton = True
+    module.resize = resize
+    module.BaseDecodeHead.loss_by_feat = loss_by_feat

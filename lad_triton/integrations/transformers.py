@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 
 import torch
-import torch.nn.functional as F
 
 from ..module import LocallyAdaptiveLoss
 
@@ -232,23 +231,27 @@ def compute_loss_func(**loss_kwargs):
     Returns:
         ``loss_func(outputs, labels, num_items_in_batch=None)``: LAD of ``outputs.logits``
         (``(B, C, h, w)``), upsampled to the labels' ``(H, W)`` bilinearly with
-        ``align_corners=False`` as the models do, against ``labels`` ``(B, H, W)``; times the
+        ``align_corners=False`` as the models do (the loss's ``upsample="bilinear"``, which
+        this function sets), against ``labels`` ``(B, H, W)``; times the
         micro-batch's share of ``num_items_in_batch`` when the Trainer passes it (module
         docstring). Only the main logits: an auxiliary head's logits are not in the outputs.
     """
     if loss_kwargs.get("reduction", "mean") != "mean":
         raise ValueError("reduction must be 'mean' (the Trainer expects a scalar mean), got "
                          f"reduction={loss_kwargs['reduction']!r}")
-    criterion = LocallyAdaptiveLoss(**loss_kwargs)
+    for name in ("upsample", "align_corners"):
+        if name in loss_kwargs:
+            raise ValueError(f"{name} must be left to compute_loss_func (the models upsample "
+                             "bilinearly with align_corners=False), got "
+                             f"{name}={loss_kwargs[name]!r}")
+    criterion = LocallyAdaptiveLoss(upsample="bilinear", align_corners=False, **loss_kwargs)
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         if labels is None:
             raise ValueError("labels must be the (B, H, W) segmentation maps, got labels=None "
                              "(the Trainer passes the batch's 'labels')")
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                                  align_corners=False)
-        loss = criterion.to(upsampled.device)(upsampled, labels)
+        loss = criterion.to(logits.device)(logits, labels)
         return loss * _batch_share(labels, num_items_in_batch, loss.dtype)
 
     return loss_func

@@ -1,0 +1,224 @@
+"""``upsample``: the loss of logits smaller (or larger) than the target is the loss of
+``F.interpolate(logits, size=<target's>, mode, align_corners)``, against an oracle that
+interpolates with explicit index loops from PyTorch's source-coordinate rule (tests/oracle.py)
+and then evaluates the loss in float64; the gradient reaches the low-resolution logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cases import DEVICE, TOLERANCE, grad_out_for, make_labels, make_logits, rel_err
+from lad_triton import LocallyAdaptiveLoss, locally_adaptive_loss
+from oracle import interpolate_reference, lad_reference, within
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size_in,size_out", [((3, 5), (12, 20)), ((5, 4), (13, 7)),
+                                              ((1, 6), (4, 1)), ((7, 9), (4, 5)),
+                                              ((2, 3, 4), (5, 7, 6))])
+def test_the_oracle_interpolates_as_pytorch(size_in, size_out, align_corners):
+    # The oracle's index loops are PyTorch's rule: integer and non-integer scales, sizes of 1,
+    # downsampling, volumes.
+    x = torch.randn((2, 3) + size_in, dtype=torch.float64)
+    mode = "bilinear" if len(size_in) == 2 else "trilinear"
+    expected = F.interpolate(x, size=size_out, mode=mode, align_corners=align_corners)
+    assert torch.allclose(interpolate_reference(x, size_out, align_corners), expected,
+                          rtol=1e-13, atol=1e-13)
+
+
+@st.composite
+def upsample_problems(draw, max_in=6, max_out=13, volumes=True):
+    """(logits shape, target spatial size, options, seed): integer and non-integer scales, odd
+    sizes, sizes of 1, the target smaller than the logits too."""
+    dims = 3 if volumes and draw(st.booleans()) else 2
+    size_in = tuple(draw(st.integers(1, max_in if dims == 2 else 3)) for _ in range(dims))
+    if draw(st.booleans()):  # an integer scale, as a head at 1/2, 1/4 of the mask's size
+        scale = draw(st.sampled_from([2, 3, 4]))
+        size_out = tuple(min(n * scale, max_out if dims == 2 else 6) for n in size_in)
+    else:
+        size_out = tuple(draw(st.integers(1, max_out if dims == 2 else 6)) for _ in range(dims))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(2, 6))) + size_in
+    options = dict(kernel_size=draw(st.sampled_from([1, 3, 5])),
+                   power=draw(st.sampled_from([1.0, 2.0, 3.0])),
+                   stride=draw(st.sampled_from([1, 2])),
+                   reduction=draw(st.sampled_from(["mean", "none", "sum"])),
+                   align_corners=draw(st.booleans()),
+                   upsample="bilinear" if dims == 2 else "trilinear")
+    return shape, size_out, options, draw(st.integers(0, 2**31 - 1))
+
+
+def check_upsampled(shape, size_out, options, seed, *, backend="torch", dtype=torch.float64,
+                    pixel_weight=False, weight=False):
+    """The loss and low-resolution gradient of one backend against the oracle: exact
+    interpolation, then the float64 loss, then the transposed interpolation of its gradient."""
+    batch, classes = shape[:2]
+    device = DEVICE if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(seed)
+    logits = make_logits(shape, dtype=dtype, seed=seed, device=device).requires_grad_(True)
+    target = make_labels(batch, list(size_out), classes, dtype=torch.uint8, ignore_frac=0.2,
+                         seed=seed, device=device)
+    extra = {}
+    if weight:
+        extra["weight"] = (0.5 + torch.rand(classes, generator=gen, dtype=torch.float64)).to(
+            dtype).to(device)
+    if pixel_weight:
+        extra["pixel_weight"] = torch.rand((batch,) + tuple(size_out), generator=gen,
+                                           dtype=torch.float64).to(dtype).to(device)
+    loss = locally_adaptive_loss(logits, target, backend=backend, **options, **extra)
+    grad_out = grad_out_for(loss, seed).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+
+    low = logits.detach().cpu().double().requires_grad_(True)
+    high = interpolate_reference(low, size_out, options["align_corners"])
+    plain = {k: v for k, v in options.items() if k not in ("upsample", "align_corners")}
+    ref = lad_reference(high.detach(), target.cpu(), grad_out.cpu().double(), **plain,
+                        **{k: v.cpu() for k, v in extra.items()})
+    (ref_grad,) = torch.autograd.grad(high, low, ref.grad)
+    # The interpolation's weights are >= 0: the rounding floor travels back the same way.
+    (grad_floor,) = torch.autograd.grad(interpolate_reference(
+        low, size_out, options["align_corners"]), low, ref.grad_floor)
+
+    assert loss.dtype == dtype and loss.shape == ref.loss.shape
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    if dtype == torch.float64:
+        assert within(loss, ref.loss, ref.loss_floor, 1e-10), (loss, ref.loss)
+        assert within(grad, ref_grad, grad_floor, 1e-10)
+    else:  # the contract's tolerance, of the result and of the terms that cancel in it (C = 2)
+        loss_tol, grad_tol = TOLERANCE[dtype]
+        assert close(loss, ref.loss, ref.loss_floor, loss_tol), (loss, ref.loss)
+        assert close(grad, ref_grad, grad_floor, grad_tol)
+    return loss, grad
+
+
+def close(actual, expected, floor, tol):
+    """||actual - expected|| <= tol (||expected|| + ||floor||): the contract's relative error,
+    of the result and of the terms that cancel in it (C = 2 under the z-score leaves a gradient
+    far below them, which no float32 evaluation resolves to 1e-5 of itself)."""
+    norm = torch.linalg.vector_norm
+    return float(norm(actual.detach().double().cpu() - expected)) <= tol * float(
+        norm(expected) + norm(floor))
+
+
+@given(upsample_problems())
+def test_torch_backend_is_the_interpolated_loss(problem):
+    check_upsampled(*problem)
+
+
+# Each example runs the interpreted kernels for seconds: 5 drawn under the "ci" profile.
+@settings(max_examples=max(5, settings().max_examples // 40))
+@given(upsample_problems(max_in=5, max_out=9, volumes=False),
+       st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_fused_backend_is_the_interpolated_loss(problem, dtype):
+    check_upsampled(*problem, backend="triton", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_class_and_pixel_weights_live_on_the_target_grid(backend):
+    check_upsampled((2, 5, 4, 6), (9, 11), dict(kernel_size=3, power=3.0, stride=1,
+                                                reduction="mean", align_corners=False,
+                                                upsample="bilinear"),
+                    seed=7, backend=backend, dtype=torch.float32, pixel_weight=True,
+                    weight=True)
+
+
+def test_a_wrong_convention_is_caught():
+    # The comparison can fail: align_corners=True scored against False's interpolation misses.
+    logits = make_logits((1, 4, 3, 5), dtype=torch.float64, seed=3)
+    target = make_labels(1, [9, 13], 4, seed=3)
+    ours = locally_adaptive_loss(logits, target, upsample="bilinear", align_corners=True,
+                                 kernel_size=3)
+    other = lad_reference(interpolate_reference(logits, (9, 13), False), target,
+                          kernel_size=3).loss
+    assert rel_err(ours, other) > 1e-3
+
+
+def test_module_and_cross_entropy_style_loop():
+    # The module stores the options; a head's logits at 1/4 of the mask's size train as they
+    # would after F.interpolate, and the map of reduction="none" has the target's size.
+    torch.manual_seed(0)
+    head = torch.nn.Conv2d(3, 5, 1).double()
+    images = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    masks = torch.randint(0, 5, (2, 16, 16), dtype=torch.uint8)
+    criterion = LocallyAdaptiveLoss(kernel_size=5, upsample="bilinear")
+    assert "upsample='bilinear'" in repr(criterion)
+    loss = criterion(head(images), masks)
+    expected = locally_adaptive_loss(F.interpolate(head(images), size=(16, 16),
+                                                   mode="bilinear", align_corners=False), masks)
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    loss.backward()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+    costs = locally_adaptive_loss(head(images), masks, upsample="bilinear", reduction="none")
+    assert costs.shape == (2, 16, 16)
+
+
+def test_volumes_with_a_channel_target():
+    # (B, 1, D, H, W) labels, as MONAI keeps them, set the size trilinear interpolates to.
+    logits = make_logits((1, 3, 2, 3, 3), dtype=torch.float64, seed=5)
+    labels = make_labels(1, [4, 5, 6], 3, seed=5)
+    ours = locally_adaptive_loss(logits, labels[:, None], upsample="trilinear", kernel_size=3)
+    ref = lad_reference(interpolate_reference(logits, (4, 5, 6), False), labels, kernel_size=3)
+    assert within(ours, ref.loss, ref.loss_floor, 1e-10)
+
+
+def test_empty_inputs():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = locally_adaptive_loss(logits, torch.zeros(2, 0, 8, dtype=torch.uint8),
+                                 upsample="bilinear", reduction="none")
+    assert loss.shape == (2, 0, 8)
+    mean = locally_adaptive_loss(logits, torch.zeros(2, 0, 8, dtype=torch.uint8),
+                                 upsample="bilinear")
+    mean.backward()
+    assert float(mean.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    empty_batch = torch.randn(0, 3, 4, 4, requires_grad=True)
+    assert float(locally_adaptive_loss(empty_batch, torch.zeros(0, 8, 8, dtype=torch.uint8),
+                                       upsample="bilinear")) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,shapes,message", [
+    (dict(upsample="nearest"), ((1, 3, 4, 4), (1, 8, 8)), "upsample must be None, 'bilinear'"),
+    (dict(upsample="trilinear"), ((1, 3, 4, 4), (1, 8, 8)),
+     "upsample must be 'bilinear' for 4-D logits"),
+    (dict(upsample="bilinear"), ((1, 3, 2, 4, 4), (1, 4, 8, 8)),
+     "upsample must be 'trilinear' for 5-D logits"),
+    (dict(align_corners=True), ((1, 3, 8, 8), (1, 8, 8)), "align_corners must be False without"),
+    (dict(upsample="bilinear", align_corners=1), ((1, 3, 4, 4), (1, 8, 8)),
+     "align_corners must be True or False"),
+    (dict(), ((1, 3, 4, 4), (1, 8, 8)), "target must have shape (B, H, W) = (1, 4, 4)"),
+    (dict(upsample="bilinear"), ((2, 3, 4, 4), (1, 8, 8)),
+     "target must have shape (B, H, W) or (B, 1, H, W) with B = 2, any H, W"),
+    (dict(upsample="bilinear"), ((1, 3, 4, 4), (1, 2, 8, 8)), "with B = 1, any H, W"),
+    (dict(upsample="bilinear"), ((1, 3, 4, 4), (8, 8)), "with B = 1, any H, W"),
+    (dict(upsample="bilinear", pixel_weight=torch.ones(1, 4, 4)), ((1, 3, 4, 4), (1, 8, 8)),
+     "pixel_weight must have shape (B, H, W) = (1, 8, 8)"),
+    (dict(upsample="bilinear"), ((1, 3, 0, 4), (1, 8, 8)),
+     "logits must have a non-empty spatial size to upsample from"),
+])
+def test_bad_input(kwargs, shapes, message):
+    logits, target = torch.randn(shapes[0]), torch.zeros(shapes[1], dtype=torch.uint8)
+    with pytest.raises(ValueError) as info:
+        locally_adaptive_loss(logits, target, **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(upsample="nearest"), dict(align_corners=True),
+                                    dict(upsample="bilinear", align_corners="yes")])
+def test_the_module_refuses_bad_options_at_construction(kwargs):
+    with pytest.raises(ValueError, match="upsample|align_corners"):
+        LocallyAdaptiveLoss(**kwargs)
+
+
+def test_under_torch_compile():
+    # One graph (fullgraph=True), the eager value and gradient.
+    def loss_fn(x, t):
+        return locally_adaptive_loss(x, t, kernel_size=3, upsample="bilinear",
+                                     align_corners=True, backend="torch")
+
+    x = make_logits((2, 5, 4, 6), dtype=torch.float32, seed=1).requires_grad_(True)
+    t = make_labels(2, [9, 11], 5, dtype=torch.uint8, seed=1)
+    compiled = torch.compile(loss_fn, fullgraph=True)(x, t)
+    (grad,) = torch.autograd.grad(compiled, x)
+    eager = loss_fn(x, t)
+    (expected,) = torch.autograd.grad(eager, x)
+    assert rel_err(compiled, eager) < 1e-6 and rel_err(grad, expected) < 1e-5
