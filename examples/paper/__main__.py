@@ -229,10 +229,9 @@ def render(report):
     lrs = sorted({float(lr) for by_rate in report["selection"].values() for lr in by_rate})
     rate_of = report.get("rate_of", {name: "lad-k5" for name, _ in TABLE1 if name != "lad-k5"})
     lines = [report["header"], "",
-             "Learning rates: mean IoU (%) on the validation split, mean over "
-             + (f"seeds 0 to {report['tune_seeds'] - 1}" if report.get("tune_seeds", 0) > 1
-                else "seed 0" if report.get("tune_seeds") == 1 else "seeds")
-             + "; the chosen rate (best) is the one every table below uses.", "",
+             "Learning rates: mean IoU (%) on the validation split, "
+             + _tuning_seeds(report) + "; the chosen rate (best) is the one every table below "
+             "uses.", "",
              "| Training framework | Hyper Para. | " + " | ".join(f"lr {lr:g}" for lr in lrs)
              + " | chosen |", "|---|---|" + "---|" * (len(lrs) + 1)]
     for name, by_rate in report["selection"].items():
@@ -240,13 +239,16 @@ def render(report):
         values = [f"{by_rate[str(lr)]['val']:.1f}" if str(lr) in by_rate else "-" for lr in lrs]
         lines.append(f"| {row} | {params} | " + " | ".join(values) + f" | {chosen[name]:g} |")
     own = [f"{k:g}" for name, k in TABLE1 if name not in rate_of and name in summary]
-    at_k3 = ("every k" if len(own) == 1 else
-             f"k = {' and '.join(f'{k:g}' for n, k in TABLE1 if n in rate_of)}")
-    lines += ["", f"Table 1. Minkowski exponent k of L^AD, kernel size (5, 5, C), {at_k3} at the "
-              "rate chosen for k = 3" + (f", k = {', '.join(o for o in own if o != '3')} at its "
-                                          "own" if len(own) > 1 else "")
-              + ": test mean IoU (%), mean +- std over seeds", "",
-              "| k | lr | mIoU |", "|---|---|---|"]
+    borrowed = [f"{k:g}" for name, k in TABLE1 if name in rate_of and name in summary]
+    if not borrowed:
+        rates = "each k at its own rate"
+    elif len(own) == 1:
+        rates = "every k at the rate chosen for k = 3"
+    else:
+        rates = (f"k = {' and '.join(borrowed)} at the rate chosen for k = 3, "
+                 f"k = {', '.join(o for o in own if o != '3')} at its own")
+    lines += ["", f"Table 1. Minkowski exponent k of L^AD, kernel size (5, 5, C), {rates}: test "
+              "mean IoU (%), mean +- std over seeds", "", "| k | lr | mIoU |", "|---|---|---|"]
     lines += [f"| {k} | {chosen[name]:g} | {cell(summary[name])} |"
               for name, k in TABLE1 if name in summary]
     lines += ["", "Table 2. Losses, each at its chosen rate: test mean IoU (%), mean +- std over "
@@ -299,6 +301,15 @@ def render(report):
         lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in per_class[name]) + " |"
                   for name in main]
     return "\n".join(lines)
+
+
+def _tuning_seeds(report):
+    """Which seeds chose the rates: every seed (older reports), or the first --tune-seeds."""
+    tune, seeds = report.get("tune_seeds"), report.get("arguments", {}).get("seeds")
+    if tune is None or tune == seeds:
+        return "mean over seeds"
+    first = "seed 0" if tune == 1 else f"mean over seeds 0 to {tune - 1}"
+    return f"{first} (the other seeds train at the chosen rate only)"
 
 
 def _paired_cells(d, tested):
