@@ -315,3 +315,36 @@ def test_readme_tables_are_the_committed_results():
     result = max((ROOT / "examples" / "paper" / "results").glob("shapes-*.json"))
     tables = harness.render(json.loads(result.read_text())).split("\n", 2)[2]
     assert tables in readme
+
+
+def test_readme_claims_are_the_committed_results():
+    # The prose of examples/paper/README.md and the README's summary quote the newest run: each
+    # figure they state is recomputed here from its JSON, so new results cannot leave old claims.
+    result = max((ROOT / "examples" / "paper" / "results").glob("shapes-*.json"))
+    report = json.loads(result.read_text())
+    summary, differences = report["summary"], report["differences"]
+    comparisons = report["comparisons"]
+
+    def interval(d):
+        return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+    prose = (ROOT / "examples" / "paper" / "README.md").read_text().split("## What it shows")[1]
+    claims = [f"K = 5: {summary['lad-k5']['mean']:.1f} against\n  {summary['ce']['mean']:.1f}, "
+              f"{interval(differences['lad-k5'])}",
+              f"K = 7: {interval(differences['lad-k7'])}",
+              f"K = 3: {interval(differences['lad-k3'])}",
+              f"{interval(comparisons['lad-k3 - local0-k3'])}",
+              f"{interval(comparisons['lad-k5 - local0-k5'])}",
+              f"{interval(comparisons['lad-k7 - local0-k7'])}",
+              f"loses 3.1 {interval(differences['lad-k5-p1'])[5:]}",
+              f"{interval(differences['focal'])}"]
+    claims += [f"{-differences[f'zce-k{k}']['mean']:.1f}" for k in (3, 5, 7)]
+    for claim in claims:
+        assert claim.replace("\n  ", " ") in " ".join(prose.split()), claim
+    assert f"{-differences['lad-k5-p1']['mean']:.1f}" == "3.1"
+    summary_text = " ".join((ROOT / "README.md").read_text().split())
+    for figure in (f"{summary['lad-k5']['mean']:.1f} test mIoU",
+                   f"cross-entropy's {summary['ce']['mean']:.1f}",
+                   f"(+{differences['lad-k5']['mean']:.1f} points",
+                   f"reaches {summary['local0-k5']['mean']:.1f}"):
+        assert figure in summary_text, figure
