@@ -200,3 +200,21 @@ def test_benchmark_run_fails_when_nothing_is_collected(monkeypatch):
     with pytest.raises(SystemExit, match="no benchmark collected"):
         bench_main.run_suite(args, "unused.json")
 
+
+
+def test_upsample_model_orders_the_three_ways():
+    # python -m bench.upsample_model: per workload the fused design moves the least and keeps
+    # the least; interpolate + LAD saves cross-entropy's extra log-probabilities pass (one
+    # full-resolution tensor) and keeps as much; the fused design's peak is P (the label's size)
+    # and the low-resolution gradient.
+    import upsample_model as model
+
+    for w in model.WORKLOADS:
+        ways = model.traffic(w)
+        ce, lad, fused = (ways[k] for k in ("interpolate + cross-entropy", "interpolate + LAD",
+                                            "fused upsampling"))
+        high = w.batch * w.classes * w.high[0] * w.high[1] * 4
+        low = w.batch * w.classes * w.low[0] * w.low[1] * 4
+        assert fused[0] < lad[0] < ce[0] and ce[0] - lad[0] == high
+        assert fused[1] == high + low and lad[1] == ce[1] == 3 * high
+    assert "fused upsampling" in model.report()
