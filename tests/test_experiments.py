@@ -223,6 +223,30 @@ def test_temperature_is_the_scale_the_loss_applies():
         assert abs(float(plain) - float(lad)) > 1e-3  # K = 1 at its own scale differs
 
 
+def test_the_z_score_bounds_a_pixels_probability():
+    # docs/math.md: at scale s over C classes no cost falls below
+    # -log(1 / (1 + (C - 1) exp(-s C / sqrt(C - 1)))); the z-scores (sqrt(C - 1), then
+    # -1 / sqrt(C - 1)) reach it, and random logits (however confident) stay above it.
+    from lad_triton import locally_adaptive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    for classes, scale, floor in ((6, 0.72, 0.54), (6, 10 / 9, None), (21, 0.72, None)):
+        bound = math.log1p((classes - 1) * math.exp(-scale * classes / math.sqrt(classes - 1)))
+        if floor is not None:
+            assert bound == pytest.approx(floor, abs=0.01)
+        best = torch.full((1, classes, 1, 1), -1.0, dtype=torch.float64)
+        best[0, 2] = classes - 1.0  # any scale and shift: the z-score removes them
+        target = torch.full((1, 1, 1), 2)
+        options = dict(kernel_size=1, weight_base=scale, eps=1e-12, reduction="none",
+                       backend="torch")
+        assert float(locally_adaptive_loss(best, target, **options)) == pytest.approx(bound,
+                                                                                      rel=1e-9)
+        random = 30 * torch.randn(1, classes, 64, 64, generator=gen, dtype=torch.float64)
+        random[:, 2] += 100  # very confident in the label
+        costs = locally_adaptive_loss(random, torch.full((1, 64, 64), 2), **options)
+        assert float(costs.min()) >= bound * (1 - 1e-9)
+
+
 def test_paired_t_test_and_holm():
     # t = 2.7764 on 4 degrees of freedom is the two-sided 5 % point.
     assert 2 * (1 - harness.t_cdf(2.7764451, 4)) == pytest.approx(0.05, abs=1e-6)
