@@ -217,7 +217,11 @@ def terminal_table(rows):
     header = ["workload", "pass", "unit"] + [SHORT[n] for n in impls + [n for _, n in ratios]]
     body, noisy, shapes = [], False, {}
     for key, found in groups.items():
-        shapes[key[0]] = "x".join(map(str, found[next(iter(found))]["shape"]))
+        first = found[next(iter(found))]
+        shapes[key[0]] = "x".join(map(str, first["shape"]))
+        if first.get("low"):  # logits at a head's resolution
+            shapes[key[0]] = "x".join(map(str, first["shape"][:2] + first["low"])) + (
+                " -> " + "x".join(map(str, first["shape"][2:])))
         unit, scale = _unit(max(r["median_ms"] for r in found.values()))
         cells = [f"{key[0]} K={key[1]} {DTYPE_SHORT.get(key[2], key[2])}", PASS_SHORT[key[3]],
                  unit]

@@ -50,7 +50,8 @@ def pytest_collection_modifyitems(config, items):
             # On a CPU, float32 only: the quick look needs one dtype, and a second doubles the
             # torch.compile builds that take most of its time there.
             if quick and (workload.kernel_size != 5 or pass_ != "forward+backward"
-                          or workload.name not in (("small",) if on_cpu else ("voc",))
+                          or workload.name not in (("small", "small-up") if on_cpu
+                                                   else ("voc", "deeplab-up"))
                           or (on_cpu and workload.dtype != torch.float32)):
                 continue
             reason = unavailable(impl, workload, device)

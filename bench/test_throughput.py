@@ -45,14 +45,21 @@ def reference(impl, w, logits, target, pass_):
     if key not in _REFERENCES:
         if len(_REFERENCES) > 4:
             _REFERENCES.clear()
+        x = logits.detach().double().requires_grad_(pass_ != "forward")
+        # With low-resolution logits both are defined on their interpolation (float64, exact
+        # up to rounding), and the gradient goes back through it.
+        high = x if not w.low else torch.nn.functional.interpolate(
+            x, size=target.shape[-2:], mode="bilinear", align_corners=w.align_corners)
         if impl == "cross_entropy":
-            x = logits.detach().double().requires_grad_(pass_ != "forward")
-            loss = torch.nn.functional.cross_entropy(x, target, ignore_index=255)
+            loss = torch.nn.functional.cross_entropy(high, target, ignore_index=255)
             _REFERENCES[key] = (loss.detach(), torch.autograd.grad(loss, x)[0]
                                 if pass_ != "forward" else None)
         else:
-            _REFERENCES[key] = lad_unfold_float64(logits, target, w.kernel_size,
-                                                  with_grad=pass_ != "forward")
+            loss, grad = lad_unfold_float64(high.detach(), target, w.kernel_size,
+                                            with_grad=pass_ != "forward")
+            if grad is not None and w.low:
+                (grad,) = torch.autograd.grad(high, x, grad)
+            _REFERENCES[key] = (loss, grad)
     return _REFERENCES[key]
 
 
@@ -103,6 +110,7 @@ def test_loss(benchmark, case, device, quick, request):
     benchmark.extra_info.update(
         impl=impl, workload=w.name, device=torch.cuda.get_device_name(device)
         if device.type == "cuda" else "cpu", dtype=str(w.dtype)[6:], shape=list(w.shape),
+        low=list(w.low) if w.low else None,
         kernel_size=w.kernel_size, **{"pass": pass_},
         pixels_per_s=w.pixels / median, peak_mem_mib=peak,
         gbps=min_bytes_per_pixel(w, pass_) * w.pixels / median / 1e9,

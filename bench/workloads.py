@@ -10,6 +10,10 @@ Implementations (all take (B, C, H, W) logits and int64 (B, H, W) targets, 255 =
 - ``torch_unfold``: the ``F.unfold`` formulation of published neighbourhood losses, with
   K^2 * C * H * W memory; run only where it fits.
 
+Workloads with ``low`` give the logits at a head's resolution, below the label's: cross-entropy
+is then ``F.interpolate`` (bilinear, the workload's ``align_corners``) + ``F.cross_entropy``, as
+segmentation heads compute it, and LAD is the loss with ``upsample="bilinear"``.
+
 Passes: ``forward`` is the training forward (logits require grad, so what the backward needs is
 built and kept); ``forward+backward`` adds the gradient with respect to the logits.
 """
@@ -37,10 +41,22 @@ class Workload:
     kernel_size: int
     dtype: torch.dtype
     slow: bool  # too big to time on a CPU in minutes
+    low: tuple = None  # the logits' (h, w) where a head predicts below the label's size
+    align_corners: bool = False  # the interpolation's, with low
 
     @property
     def shape(self):
+        """(B, C, H, W) at the label's size: what the per-pixel figures count."""
         return (self.batch, self.classes, self.height, self.width)
+
+    @property
+    def logits_shape(self):
+        return (self.batch, self.classes) + (self.low or (self.height, self.width))
+
+    @property
+    def low_share(self):
+        """The logits' pixels per label pixel: 1 without low."""
+        return self.low[0] * self.low[1] / (self.height * self.width) if self.low else 1.0
 
     @property
     def pixels(self):
@@ -61,8 +77,10 @@ class Workload:
         edge = torch.zeros_like(target, dtype=torch.bool)
         edge[:, 1:, :] |= target[:, 1:, :] != target[:, :-1, :]
         edge[:, :, 1:] |= target[:, :, 1:] != target[:, :, :-1]
-        logits = 3 * torch.randn(self.shape, generator=gen)
-        logits += 2 * F.one_hot(target, c).permute(0, 3, 1, 2)
+        lean = target if not self.low else F.interpolate(
+            target[:, None].float(), size=self.low, mode="nearest")[:, 0].long()
+        logits = 3 * torch.randn(self.logits_shape, generator=gen)
+        logits += 2 * F.one_hot(lean, c).permute(0, 3, 1, 2)
         target[edge] = IGNORE
         return (logits.to(device=device, dtype=self.dtype).requires_grad_(True),
                 target.to(device))
@@ -77,6 +95,12 @@ def workloads():
             out.append(Workload("voc", 8, 21, 513, 513, k, dtype, slow=True))
         out.append(Workload("cityscapes", 4, 19, 512, 1024, 5, dtype, slow=True))
         out.append(Workload("ade", 8, 150, 512, 512, 5, dtype, slow=True))
+        # logits at a head's resolution: DeepLab's 1/8 (align_corners=True), SegFormer's 1/4
+        out.append(Workload("small-up", 2, 21, 129, 129, 5, dtype, slow=False, low=(33, 33)))
+        out.append(Workload("deeplab-up", 8, 21, 513, 513, 5, dtype, slow=True, low=(65, 65),
+                            align_corners=True))
+        out.append(Workload("segformer-up", 8, 19, 512, 1024, 5, dtype, slow=True,
+                            low=(128, 256)))
     return out
 
 
@@ -86,7 +110,8 @@ def min_bytes_per_pixel(w, pass_):
     """The floor: logits read once, labels read once and, with the backward, the gradient
     written once (int64 labels here: 8 B)."""
     e = torch.finfo(w.dtype).bits // 8
-    return w.classes * e * (2 if pass_ == "forward+backward" else 1) + 8
+    logits = w.classes * e * w.low_share  # at the logits' resolution
+    return logits * (2 if pass_ == "forward+backward" else 1) + 8
 
 
 def flops_per_pixel(w, pass_):
@@ -109,7 +134,11 @@ def design_bytes_per_pixel(w, pass_):
     forward = 2 * w.classes * e + y
     if w.classes > 32 or w.kernel_size > 7:  # the statistics: logits read, 8 B written and read
         forward += w.classes * e + 16
-    return forward if pass_ == "forward" else forward + 3 * w.classes * e + y
+    backward = 3 * w.classes * e + y
+    if w.low:  # upsample= interpolates with PyTorch first: its logits and their gradient
+        forward += w.classes * e * (1 + w.low_share)
+        backward += w.classes * e * (1 + 2 * w.low_share)
+    return forward if pass_ == "forward" else forward + backward
 
 
 # --- implementations --------------------------------------------------------------------------
@@ -175,14 +204,19 @@ def lad_unfold_float64(logits, target, kernel_size, power=3.0, with_grad=True):
 def loss_function(impl, w):
     """(logits, target) -> loss for one implementation and workload."""
     k = w.kernel_size
+    if impl == "cross_entropy" and w.low:
+        return lambda x, t: F.cross_entropy(
+            F.interpolate(x, size=t.shape[-2:], mode="bilinear", align_corners=w.align_corners),
+            t, ignore_index=IGNORE)
     if impl == "cross_entropy":
         return lambda x, t: F.cross_entropy(x, t, ignore_index=IGNORE)
     if impl == "torch_unfold":
         return lambda x, t: lad_unfold(x, t, k)
     backend = "triton" if impl == "triton" else "torch"
+    interpolation = dict(upsample="bilinear", align_corners=w.align_corners) if w.low else {}
     # check_target=False: the benchmark times the loss, not the one-off label check (a sync).
     fn = lambda x, t: locally_adaptive_loss(x, t, kernel_size=k, backend=backend,  # noqa: E731
-                                            check_target=False)
+                                            check_target=False, **interpolation)
     return torch.compile(fn) if impl == "torch_compile" else fn
 
 
@@ -190,6 +224,8 @@ def unavailable(impl, w, device):
     """Why this implementation is not timed on this workload and device, or None."""
     if impl == "triton" and device.type != "cuda":
         return "the fused kernels only run compiled on CUDA (interpreter timings mean nothing)"
+    if impl == "torch_unfold" and w.low:
+        return "the F.unfold formulation takes logits at the label's size"
     if impl == "torch_unfold":
         need = 4 * w.batch * w.classes * w.kernel_size ** 2 * w.height * w.width * 4
         have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
