@@ -362,7 +362,14 @@ def test_readme_claims_are_the_committed_results():
               f"{interval(comparisons['lad-k7 - local0-k7'])}",
               f"loses 3.1 {interval(differences['lad-k5-p1'])[5:]}",
               f"{interval(differences['focal'])}"]
-    claims += [f"{-differences[f'zce-k{k}']['mean']:.1f}" for k in (3, 5, 7)]
+    zce = [f"{-differences[f'zce-k{k}']['mean']:.1f}" for k in (3, 5, 7)]
+    claims.append(f"loses {zce[0]}, {zce[1]} and {zce[2]} points to cross-entropy")
+    wins = sum(v > 0 for k in (3, 5, 7) for v in comparisons[f"lad-k{k} - local0-k{k}"]["values"])
+    claims.append(f"LAD beats its own control on {wins} of the 15 seed pairs")
+    holm = [f"{comparisons[f'lad-k{k} - local0-k{k}']['p_holm']:.3f}" for k in (3, 5, 7)]
+    claims.append(f"Holm {holm[0]}, {holm[1]}, {holm[2]}: none survives")
+    assert all(float(h) > 0.05 for h in holm)
+    assert all(v > 0 for k in (3, 5, 7) for v in differences[f"lad-k{k}"]["values"])  # "every seed"
     for claim in claims:
         assert claim.replace("\n  ", " ") in " ".join(prose.split()), claim
     assert f"{-differences['lad-k5-p1']['mean']:.1f}" == "3.1"
@@ -372,3 +379,16 @@ def test_readme_claims_are_the_committed_results():
                    f"(+{differences['lad-k5']['mean']:.1f} points",
                    f"reaches {summary['local0-k5']['mean']:.1f}"):
         assert figure in summary_text, figure
+    losses = [-differences[f"zce-k{k}"]["mean"] for k in (3, 5, 7)]
+    assert f"loses {round(min(losses))}-{round(max(losses))} points" in summary_text
+    assert differences["lad-k5"]["p_holm"] > 0.05  # "not significant after Holm's correction"
+
+
+def test_diverged_runs_are_named_in_the_tables():
+    result = max((ROOT / "examples" / "paper" / "results").glob("shapes-*.json"))
+    report = json.loads(result.read_text())
+    assert "stopped being finite" not in harness.render(report)
+    report["runs"][3]["diverged"] = 17
+    run = report["runs"][3]
+    assert (f"{run['name']} lr {run['lr']:g} seed {run['seed']} at iteration 17"
+            in harness.render(report))

@@ -300,6 +300,11 @@ def render(report):
                   "|---|" + "---|" * len(names)]
         lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in per_class[name]) + " |"
                   for name in main]
+    diverged = [r for r in report.get("runs", []) if r.get("diverged") is not None]
+    if diverged:  # scored as they stood (train.py): a reader must see which
+        lines += ["", "Runs whose loss stopped being finite, scored as they stood: " + "; ".join(
+            f"{r['name']} lr {r['lr']:g} seed {r['seed']} at iteration {r['diverged']}"
+            for r in diverged)]
     return "\n".join(lines)
 
 
