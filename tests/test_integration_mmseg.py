@@ -175,6 +175,24 @@ def test_loss_by_feat_with_the_ohem_sampler():
     assert rel_err(losses["loss_lad"], 0.7 * reference(upsampled, labels, kernel_size=3)) > 1e-3
 
 
+def low_resolution_loss(upsample=True):
+    return dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
+                class_weight=CLASS_WEIGHT, upsample=upsample)
+
+
+def loss_by_feat_seen(head, seg_logits, labels):
+    """(the head's losses, (the logits the loss scored, its keywords)): the one call of
+    locally_adaptive_loss that loss_by_feat makes, recorded."""
+    calls = []
+    scored = adapter.locally_adaptive_loss
+    with mock.patch.object(adapter, "locally_adaptive_loss",
+                           side_effect=lambda x, *a, **k: calls.append((x, k)) or scored(
+                               x, *a, **k)):
+        losses = head.loss_by_feat(seg_logits, data_samples(labels))
+    (call,) = calls
+    return losses, call
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
     # upsample=True: the loss gets the head's (N, C, h, w) logits and the head's align_corners,
@@ -182,18 +200,10 @@ def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
     # and acc_seg is mmseg's accuracy of the resized logits.
     from mmseg.models.losses import accuracy
 
-    head = decode_head(align_corners=align_corners, loss_decode=dict(
-        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
-        upsample=True))
+    head = decode_head(align_corners=align_corners, loss_decode=low_resolution_loss())
     seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=2).requires_grad_(True)
     labels = make_labels(2, (9, 10), 5, n_labels=4, seed=2)
-    calls = []
-    scored = adapter.locally_adaptive_loss
-    with mock.patch.object(adapter, "locally_adaptive_loss",
-                           side_effect=lambda x, *a, **k: calls.append((x, k)) or scored(
-                               x, *a, **k)):
-        losses = head.loss_by_feat(seg_logits, data_samples(labels))
-    ((given, options),) = calls
+    losses, (given, options) = loss_by_feat_seen(head, seg_logits, labels)
     assert given is seg_logits
     assert options["upsample"] == "bilinear" and options["align_corners"] is align_corners
     x = seg_logits.detach().requires_grad_(True)
@@ -209,9 +219,7 @@ def test_the_loss_scores_the_heads_logits_before_its_resize(align_corners):
 def test_the_ohem_sampler_with_the_heads_logits():
     # The sampler ranks the loss's map of the no-grad resize (the loss reads the head's logits
     # on it); the loss and its gradient are those of the resize then the sampled loss.
-    head = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12), loss_decode=dict(
-        type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7, class_weight=CLASS_WEIGHT,
-        upsample=True))
+    head = decode_head(sampler=dict(type="OHEMPixelSampler", min_kept=12), loss_decode=low_resolution_loss())
     seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=4).requires_grad_(True)
     labels = make_labels(2, (8, 10), 5, n_labels=4, seed=4)
     losses = head.loss_by_feat(seg_logits, data_samples(labels))
@@ -227,21 +235,12 @@ def test_the_ohem_sampler_with_the_heads_logits():
 def test_a_head_with_other_losses_resizes_for_all_of_them():
     # Cross-entropy beside LAD needs the resized logits with their gradient: the head resizes as
     # mmseg does, and LAD scores those (no upsample), as does upsample=False.
-    for losses in ([dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
-                         class_weight=CLASS_WEIGHT, upsample=True),
-                    dict(type="CrossEntropyLoss", loss_weight=0.3)],
-                   dict(type="LocallyAdaptiveLoss", kernel_size=3, loss_weight=0.7,
-                        class_weight=CLASS_WEIGHT, upsample=False)):
+    for losses in ([low_resolution_loss(), dict(type="CrossEntropyLoss", loss_weight=0.3)],
+                   low_resolution_loss(upsample=False)):
         head = decode_head(loss_decode=losses)
         seg_logits = make_logits((2, 5, 4, 5), dtype=torch.float64, seed=3)
         labels = make_labels(2, (8, 10), 5, n_labels=4, seed=3)
-        calls = []
-        scored = adapter.locally_adaptive_loss
-        with mock.patch.object(adapter, "locally_adaptive_loss",
-                               side_effect=lambda x, *a, **k: calls.append((x, k)) or scored(
-                                   x, *a, **k)):
-            result = head.loss_by_feat(seg_logits, data_samples(labels))
-        ((given, options),) = calls
+        result, (given, options) = loss_by_feat_seen(head, seg_logits, labels)
         assert given.shape == (2, 5, 8, 10) and "upsample" not in options
         upsampled = F.interpolate(seg_logits, size=(8, 10), mode="bilinear",
                                   align_corners=False)
