@@ -64,7 +64,8 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
               torch.int32: "i32", torch.int64: "i64"}
 KERNELS = {"_zscore_stats_kernel": ks, "_forward_kernel": kf, "_combine_kernel": kc,
            "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
-           "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb}
+           "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb,
+           "_halo_upsample_backward_kernel": kh}
 
 
 class Recorder:
@@ -107,16 +108,20 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                     labels=torch.uint8, **overrides):
     """The launches of one forward and backward on ``meta`` tensors of spatial ``shape`` ((H, W)
     images or (D, H, W) volumes, batch first) with C = classes, uint8 labels: (kernel name, jit
-    function, args, kwargs). Overrides: the loss's options, plus ``need_grad`` and
-    ``weighted``."""
+    function, args, kwargs). Overrides: the loss's options, plus ``need_grad``, ``weighted``
+    and ``low``: the logits' (h, w), lower than ``shape``'s, interpolated in the kernels with
+    ``align_corners``."""
     options = dict(kernel_size=kernel_size, power=3.0, stride=1, ignore_index=255, eps=1e-5,
                    weight_base=2.0, normalizer="count", zscore=True)
     options.update(overrides)
     need_grad = options.pop("need_grad", True)
     weighted = options.pop("weighted", False)
+    low = options.pop("low", None)
+    upsample = dict(upsample="bilinear" if low else "",
+                    align_corners=options.pop("align_corners", False))
     acc = kf.accumulation_dtype(dtype)
     batch, spatial = shape[0], tuple(shape[1:])
-    logits = torch.empty((batch, classes) + spatial, dtype=dtype, device="meta")
+    logits = torch.empty((batch, classes) + tuple(low or spatial), dtype=dtype, device="meta")
     target = torch.empty((batch,) + spatial, dtype=labels, device="meta")
     weight = torch.empty(classes, dtype=acc, device="meta") if weighted else None
     mean = options.pop("reduction", "mean") == "mean"
@@ -127,7 +132,8 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                                                 stride=options["stride"], weighted=weighted)
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
-                                            mean=mean, **options)
+                                            mean=mean, **upsample, **options)
+        backward_options.update(upsample)
         _, scalars, tile_max = kc.combine(partials, ticket, options["power"], dtype)
         if need_grad and mean:
             kb.backward(tile_max, logits, target, P, weighted=weighted,
@@ -209,6 +215,7 @@ def compiled(fn, args, kwargs, arch):
 def describe(name, args, kwargs):
     shown = {k: v for k, v in kwargs.items()
              if k in ("C", "CLASS_TILE", "ROWS", "UNROLL", "RADIUS", "STRIDE", "TILE_W", "BLOCK",
+                      "BAND", "STRIP", "UPSAMPLE",
                       "num_warps")}
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
@@ -225,6 +232,13 @@ def configs(quick, all_classes=False):
                 yield f"C={c} {TYPE_CODES[dtype]} K={k}", c, dtype, k, {}, True
     if all_classes:
         return
+    for c, low, shape, corners in ((21, (65, 65), (8, 513, 513), True),
+                                   (19, (128, 256), (8, 512, 1024), False),
+                                   (32, (65, 65), (8, 513, 513), False))[:2 if quick else 3]:
+        for dtype in (torch.float32, torch.bfloat16):  # interpolated in the kernels
+            for k in (5,) if quick or c != 21 else (3, 5, 7):
+                yield (f"C={c} {TYPE_CODES[dtype]} K={k} {low} -> {shape[1:]}", c, dtype, k,
+                       dict(low=low, shape=shape, align_corners=corners), False)
     variants = [dict(zscore=False, normalizer="weight"), dict(need_grad=False),
                 dict(need_grad=False, zscore=False), dict(weighted=True), dict(stride=2),
                 dict(reduction="none"), dict(labels=torch.int64)]
@@ -298,6 +312,7 @@ STREAMED = {
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
     "_halo_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_tile_scales_kernel": ("tile_max_ptr", "scale_ptr"),
+    "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -315,6 +330,13 @@ def loop_trips(name, values):
         return []
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
+    if name == "_halo_upsample_backward_kernel":
+        # In program order: a band's output rows (its input rows' and one more's); inside,
+        # the strip's columns of a finished input row (BAND times over the rows: a share per
+        # row), the window rows; after, the last row's columns.
+        band = min(values["BAND"], values["H_in"])
+        rows = values["H"] * (band + 1) / values["H_in"]
+        return [rows, values["STRIP"] * band / rows, 1 + 2 * values["RADIUS"], values["STRIP"]]
     if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
         return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:
@@ -368,15 +390,20 @@ def _flat(tree):
         yield tree
 
 
-def model_workload(shape, kernel_size, dtype, check_target=False):
-    """(kernel models, glue ops) of one forward + backward of the default loss."""
+def model_workload(shape, kernel_size, dtype, check_target=False, low=None,
+                   align_corners=False):
+    """(kernel models, glue ops) of one forward + backward of the default loss; ``low``: the
+    logits' (h, w) below the target's, with upsample="bilinear"."""
     batch, classes, height, width = shape
-    logits = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    logits = torch.zeros((batch, classes) + tuple(low or (height, width)), dtype=dtype,
+                         requires_grad=True)
     target = torch.zeros((batch, height, width), dtype=torch.int64)
+    upsample = dict(upsample="bilinear", align_corners=align_corners) if low else {}
     glue = GlueRecorder()
     with recording() as launches, glue:
         loss = lad_triton.locally_adaptive_loss(logits, target, kernel_size=kernel_size,
-                                                backend="triton", check_target=check_target)
+                                                backend="triton", check_target=check_target,
+                                                **upsample)
         # As the benchmark's pass: the gradient returned, not accumulated into .grad (which
         # under a dispatch mode copies it, an artifact of the mode).
         torch.autograd.grad(loss, logits)

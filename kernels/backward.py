@@ -38,6 +38,7 @@ from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, 
                      tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
+from .upsample import upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
                      minkowski_share, omega_at, omega_of, scalar, tile_coordinates,
                      tile_scale_factors)
@@ -366,14 +367,21 @@ def _tile_scales_kernel(
 
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,
-             weighted=False, grad=None, scalars=None, power=1.0):
+             weighted=False, grad=None, scalars=None, power=1.0, upsample="",
+             align_corners=False):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
     ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
     scaled P (the Minkowski mean); without, ``s`` is the map dL on the centre grid. ``plan``:
     the forward's tiles ("ROWSxCOLUMNS", forward.tile_plan), which ``s`` and P are laid out by;
     ``weighted``: the forward had class weights (the backward's own launch plan depends on
-    it)."""
+    it). ``upsample="bilinear"``: the forward's (low-resolution logits); the gradient is theirs,
+    formed without the target-sized gradient (halo._halo_upsample_backward_kernel)."""
+    if upsample:
+        return _upsample_backward(s, logits, target, P, kernel_size=kernel_size, eps=eps,
+                                  weight_base=weight_base, zscore=zscore, plan=plan,
+                                  weighted=weighted, grad=grad, scalars=scalars, power=power,
+                                  align_corners=align_corners)
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -418,4 +426,34 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=radius, STRIDE=stride,
         ROWS=cfg.backward_rows, FROWS=forward_rows, TILE_W=cfg.tile_w, ZSCORE=zscore,
         MEAN=mean, WIDE=wide, **cfg.backward_launch)
+    return dx
+
+
+def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
+                       weighted, grad, scalars, power, align_corners):
+    dx = torch.empty_like(logits)
+    batch, classes, h_in, w_in = logits.shape
+    height, width = target.shape[-2:]
+    up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
+    mean = grad is not None
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,
+                        **target_of(logits))
+    forward_rows, forward_cols = map(int, plan.split("x"))
+    if not mean:
+        s = s.to(acc).contiguous()
+    sy = as_volume(target, 3)[1]
+    wide = needs_wide_index(span(logits.shape[1:], logits.stride()[1:]),
+                            span(dx.shape[1:], dx.stride()[1:]),
+                            span((height, width), sy[2:]), math.prod(P.shape[1:]),
+                            height * width)
+    bands, strips = cdiv(h_in, up.band), cdiv(w_in, up.strip)
+    halo._halo_upsample_backward_kernel[(batch * bands * strips,)](
+        logits, target, P, s, grad if mean else s, scalars if mean else s, dx, index, weight,
+        height, width, h_in, w_in, bands, strips, cdiv(height, forward_rows),
+        cdiv(width, forward_cols), *logits.stride(), sy[0], *sy[2:], *dx.stride(),
+        *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
+        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, BAND=up.band,
+        STRIP=up.strip, FROWS=forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide,
+        **cfg.backward_launch)
     return dx

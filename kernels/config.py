@@ -166,6 +166,11 @@ HALO_ROWS = 2
 HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
+# Their caps where they interpolate low-resolution logits (upsample="bilinear"): four loads per
+# pixel and class in the forward; two rows of the low-resolution gradient on top of G in the
+# backward. The fewest that compile without spills under Triton 3.6 (bench/kernel_report.py);
+# no GPU has timed them yet.
+HALO_UPSAMPLE_REGISTERS = ((26, 168, 200), (32, 216, 255))
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -193,7 +198,7 @@ def plan_registers(classes, kernel_size, new_ptxas=None):
 
 
 def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, weighted=False,
-                  arch=DEFAULT_ARCH, interpreted=False):
+                  arch=DEFAULT_ARCH, interpreted=False, upsample=False):
     """The one launch heuristic, shared by the forward and the backward (the backward indexes
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
     and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
@@ -208,7 +213,8 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
             and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows = HALO_ROWS_INTERPRETED if interpreted else HALO_ROWS
         caps = ((MAX_REGISTERS, MAX_REGISTERS) if interpreted or arch != 90 or wide
-                else next(c[1:] for c in HALO_REGISTERS if classes <= c[0]))
+                else next(c[1:] for c in (HALO_UPSAMPLE_REGISTERS if upsample else HALO_REGISTERS)
+                          if classes <= c[0]))
         return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows,
                             forward_registers=caps[0], backward_registers=caps[1], halo=True)
     chunked = classes > CLASS_TILE

@@ -54,6 +54,7 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape, grid_of
 from .stats import zscore_stats
+from .upsample import fusable, plan_of, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
                      minkowski_share, omega_of, scalar, tile_coordinates, window_weight)
 
@@ -561,11 +562,14 @@ def tile_plan(logits, *, kernel_size, stride, weighted=False):
     return f"{cfg.forward_rows}x{cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)}"
 
 
-def allocate(logits, *, kernel_size, stride, need_grad, mean, plan):
+def allocate(logits, *, kernel_size, stride, need_grad, mean, plan, size=None):
     """The forward's outputs (L, partials, ticket, P), allocated with ``new_empty`` so that the fake
     implementation (torch.compile's shape propagation) shares this one definition. L is empty
-    for the mean (``mean``), P when no gradient is needed. ``plan``: tile_plan's."""
+    for the mean (``mean``), P when no gradient is needed. ``plan``: tile_plan's. ``size``: the
+    target's spatial size where the logits are at a lower resolution (``upsample``)."""
     batch, classes, depth, height, width = as_volume(logits, 4)[0]
+    if size is not None:
+        height, width = size
     acc = accumulation_dtype(logits.dtype)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     rows, cols = map(int, plan.split("x"))
@@ -579,30 +583,49 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, plan):
             else new(0, dtype=logits.dtype))
 
 
+def interpolates(logits, size, mode, align_corners, *, kernel_size, stride, weighted,
+                 need_grad):
+    """Whether the kernels interpolate ``logits`` to ``size`` themselves (the forward and the
+    backward: the backward also needs a strip of input columns whose stencils fit in a warp)."""
+    cfg = launch_config(int(logits.shape[1]), stride, kernel_size,
+                        accumulation_dtype(logits.dtype), weighted, **target_of(logits))
+    if not fusable(logits, size, mode, cfg.halo):
+        return False
+    return not need_grad or plan_of(logits, size, align_corners, kernel_size).strip > 0
+
+
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
-            weight_base, normalizer, zscore, need_grad, mean, plan=None):
+            weight_base, normalizer, zscore, need_grad, mean, plan=None, upsample="",
+            align_corners=False):
     """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, ticket,
     P): the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3)
     Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when
     ``need_grad`` is False; scaled for the mean, see ``_forward_kernel``). ``plan``: the
     caller's tile_plan, checked. ``weight`` is None or C class weights in the accumulation dtype.
-    No host sync; the z-score statistics are a temporary of the forward."""
+    No host sync; the z-score statistics are a temporary of the forward. ``upsample="bilinear"``:
+    the logits are at a lower resolution than the target and the window-row kernels interpolate
+    them in registers (``interpolates`` must hold); everything else is at the target's size."""
     volume = logits.dim() == 5
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
     y_shape, sy = as_volume(target, 3)
+    x_span = span((classes, depth, height, width), sx[1:])
+    size = None
+    if upsample:
+        size = tuple(target.shape[-2:])
+        height, width = size
+        _, up_index, up_weight = upsample_tables(logits, size, align_corners, kernel_size)
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
-                        **target_of(logits))
+                        upsample=bool(upsample), **target_of(logits))
     cols = cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)
     planned = f"{cfg.forward_rows}x{cols}"
     if plan is not None and plan != planned:  # the traced graph's shapes would not match
         raise RuntimeError(f"lad_triton: the forward's tiles are {planned}, the caller traced "
                            f"{plan}")
     L, partials, ticket, P = allocate(logits, kernel_size=kernel_size, stride=stride,
-                                      need_grad=need_grad, mean=mean, plan=planned)
+                                      need_grad=need_grad, mean=mean, plan=planned, size=size)
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
-    wide = needs_wide_index(span((classes, depth, height, width), sx[1:]),
-                            span(y_shape[1:], sy[1:]),
+    wide = needs_wide_index(x_span, span(y_shape[1:], sy[1:]),
                             classes * cdiv(d_c * h_c * w_c, cfg.tile_w) * cfg.tile_w,
                             depth * height * width)
     if cfg.halo:
@@ -610,14 +633,16 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
                                                (batch, depth, height, width))
         halo._halo_forward_kernel[(programs,)](
             logits, target, partials if weight is None else weight, P, L, partials, ticket,
+            up_index if upsample else ticket, up_weight if upsample else partials,
             depth, height, width, tiles_h, tiles_w, *sx, *sy,
             kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),
             *split_scalar(power), *split_scalar(weight_base),
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2,
             ROWS=cfg.forward_rows, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
             HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide,
-            **cfg.forward_launch)
+            UPSAMPLE=bool(upsample), **cfg.forward_launch)
         return L, partials, ticket, P
+    assert not upsample, "the generic kernels do not interpolate (interpolates())"
     stats = (batch, depth, height, width) if zscore else (0,)
     mean_, rstd = logits.new_empty(stats, dtype=acc), logits.new_empty(stats, dtype=acc)
     if zscore:

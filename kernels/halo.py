@@ -105,17 +105,48 @@ def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.
 
 
 @triton.jit
-def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, ACC: tl.constexpr,
-                C: tl.constexpr, ZSCORE: tl.constexpr):
+def _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxc, sxh, sxw, idx_ptr, lam_ptr,
+                  ACC: tl.constexpr):
+    """The logits [CLASS_TILE, 32] of output row qi at the lanes' columns, bilinearly interpolated
+    from the low-resolution plane with the weights of kernels/upsample.py's tables (rows' i0, i1
+    and l first, then the columns'): four loads per class from L1/L2 instead of one from DRAM.
+    Neighbouring lanes often read the same source pixel; _outer's hint only fixes the layout
+    (one element per lane, no vector loads), as for the clamped columns of _row_logits."""
+    qic = clamp(qi, H - 1)
+    qjc = clamp(cols, W - 1)
+    r0 = tl.load(idx_ptr + qic).to(cols.dtype) * sxh
+    r1 = tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh
+    lh = tl.load(lam_ptr + qic).to(ACC)
+    c0 = tl.load(idx_ptr + 2 * H + qjc, mask=ok, other=0).to(cols.dtype) * sxw
+    c1 = tl.load(idx_ptr + 2 * H + W + qjc, mask=ok, other=0).to(cols.dtype) * sxw
+    lw = tl.load(lam_ptr + H + qjc, mask=ok, other=0.0).to(ACC)[None, :]
+    m = cmask[:, None] & ok[None, :]
+    c = cls * sxc
+    x00 = tl.load(x_plane + _outer(c, r0 + c0), mask=m, other=0.0).to(ACC)
+    x01 = tl.load(x_plane + _outer(c, r0 + c1), mask=m, other=0.0).to(ACC)
+    x10 = tl.load(x_plane + _outer(c, r1 + c0), mask=m, other=0.0).to(ACC)
+    x11 = tl.load(x_plane + _outer(c, r1 + c1), mask=m, other=0.0).to(ACC)
+    return (1.0 - lh) * ((1.0 - lw) * x00 + lw * x01) + lh * ((1.0 - lw) * x10 + lw * x11)
+
+
+@triton.jit
+def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr, lam_ptr,
+                ACC: tl.constexpr, C: tl.constexpr, ZSCORE: tl.constexpr,
+                UPSAMPLE: tl.constexpr):
     """One loaded row of pixels (row qi, the lanes' columns): (z [CLASS_TILE, 32], ok: in the
     image [32], nan: 1 where the pixel is finite, NaN where not). z is 0 where the pixel is
     outside the image or not finite, so that a pixel that takes part nowhere contributes exact
-    zeros and one that takes part carries its NaN through its coefficient."""
+    zeros and one that takes part carries its NaN through its coefficient. UPSAMPLE: the pixels
+    are interpolated from low-resolution logits (_interpolated)."""
     ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
-    qic = clamp(qi, H - 1)
-    qjc = clamp(cols, W - 1)
-    x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
-                mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+    if UPSAMPLE:
+        x = _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxc, sxh, sxw, idx_ptr,
+                          lam_ptr, ACC)
+    else:
+        qic = clamp(qi, H - 1)
+        qjc = clamp(cols, W - 1)
+        x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
+                    mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
     if ZSCORE:
         m = tl.sum(x, axis=0) / C
         dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
@@ -148,18 +179,21 @@ def _halo_forward_kernel(
     L_ptr,        # out (B, D, H, W) contiguous, ACC: L_p, 0 at invalid centres (not MEAN)
     part_ptr,     # out (n_tiles, 3) ACC: per tile max L, sum w (L / max L)^k, sum w
     ticket_ptr,   # out int32: zeroed for the combine
+    idx_ptr,      # int32 and ACC tables of kernels/upsample.py (read only if UPSAMPLE)
+    lam_ptr,
     D, H, W, tiles_h, tiles_w,
-    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W
+    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W (UPSAMPLE: low resolution)
     syb, syd, syh, syw,       # target strides of B, D, H, W
     radius_d, ignore_index,
     eps_hi, eps_lo, power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
     ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+    NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
 ):
     """The costs of a tile of ROWS x (32 - 2r) centres; P and the partials as
     forward._forward_kernel writes them (MEAN: P scaled by w_p (L_p / t)^(k-1), t the tile's max
-    L, and no L)."""
+    L, and no L). D, H, W: the target's sizes; UPSAMPLE: the logits are at low resolution and each
+    loaded row is interpolated in registers (D = 1)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     eps = scalar(eps_hi, eps_lo, ACC)
     power = scalar(power_hi, power_lo, ACC)
@@ -192,7 +226,7 @@ def _halo_forward_kernel(
         for t in range(0, ROWS + 2 * RADIUS):
             qi = tl.where(plane_ok, row0 - RADIUS + t, -1)  # a plane outside: no row inside
             z, ok, fin = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps,
-                                     ACC, C, ZSCORE)
+                                     idx_ptr, lam_ptr, ACC, C, ZSCORE, UPSAMPLE)
             y_q = _labels(y_plane, qi, cols, ok, H, W, syh, syw)
             # each centre row's distance to this window row (depth included)
             du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)          # [ROWS]
@@ -266,53 +300,17 @@ def _halo_forward_kernel(
                  mask=cmask[:, None] & pad[None, :])
 
 
-@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "ftiles_h", "ftiles_w",
-                               "radius_d"])
-def _halo_backward_kernel(
-    x_ptr,       # logits (B, C, D, H, W), any strides
-    y_ptr,       # target (B, D, H, W), any integer dtype, any strides
-    P_ptr,       # (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
-    s_ptr,       # MEAN: (forward tiles,) ACC, each forward tile's max L t (the combine's);
-                 # else (B, D, H, W) contiguous ACC, the map dL = d output / d L
-    grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
-    scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
-    dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
-    D, H, W, tiles_h, tiles_w, ftiles_h, ftiles_w,
-    sxb, sxc, sxd, sxh, sxw,
-    syb, syd, syh, syw,
-    sdb, sdc, sdd, sdh, sdw,
-    radius_d,
-    eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
-    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
-    FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
-):
-    """dx of a tile of ROWS x (32 - 2r) pixels q: G_q = sum over the centres p whose window holds
-    q, with y_p == y_q, of omega * dL_p * P_p (gathered from the centre rows, each loaded once),
-    then dx_q = rstd_q (G_q - mean_c G_q - z_q mean_c(G_q z_q)). MEAN: dL_p = grad * a * (t /
-    max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times the
-    factor w_p (L_p / t)^(k-1) already in P."""
-    ACC: tl.constexpr = s_ptr.dtype.element_ty
+@triton.jit
+def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, cols, y_q, D, H,
+            W, ftiles_h, ftiles_w, syd, syh, syw, radius_d, base, inv_base, cls, cmask,
+            C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
+    """G [ROWS, CLASS_TILE, 32] of the pixels q of rows row0 .. row0 + ROWS - 1 (labels y_q, -2
+    where not an output pixel): the sum over the centres p whose window holds q, with y_p == y_q,
+    of omega * dL_p * P_p, gathered from the centre rows, each loaded once. MEAN: dL_p = grad * a
+    * (t / max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times
+    the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img."""
     TW: tl.constexpr = LANES - 2 * RADIUS
-    eps = scalar(eps_hi, eps_lo, ACC)
-    base = scalar(base_hi, base_lo, ACC)
-    inv_base = 1.0 / base
-    image, qd, row0, cols, rows, out_lane = _tile(tiles_h, tiles_w, D, W, ROWS, RADIUS, WIDE)
-    cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
-    grad = tl.zeros([], dtype=ACC)
-    unit = grad
-    power1 = grad
-    if MEAN:
-        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
-                                                power_lo, ACC)
-    y_img = y_ptr + image * syb
-    P_img, plane = image_of_P(P_ptr, image, D, H, W, C, LANES, WIDE)
-    s_img = s_ptr + image * plane
-
-    live = out_lane[None, :] & (rows < H)[:, None]                            # [ROWS, 32]
-    y_q = tl.load(y_img + qd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
-                  mask=live, other=0).to(tl.int32)
-    y_q = tl.where(live, y_q, -2)  # never a centre's (-1 marks centres outside the image)
-
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
     for dd in range(-radius_d, radius_d + 1):
@@ -345,25 +343,195 @@ def _halo_backward_kernel(
                 omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)
                 a = tl.where(same, omega[:, None] * _shift(s, DV)[None, :], 0.0)
                 G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
+    return tl.where(cmask[None, :, None], G, 0.0)
 
-    # The Jacobian: every class of the output pixels in the lane.
-    x_plane = x_ptr + image * sxb + qd * sxd
-    pix = rows[:, None] * sxh + cols[None, :] * sxw
-    mask3 = cmask[None, :, None] & live[:, None, :]
-    G = tl.where(cmask[None, :, None], G, 0.0)
-    dx = G
+
+@triton.jit
+def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr):
+    """dx [ROWS, CLASS_TILE, 32] = rstd (G - mean_c G - z mean_c(G z)) of the pixels whose logits
+    are x (every class in the lane), G itself without the z-score."""
     if ZSCORE:
-        x = tl.load(x_plane + _outer3(pix, cls * sxc),
-                    mask=mask3,
-                    other=0.0).to(ACC)
         m = tl.sum(x, axis=1) / C
         dev = tl.where(cmask[None, :, None], x - m[:, None, :], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / C + eps)
         mean_G = tl.sum(G, axis=1) / C
         mean_Gz = tl.sum(G * dev, axis=1) * rstd / C
-        dx = rstd[:, None, :] * (G - mean_G[:, None, :] - dev * (rstd * mean_Gz)[:, None, :])
+        return rstd[:, None, :] * (G - mean_G[:, None, :] - dev * (rstd * mean_Gz)[:, None, :])
+    return G
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "ftiles_h", "ftiles_w",
+                               "radius_d"])
+def _halo_backward_kernel(
+    x_ptr,       # logits (B, C, D, H, W), any strides
+    y_ptr,       # target (B, D, H, W), any integer dtype, any strides
+    P_ptr,       # (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
+    s_ptr,       # MEAN: (forward tiles,) ACC, each forward tile's max L t (the combine's);
+                 # else (B, D, H, W) contiguous ACC, the map dL = d output / d L
+    grad_ptr,    # 0-dim: d output / d loss (read only if MEAN)
+    scal_ptr,    # (3,) float64: the loss, max L, a (read only if MEAN)
+    dx_ptr,      # out (B, C, D, H, W), logits dtype, strides sdb/sdc/sdd/sdh/sdw
+    D, H, W, tiles_h, tiles_w, ftiles_h, ftiles_w,
+    sxb, sxc, sxd, sxh, sxw,
+    syb, syd, syh, syw,
+    sdb, sdc, sdd, sdh, sdw,
+    radius_d,
+    eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+    FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+):
+    """dx of a tile of ROWS x (32 - 2r) pixels q: G_q (_gather), then dx_q = rstd_q (G_q -
+    mean_c G_q - z_q mean_c(G_q z_q)) (_jacobian)."""
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
+    eps = scalar(eps_hi, eps_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    image, qd, row0, cols, rows, out_lane = _tile(tiles_h, tiles_w, D, W, ROWS, RADIUS, WIDE)
+    cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
+    grad = tl.zeros([], dtype=ACC)
+    unit = grad
+    power1 = grad
+    if MEAN:
+        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
+                                                power_lo, ACC)
+    y_img = y_ptr + image * syb
+    P_img, plane = image_of_P(P_ptr, image, D, H, W, C, LANES, WIDE)
+
+    live = out_lane[None, :] & (rows < H)[:, None]                            # [ROWS, 32]
+    y_q = tl.load(y_img + qd * syd + _outer(clamp(rows, H - 1) * syh, clamp(cols, W - 1) * syw),
+                  mask=live, other=0).to(tl.int32)
+    y_q = tl.where(live, y_q, -2)  # never a centre's (-1 marks centres outside the image)
+    G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, qd, row0,
+                cols, y_q, D, H, W, ftiles_h, ftiles_w, syd, syh, syw, radius_d, base,
+                inv_base, cls, cmask, C, CLASS_TILE, RADIUS, ROWS, FROWS, MEAN, ACC)
+
+    # The Jacobian: every class of the output pixels in the lane.
+    x_plane = x_ptr + image * sxb + qd * sxd
+    pix = rows[:, None] * sxh + cols[None, :] * sxw
+    mask3 = cmask[None, :, None] & live[:, None, :]
+    x = G
+    if ZSCORE:
+        x = tl.load(x_plane + _outer3(pix, cls * sxc), mask=mask3, other=0.0).to(ACC)
+    dx = _jacobian(x, G, cmask, eps, C, ZSCORE)
     dpix = rows[:, None] * sdh + cols[None, :] * sdw
     tl.store(dx_ptr + image * sdb + qd * sdd
              + _outer3(dpix, cls * sdc),
              dx.to(dx_ptr.dtype.element_ty), mask=mask3)
 
+
+@triton.jit
+def _flush(dx_img, row, acc, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP: tl.constexpr):
+    """Store a finished low-resolution row of the gradient: acc [CLASS_TILE, 32] holds what its
+    output rows owe it at the lanes' output columns ([1, CLASS_TILE, 32]: the layout _gather's
+    rows have, so that adding a row converts nothing); each of the strip's columns j gathers the
+    lanes whose stencil holds j, with their weights (the transposed interpolation)."""
+    dx_row = dx_img + row.to(tl.int64) * sdh
+    # A loop, not unrolled: each column's sums sit in every lane (32 registers), and unrolled
+    # the strip's columns would be live at once.
+    for jj in range(0, STRIP):
+        j = j0 + jj
+        weight = tl.where(w0 == j, l0, 0.0) + tl.where(w1 == j, l1, 0.0)
+        total = tl.sum(tl.sum(acc * weight[None, None, :], axis=2), axis=0)
+        tl.store(dx_row + j * sdw, total.to(dx_img.dtype.element_ty),
+                 mask=also(cmask, j < j_end))
+
+
+@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "strips", "ftiles_h",
+                               "ftiles_w"])
+def _halo_upsample_backward_kernel(
+    x_ptr,       # low-resolution logits (B, C, H_in, W_in), any strides
+    y_ptr,       # target (B, H, W), any integer dtype, any strides
+    P_ptr,       # (B, blocks, C, 32) over the target's pixels, as _halo_backward_kernel's
+    s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's)
+    grad_ptr,
+    scal_ptr,
+    dx_ptr,      # out (B, C, H_in, W_in), logits dtype, strides sdb/sdc/sdh/sdw
+    idx_ptr,     # int32 and ACC tables of kernels/upsample.py
+    lam_ptr,
+    H, W, H_in, W_in, bands, strips, ftiles_h, ftiles_w,
+    sxb, sxc, sxh, sxw,
+    syb, syh, syw,
+    sdb, sdc, sdh, sdw,
+    eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, BAND: tl.constexpr,
+    STRIP: tl.constexpr, FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """dx of a band of BAND x STRIP low-resolution pixels, deterministic and without atomics:
+    the program walks down the output rows whose stencils hold the band (one row above it
+    included), forms each row's output-resolution gradient at the lanes' columns in registers
+    (_gather, _jacobian at the interpolated logits) and adds it, weighted, to the two input rows
+    of the row's stencil (A, B). Output rows map to input rows in order, one step at a time
+    (upsampling), so when the stencil moves down, A's row has all it is owed: _flush stores it.
+    The lanes hold the output columns of the strip's stencils (kernels/upsample.py sizes STRIP so
+    they fit in the 32 - 2r output lanes), which the neighbouring strip recomputes where they
+    overlap, as the band does one input row."""
+    ACC: tl.constexpr = s_ptr.dtype.element_ty
+    eps = scalar(eps_hi, eps_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    inv_base = 1.0 / base
+    pid = tl.program_id(0).to(tl.int64)
+    strip = pid % strips
+    rest = pid // strips
+    image = rest // bands
+    i0 = ((rest % bands) * BAND).to(tl.int32)
+    i_end = tl.minimum(i0 + BAND, H_in)
+    j0 = (strip * STRIP).to(tl.int32)
+    j_end = tl.minimum(j0 + STRIP, W_in)
+    inv = idx_ptr + 2 * H + 2 * W  # first and last output row of each input row, then columns
+    q_start = tl.load(inv + i0)
+    q_stop = tl.load(inv + H_in + i_end - 1)
+    c_start = tl.load(inv + 2 * H_in + j0)
+    c_stop = tl.load(inv + 2 * H_in + W_in + j_end - 1)
+    lane = tl.arange(0, LANES)
+    cols = c_start - RADIUS + lane
+    if WIDE:
+        cols = cols.to(tl.int64)
+    out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols <= c_stop)
+    colc = clamp(cols, W - 1)
+    w0 = tl.load(idx_ptr + 2 * H + colc)
+    w1 = tl.load(idx_ptr + 2 * H + W + colc)
+    lw = tl.load(lam_ptr + H + colc).to(ACC)
+    l0 = tl.where(out_lane, 1.0 - lw, 0.0)
+    l1 = tl.where(out_lane, lw, 0.0)
+    cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
+    grad = tl.zeros([], dtype=ACC)
+    unit = grad
+    power1 = grad
+    if MEAN:
+        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
+                                                power_lo, ACC)
+    y_img = y_ptr + image * syb
+    P_img, plane = image_of_P(P_ptr, image, tl.full([], 1, tl.int32), H, W, C, LANES, WIDE)
+    x_plane = x_ptr + image * sxb
+    dx_img = dx_ptr + image * sdb + cls * sdc
+
+    A = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
+    B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
+    a = tl.load(idx_ptr + q_start)  # A's input row; B's is a + 1
+    for q in range(q_start, q_stop + 1):
+        h0 = tl.load(idx_ptr + q)
+        h1 = tl.load(idx_ptr + H + q)
+        lh = tl.load(lam_ptr + q).to(ACC)
+        if h0 != a:  # h0 == a + 1: A's row is owed nothing more
+            if a >= i0:
+                _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP)
+            A = B
+            B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
+            a = h0
+        y_q = tl.load(y_img + q * syh + colc * syw, mask=out_lane, other=0).to(tl.int32)
+        y_q = tl.where(out_lane, y_q, -2)[None, :]
+        G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, 0,
+                    q, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
+                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC)
+        x = G
+        if ZSCORE:
+            x = _interpolated(x_plane, cls, cmask, q, cols, out_lane, H, W, sxc, sxh, sxw,
+                              idx_ptr, lam_ptr, ACC)[None, :, :]
+        dx = tl.where(out_lane[None, None, :], _jacobian(x, G, cmask, eps, C, ZSCORE), 0.0)
+        top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
+        A += top * dx
+        B += (1.0 - top) * dx
+    # Upsampling makes every input row some output row's i0, so the last row's is i_end - 1: A
+    # holds the band's last row, B the next band's first.
+    _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP)

@@ -125,14 +125,27 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     check_tensors(logits, target, weight, pixel_weight, upsample)
     if target.dim() == logits.dim():
         target = target.squeeze(1)  # (B, 1, H, W) -> (B, H, W): a view
-    if upsample is not None:
-        logits = _upsampled(logits, tuple(target.shape[1:]), upsample, align_corners)
     chosen = select_backend(backend, logits)
+    # Inside an autograd Function needs_input_grad stays True under no_grad: decided here, so
+    # that evaluation neither computes nor keeps what only the backward needs (and whether the
+    # kernels can interpolate depends on it: the backward's tiling is the stricter).
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    in_kernels = None  # (mode, align_corners) where the fused kernels interpolate themselves
+    if upsample is not None:
+        size = tuple(target.shape[1:])
+        if chosen == "triton" and 0 not in size and logits.numel() > 0:
+            from .fused import interpolates
+
+            if interpolates(logits, size, upsample, align_corners, options, weight, need_grad):
+                in_kernels = (upsample, align_corners)
+        if in_kernels is None:
+            logits = _upsampled(logits, size, upsample, align_corners)
+    spatial = tuple(target.shape[1:])
     classes = logits.shape[1]
     if classes == 2 and zscore:
         _warn_binary_zscore()
-    if not torch.compiler.is_compiling() and kernel_size > max(logits.shape[2:]):
-        _warn_large_window(kernel_size, tuple(logits.shape[2:]))
+    if not torch.compiler.is_compiling() and kernel_size > max(spatial, default=0):
+        _warn_large_window(kernel_size, spatial)
     guard = None
     if check_target and target.numel() > 0:
         if torch.compiler.is_compiling():
@@ -148,9 +161,6 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     if pixel_weight is not None:
         pixel_weight = pixel_weight.detach().to(acc)
 
-    # Inside an autograd Function needs_input_grad stays True under no_grad: decide here, so
-    # that evaluation neither computes nor keeps what only the backward needs.
-    need_grad = logits.requires_grad and torch.is_grad_enabled()
     group = sync_group(sync, process_group) if reduction == "mean" else None
     if chosen == "triton":
         from .fused import fused_cost_map, fused_mean
@@ -158,9 +168,10 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
         # The kernels reduce the Minkowski mean themselves with class weights; pixel weights,
         # the sum and the other poolings reduce the costs L in PyTorch (as reduction="none").
         if reduction == "mean" and pooling == "minkowski" and pixel_weight is None:
-            out = fused_mean(logits, target, weight, options, power, group, need_grad)
+            out = fused_mean(logits, target, weight, options, power, group, need_grad,
+                             in_kernels)
             return out if guard is None else out + guard.to(out.dtype)
-        L = fused_cost_map(logits, target, weight, options, power, need_grad)
+        L = fused_cost_map(logits, target, weight, options, power, need_grad, in_kernels)
     else:
         L = UnfusedCosts.apply(logits, target, options, need_grad)
 
@@ -180,8 +191,8 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
 
 def _upsampled(logits, size, mode, align_corners):
     """The logits at the target's ``size``: ``upsample``'s definition, F.interpolate's values.
-    Both backends score this full-resolution tensor for now; the fused kernels do not yet
-    interpolate in registers (README.md, "Limitations")."""
+    The PyTorch backend scores this tensor; the fused one where its kernels do not interpolate
+    in registers (kernels/upsample.py's ``fusable``; README.md, "Limitations")."""
     if 0 in size:  # nothing to interpolate to: an empty map, and a zero gradient
         return (logits.sum() * 0).expand(logits.shape[:2] + size)
     return F.interpolate(logits, size=size, mode=mode, align_corners=align_corners)

@@ -82,15 +82,18 @@ _NO_DEVICE = _NoDevice()
 
 def _fused_costs(logits: Tensor, target: Tensor, weight: Optional[Tensor], power: float,
                  kernel_size: int, stride: int, ignore_index: int, eps: float, weight_base: float,
-                 normalizer: str, zscore: bool, need_grad: bool, mean: bool,
-                 plan: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 normalizer: str, zscore: bool, need_grad: bool, mean: bool, plan: str,
+                 upsample: str, align_corners: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(L, partials, ticket, P); see kernels/forward.py. ``plan``: kernels_forward.tile_plan's
-    (the forward computes the same; the argument puts it into traced graphs)."""
+    (the forward computes the same; the argument puts it into traced graphs). ``upsample``:
+    "bilinear" where the kernels interpolate low-resolution logits to the target's size, else
+    ""."""
     with _on_device(logits):
         return kernels_forward.forward(
             logits, target, weight, kernel_size=kernel_size, power=power, stride=stride,
             ignore_index=ignore_index, eps=eps, weight_base=weight_base, normalizer=normalizer,
-            zscore=zscore, need_grad=need_grad, mean=mean, plan=plan)
+            zscore=zscore, need_grad=need_grad, mean=mean, plan=plan, upsample=upsample,
+            align_corners=align_corners)
 
 
 fused_costs = _operator("lad_triton::fused_costs", _fused_costs)
@@ -98,36 +101,39 @@ fused_costs = _operator("lad_triton::fused_costs", _fused_costs)
 
 @fused_costs.register_fake
 def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, weight_base,
-      normalizer, zscore, need_grad, mean, plan):
+      normalizer, zscore, need_grad, mean, plan, upsample, align_corners):
     return kernels_forward.allocate(logits, kernel_size=kernel_size, stride=stride,
-                                    need_grad=need_grad, mean=mean, plan=plan)
+                                    need_grad=need_grad, mean=mean, plan=plan,
+                                    size=tuple(target.shape[-2:]) if upsample else None)
 
 
 def _fused_costs_backward(dL: Tensor, logits: Tensor, target: Tensor, P: Tensor,
                           kernel_size: int, stride: int, eps: float, weight_base: float,
-                          zscore: bool, plan: str) -> Tensor:
-    """d output / d logits from the map dL = d output / d L; see kernels/backward.py. ``plan``:
-    the forward's."""
+                          zscore: bool, plan: str, upsample: str, align_corners: bool) -> Tensor:
+    """d output / d logits from the map dL = d output / d L; see kernels/backward.py. ``plan``,
+    ``upsample``, ``align_corners``: the forward's."""
     with _on_device(logits):
         return kernels_backward.backward(dL, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
-                                         zscore=zscore, plan=plan)
+                                         zscore=zscore, plan=plan, upsample=upsample,
+                                         align_corners=align_corners)
 
 
 fused_costs_backward = _operator("lad_triton::fused_costs_backward", _fused_costs_backward)
 
 
 @fused_costs_backward.register_fake
-def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore, plan):
+def _(dL, logits, target, P, kernel_size, stride, eps, weight_base, zscore, plan, upsample,
+      align_corners):
     return torch.empty_like(logits)
 
 
 def _setup_context(ctx, inputs, output):
     (logits, target, _, _, kernel_size, stride, _, eps, weight_base, _, zscore, _,
-     mean, plan) = inputs
+     mean, plan, upsample, align_corners) = inputs
     _, partials, ticket, P = output
     ctx.save_for_backward(logits, target, P)
-    ctx.options = (kernel_size, stride, eps, weight_base, zscore, plan)
+    ctx.options = (kernel_size, stride, eps, weight_base, zscore, plan, upsample, align_corners)
     ctx.mean = mean
     ctx.mark_non_differentiable(partials, ticket, P)
     # Only L is differentiable: no logits-sized zero gradient for P (nor for the partials).
@@ -168,14 +174,15 @@ def _(partials, ticket, power, loss_dtype):
 def _fused_mean_backward(grad: Tensor, tile_max: Tensor, scalars: Tensor, logits: Tensor,
                          target: Tensor, P: Tensor, kernel_size: int, stride: int, eps: float,
                          weight_base: float, zscore: bool, weighted: bool, power: float,
-                         plan: str) -> Tensor:
+                         plan: str, upsample: str, align_corners: bool) -> Tensor:
     """d output / d logits of the fused Minkowski mean; see kernels/backward.py. ``plan``: the
-    forward's, whose tiles ``tile_max`` holds."""
+    forward's, whose tiles ``tile_max`` holds; ``upsample``, ``align_corners``: the forward's."""
     with _on_device(logits):
         return kernels_backward.backward(tile_max, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
                                          zscore=zscore, plan=plan, weighted=weighted, grad=grad,
-                                         scalars=scalars, power=power)
+                                         scalars=scalars, power=power, upsample=upsample,
+                                         align_corners=align_corners)
 
 
 fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_backward)
@@ -183,7 +190,7 @@ fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_b
 
 @fused_mean_backward.register_fake
 def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
-      weighted, power, plan):
+      weighted, power, plan, upsample, align_corners):
     return torch.empty_like(logits)
 
 
@@ -198,15 +205,28 @@ def _input_grads(dx, op):
     return (dx,) + (None,) * (len(op._opoverload._schema.arguments) - 1)
 
 
-def costs(logits, target, weight, options, power, need_grad, mean, plan=None):
+def costs(logits, target, weight, options, power, need_grad, mean, plan=None, upsample=None):
     """``fused_costs`` on a CostOptions: the one place the options become the operator's
-    arguments. ``plan``: plan_of's, computed here unless given."""
+    arguments. ``plan``: plan_of's, computed here unless given. ``upsample``: None, or
+    (mode, align_corners) for low-resolution logits the kernels interpolate."""
     if plan is None:
         plan = plan_of(logits, options.kernel_size, options.stride, weight)
     return _eager(fused_costs)(
         logits, target, weight, float(power), options.kernel_size, options.stride,
         options.ignore_index, float(options.eps), float(options.weight_base),
-        options.normalizer, options.zscore, need_grad, mean, plan)
+        options.normalizer, options.zscore, need_grad, mean, plan, *_upsample_args(upsample))
+
+
+def _upsample_args(upsample):
+    return ("", False) if upsample is None else (upsample[0], bool(upsample[1]))
+
+
+def interpolates(logits, size, upsample, align_corners, options, weight, need_grad):
+    """Whether the kernels score these low-resolution logits themselves (else the loss
+    interpolates with F.interpolate first)."""
+    return kernels_forward.interpolates(logits, size, upsample, align_corners,
+                                        kernel_size=options.kernel_size, stride=options.stride,
+                                        weighted=weight is not None, need_grad=need_grad)
 
 
 def count_bad_labels(target, classes, ignore_index):
@@ -229,14 +249,15 @@ class FusedMinkowskiMean(torch.autograd.Function):
     """reduction="mean" on the fused kernels: logits -> loss, and its exact gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, options, power, group):
+    def forward(ctx, logits, target, weight, options, power, group, upsample):
         plan = plan_of(logits, options.kernel_size, options.stride, weight)
-        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan)
+        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan,
+                                       upsample)
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
         ctx.save_for_backward(tile_max, scalars, logits, target, P)
         ctx.options = (options.kernel_size, options.stride, float(options.eps),
                        float(options.weight_base), options.zscore, weight is not None,
-                       float(power), plan)
+                       float(power), plan, *_upsample_args(upsample))
         return loss
 
     @staticmethod
@@ -244,18 +265,21 @@ class FusedMinkowskiMean(torch.autograd.Function):
         tile_max, scalars, logits, target, P = ctx.saved_tensors
         dx = _eager(fused_mean_backward)(grad, tile_max, scalars, logits, target, P,
                                          *ctx.options)
-        return dx, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
-def fused_mean(logits, target, weight, options, power, group, need_grad):
+def fused_mean(logits, target, weight, options, power, group, need_grad, upsample=None):
     """The fused Minkowski mean: through autograd when a gradient is needed, else the forward
-    and the combine alone (no P). ``options``: a CostOptions."""
+    and the combine alone (no P). ``options``: a CostOptions; ``upsample``: as costs'."""
     if need_grad:
-        return FusedMinkowskiMean.apply(logits, target, weight, options, float(power), group)
-    _, partials, ticket, _ = costs(logits, target, weight, options, power, False, True)
+        return FusedMinkowskiMean.apply(logits, target, weight, options, float(power), group,
+                                        upsample)
+    _, partials, ticket, _ = costs(logits, target, weight, options, power, False, True,
+                                   upsample=upsample)
     return _reduce(partials, ticket, power, group, logits.dtype)[0]
 
 
-def fused_cost_map(logits, target, weight, options, power, need_grad):
+def fused_cost_map(logits, target, weight, options, power, need_grad, upsample=None):
     """The costs L on the centre grid, differentiable (the other reductions reduce them)."""
-    return costs(logits, target, weight, options, power, need_grad, False)[0]
+    return costs(logits, target, weight, options, power, need_grad, False,
+                 upsample=upsample)[0]

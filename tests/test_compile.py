@@ -133,6 +133,8 @@ def fused_cases():
     volume = make_logits((1, 3, 3, 4, 5), device=DEVICE).requires_grad_(True)
     labels3 = make_labels(1, (3, 4, 5), 3, device=DEVICE)
     weight = torch.rand(5, device=DEVICE)
+    low = make_logits((2, 5, 3, 4), device=DEVICE).requires_grad_(True)
+    wide = make_labels(2, (7, 9), 5, n_labels=3, device=DEVICE)
     common = (3.0, 3, 1, 255, 1e-5, 2.0)  # power, kernel_size, stride, ignore_index, eps, base
     cases = [
         (logits, target, None) + common + ("count", True, True, False),
@@ -141,24 +143,28 @@ def fused_cases():
         (logits, target, None, 2.3, 5, 2, 255, 1e-5, 1.5, "count", True, True, False),
         (volume, labels3, None) + common + ("count", True, True, False),
         (logits.detach(), target, weight) + common + ("count", True, True, True),
+        (low, wide, None) + common + ("count", True, True, False),
     ]
-    return [case + (plan_of(case[0], case[4], case[5], case[2]),) for case in cases]
+    # the last: logits at a head's resolution, which the kernels interpolate to the target's
+    return [case + (plan_of(case[0], case[4], case[5], case[2]),)
+            + (("bilinear", True) if case[0] is low else ("", False)) for case in cases]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck_fused_costs(case):
     from lad_triton.fused import fused_costs
 
     opcheck(fused_costs, fused_cases()[case])
 
 
-def test_opcheck_fused_costs_backward():
+@pytest.mark.parametrize("case", [0, 6])
+def test_opcheck_fused_costs_backward(case):
     from lad_triton.fused import fused_costs, fused_costs_backward
 
-    args = fused_cases()[0]
+    args = fused_cases()[case]
     L, _, _, P = fused_costs(*args)
     opcheck(fused_costs_backward, (torch.randn_like(L), args[0].detach(), args[1], P, 3, 1,
-                                   1e-5, 2.0, True, args[-1]))
+                                   1e-5, 2.0, True, *args[-3:]))
 
 
 def test_opcheck_fused_combine_and_mean_backward():
@@ -169,7 +175,7 @@ def test_opcheck_fused_combine_and_mean_backward():
     opcheck(fused_combine, (partials, ticket, 3.0, torch.float32))
     _, scalars, tile_max = fused_combine(partials, ticket, 3.0, torch.float32)
     opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), tile_max, scalars, args[0],
-                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0, args[-1]))
+                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0, *args[-3:]))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

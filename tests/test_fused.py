@@ -532,6 +532,12 @@ def test_kernel_report_compiles_everything_without_spills(tmp_path):
             for arch in ("sm_80", "sm_90"):
                 for dtype in ("fp32", "bf16"):
                     assert (kernel, arch, f"C={classes} {dtype} K=5") in seen
+    # the window-row kernels that interpolate low-resolution logits (upsample="bilinear")
+    interpolating = {(r["kernel"], r["config"].split()[1]) for r in rows if "->" in r["config"]
+                     and ("UPSAMPLE=True" in r["block"] or "STRIP=" in r["block"])}
+    assert {("_halo_forward_kernel", "fp32"), ("_halo_upsample_backward_kernel", "fp32"),
+            ("_halo_forward_kernel", "bf16"),
+            ("_halo_upsample_backward_kernel", "bf16")} <= interpolating
     generic = [r for r in rows if (r["kernel"], r["arch"], r["config"])
                == ("_forward_kernel", "sm_90", "C=21 bf16 K=9")]
     assert len(generic) == 1 and "UNROLL=False" in generic[0]["block"]

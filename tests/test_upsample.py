@@ -3,6 +3,9 @@
 interpolates with explicit index loops from PyTorch's source-coordinate rule (tests/oracle.py)
 and then evaluates the loss in float64; the gradient reaches the low-resolution logits."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,7 @@ from hypothesis import strategies as st
 
 from cases import DEVICE, TOLERANCE, grad_out_for, make_labels, make_logits, rel_err
 from lad_triton import LocallyAdaptiveLoss, locally_adaptive_loss
-from oracle import interpolate_reference, lad_reference, within
+from oracle import interpolate_reference, lad_reference, source_index, within
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -222,3 +225,210 @@ def test_under_torch_compile():
     eager = loss_fn(x, t)
     (expected,) = torch.autograd.grad(eager, x)
     assert rel_err(compiled, eager) < 1e-6 and rel_err(grad, expected) < 1e-5
+
+
+# The fused kernels interpolate in registers: bilinear, the target at least the logits' size
+# on both axes, the window-row kernels' problems (stride 1, K <= 7, C <= 32 or 16 in float64).
+# The full-resolution logits and their gradient never exist: F.interpolate is never called and
+# the autograd graph goes from the loss straight to the low-resolution logits.
+
+
+@pytest.fixture
+def interpolations(monkeypatch):
+    """The F.interpolate calls the loss makes (the oracle interpolates by index loops)."""
+    calls = []
+    original = F.interpolate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("size"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    return calls
+
+
+def in_kernels(shape, size_out, options, seed, dtype, interpolations, **extra):
+    loss, grad = check_upsampled(shape, size_out, dict(options, upsample="bilinear"), seed,
+                                 backend="triton", dtype=dtype, **extra)
+    assert interpolations == [], "the loss interpolated with PyTorch instead of in the kernels"
+    return loss, grad
+
+
+@st.composite
+def register_problems(draw):
+    """Upsampling on both axes by integer factors (1 to 4, and 10: one input column's stencils
+    per warp, so many strips) or any larger size (non-integer scales), both conventions, the
+    options the window-row kernels take, and bands of one input row or of many."""
+    size_in, size_out = [], []
+    for _ in range(2):
+        n = draw(st.integers(1, 5))
+        if draw(st.booleans()):
+            m = n * draw(st.sampled_from([1, 2, 3, 4, 10]))
+        else:
+            m = draw(st.integers(n, 3 * n + 4))
+        size_in.append(n)
+        size_out.append(min(m, 40))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(2, 7))) + tuple(size_in)
+    options = dict(kernel_size=draw(st.sampled_from([3, 5, 7])),
+                   power=draw(st.sampled_from([1.0, 3.0])),
+                   reduction=draw(st.sampled_from(["mean", "mean", "none", "sum"])),
+                   align_corners=draw(st.booleans()),
+                   zscore=draw(st.booleans()),
+                   normalizer=draw(st.sampled_from(["count", "weight"])))
+    return (shape, tuple(size_out), options, draw(st.integers(0, 2**31 - 1)),
+            draw(st.sampled_from([1, None])))
+
+
+@settings(max_examples=max(8, settings().max_examples // 25))
+@given(register_problems(), st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_the_kernels_interpolate_in_registers(problem, dtype):
+    shape, size_out, options, seed, band_rows = problem
+    from lad_triton.kernels import upsample
+
+    with pytest.MonkeyPatch.context() as patch:
+        calls = []
+        original = F.interpolate
+        patch.setattr(F, "interpolate", lambda *a, **k: calls.append(k) or original(*a, **k))
+        if band_rows is not None:  # a program per input row: every band boundary is crossed
+            patch.setattr(upsample, "BAND_ROWS", band_rows)
+        upsample._plan.cache_clear()
+        try:
+            in_kernels(shape, size_out, options, seed, dtype, calls)
+        finally:
+            upsample._plan.cache_clear()
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_class_and_pixel_weights_and_many_strips_in_registers(align_corners, interpolations):
+    # 4 -> 40 columns: one input column's stencils fill a warp, so each column is a strip of
+    # its own; 3 -> 7 rows, a non-integer scale.
+    in_kernels((2, 5, 3, 4), (7, 40), dict(kernel_size=5, align_corners=align_corners), 11,
+               torch.float32, interpolations, pixel_weight=True, weight=True)
+
+
+def test_no_interpolation_node_and_bitwise_repeatable(interpolations):
+    logits = make_logits((2, 6, 5, 4), seed=2, device=DEVICE).requires_grad_(True)
+    target = make_labels(2, [17, 13], 6, dtype=torch.uint8, seed=2, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        loss = locally_adaptive_loss(logits, target, backend="triton", upsample="bilinear")
+        # the loss's node takes the low-resolution logits themselves
+        assert [type(n).__name__ for n, _ in loss.grad_fn.next_functions if n] == [
+            "AccumulateGrad"]
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    assert torch.equal(grads[0], grads[1])
+    assert interpolations == []
+
+
+def test_where_the_kernels_cannot_they_interpolate_first(interpolations):
+    # 2 -> 64 columns under K = 5: one input column's stencils span more output columns than a
+    # warp's 28 output lanes, so the backward cannot tile them: the loss interpolates first
+    # when a gradient is needed, in the kernels otherwise. Downsampling, stride 2, trilinear:
+    # F.interpolate always. Every way is the same function.
+    shape, size_out = (1, 4, 3, 2), (5, 64)
+    options = dict(kernel_size=5, align_corners=False, upsample="bilinear", power=3.0,
+                   stride=1, reduction="mean")
+    loss, _ = check_upsampled(shape, size_out, options, 5, backend="triton",
+                              dtype=torch.float32)
+    assert interpolations == [(5, 64)]
+    logits = make_logits(shape, seed=5, device=DEVICE)
+    target = make_labels(1, list(size_out), 4, dtype=torch.uint8, seed=5, device=DEVICE)
+    with torch.no_grad():
+        again = locally_adaptive_loss(logits, target, backend="triton", kernel_size=5,
+                                      upsample="bilinear")
+    assert interpolations == [(5, 64)] and rel_err(again, loss) < 1e-6
+    for shape, size_out, extra in [((1, 4, 6, 6), (9, 4), {}), ((1, 4, 3, 3), (7, 7),
+                                                                dict(stride=2))]:
+        check_upsampled(shape, size_out, dict(options, **extra), 6, backend="triton",
+                        dtype=torch.float32)
+        assert interpolations[-1] == size_out
+
+
+def test_strips_fit_the_warp():
+    # The backward's strip: the most input columns whose stencils' output columns fit in the
+    # lanes wherever the strip starts, checked against a brute-force count.
+    from lad_triton.kernels.upsample import _axis, _footprint, _strip
+
+    for n, m, align_corners, lanes in [(65, 513, True, 28), (256, 1024, False, 28),
+                                       (5, 17, False, 26), (2, 64, False, 28), (7, 7, True, 30)]:
+        i0, i1, _ = _axis(n, m, align_corners, False)
+        first, last = _footprint(i0, i1, n)
+        strip = _strip(first, last, lanes)
+        for j in range(n):
+            cols = [q for q in range(m) if j in (i0[q], i1[q])]
+            assert (first[j], last[j]) == (cols[0], cols[-1])
+        fits = lambda w: all(last[min(s + w, n) - 1] - first[s] < lanes  # noqa: E731
+                             for s in range(0, n, w))
+        assert strip == 0 or fits(strip)
+        assert strip == n or not fits(strip + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("n,m", [(65, 513), (128, 512), (5, 17), (7, 7), (1, 9), (3, 1000)])
+def test_the_kernels_tables_are_pytorchs_weights(n, m, align_corners, dtype):
+    # The kernels' indices and weights, computed in plain Python in PyTorch's precision,
+    # reproduce F.interpolate along an axis (to its rounding) and the oracle's rule.
+    from lad_triton.kernels.upsample import _axis
+
+    i0, i1, lam = _axis(n, m, align_corners, dtype == torch.float64)
+    x = torch.randn(1, 1, 1, n, dtype=dtype, generator=torch.Generator().manual_seed(n + m))
+    expected = F.interpolate(x, size=(1, m), mode="bilinear", align_corners=align_corners)[0, 0, 0]
+    lam_ = torch.tensor(lam, dtype=dtype)
+    ours = (1 - lam_) * x[0, 0, 0, i0] + lam_ * x[0, 0, 0, i1]
+    # a source coordinate near n carries n ulps of its own: that is the rounding allowed
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(ours, expected, rtol=0, atol=4 * eps * n * float(x.abs().max()))
+    # as dense weights (a source coordinate on an integer may round to either side of it)
+    ours, rule = torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, n, dtype=torch.float64)
+    for q in range(m):
+        j0, j1, w1 = source_index(q, n, m, align_corners)
+        rule[q, j0] += 1 - w1
+        rule[q, j1] += w1
+        ours[q, i0[q]] += 1 - lam[q]
+        ours[q, i1[q]] += lam[q]
+    assert float((ours - rule).abs().max()) <= 4 * eps * max(1, n)
+
+
+def test_the_fused_loss_on_low_resolution_logits_under_torch_compile():
+    # One graph: the kernels' plan is decided in plain Python while tracing.
+    def loss_fn(x, t):
+        return locally_adaptive_loss(x, t, kernel_size=3, upsample="bilinear",
+                                     align_corners=True, backend="triton")
+
+    x = make_logits((2, 5, 4, 6), seed=1, device=DEVICE).requires_grad_(True)
+    t = make_labels(2, [9, 11], 5, dtype=torch.uint8, seed=1, device=DEVICE)
+    compiled = torch.compile(loss_fn, fullgraph=True)(x, t)
+    (grad,) = torch.autograd.grad(compiled, x)
+    eager = loss_fn(x, t)
+    (expected,) = torch.autograd.grad(eager, x)
+    assert torch.equal(compiled, eager) and torch.equal(grad, expected)
+
+
+def test_peak_memory_is_P_not_the_full_resolution_logits_and_gradient():
+    # Forward + backward on 1/4-resolution logits: the fused loss's peak is P (the target's size
+    # in the logits' dtype) and small change; F.interpolate + F.cross_entropy keeps the
+    # upsampled logits' log-probabilities, their gradient and the logits' gradient (3x). A
+    # design that materialised the upsampled logits or their gradient would reach 2x.
+    # CPU: allocation events; CUDA: max_memory_allocated.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from workloads import peak_memory_mib
+
+    high = (33, 33) if DEVICE == "cpu" else (257, 257)
+    logits = make_logits((2, 21, 9, 9) if DEVICE == "cpu" else (2, 21, 65, 65), device=DEVICE)
+    logits.requires_grad_(True)
+    target = make_labels(2, list(high), 21, dtype=torch.uint8, device=DEVICE)
+
+    def fused():
+        return torch.autograd.grad(locally_adaptive_loss(
+            logits, target, backend="triton", upsample="bilinear", check_target=False), logits)
+
+    def cross_entropy():
+        upsampled = F.interpolate(logits, size=high, mode="bilinear", align_corners=False)
+        return torch.autograd.grad(F.cross_entropy(upsampled, target.long(), ignore_index=255),
+                                   logits)
+
+    full = 2 * 21 * high[0] * high[1] * logits.element_size() / 2**20
+    ours, theirs = (peak_memory_mib(run, torch.device(DEVICE)) for run in (fused, cross_entropy))
+    # beyond P: P's padding to blocks of 32 pixels (3% here) and the logits' gradient (7%)
+    assert ours <= 1.15 * full and theirs >= 2.9 * full, (ours, theirs, full)

@@ -1,0 +1,132 @@
+"""What the window-row kernels need to score low-resolution logits (``upsample="bilinear"``)
+without materialising their interpolation: PyTorch's source indices and weights per output row
+and column, the inverse map the backward tiles by, and which problems take that path. Pure
+PyTorch, computed once per (sizes, convention, dtype, device) and cached: the tables are a few
+kilobytes, and rebuilding them would cost host time on every call.
+
+Linear interpolation along one axis maps output index q to source coordinate
+
+    src(q) = q * (n - 1) / (m - 1)                  align_corners=True  (0 when m == 1)
+    src(q) = max(0, (q + 1/2) * n / m - 1/2)        align_corners=False
+
+(n input, m output samples), then i0 = min(floor(src), n - 1), i1 = i0 + (i0 < n - 1) and
+weights 1 - l, l with l = src - i0 clamped to [0, 1]; equal sizes are the identity. The scale
+and src are computed in PyTorch's own precision for the logits' dtype (float32, float64 for
+float64 logits), in its order of operations, so the kernels read the weights F.interpolate uses.
+"""
+
+import functools
+import math
+import struct
+
+import torch
+
+from .config import TILE_W, accumulation_dtype
+
+# Low-resolution rows per backward program, in units of the upsampling factor: a program owns
+# BAND_ROWS full-resolution rows' worth of low-resolution rows and recomputes the gradient of one
+# more low-resolution row (the stencil's overlap with the band above): (n + 1) / n of the work.
+BAND_ROWS = 64
+
+
+def _round32(value):
+    """``value`` rounded to float32 (a float64 sum, product or quotient of float32 values rounded
+    so is the float32 operation's result)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _axis(n, m, align_corners, wide):
+    """(i0, i1, l) along one axis as lists, as PyTorch's upsample_bilinear2d computes them: in
+    float64 where ``wide`` (float64 logits), else in float32, rounded where its kernels round.
+    Plain Python, so that torch.compile traces none of it (the plan is decided while
+    tracing)."""
+    if n == m:
+        return list(range(m)), list(range(m)), [0.0] * m
+    r = (lambda v: v) if wide else _round32
+    if align_corners:
+        scale = r(r(n - 1) / r(m - 1)) if m > 1 else 0.0
+        src = [r(scale * q) for q in range(m)]
+    else:
+        scale = r(n / m)
+        # one rounding of scale * (q + 1/2) - 1/2: PyTorch's kernels compile it to a fused
+        # multiply-add (the float64 product of two float32 values is exact)
+        src = [max(0.0, r(scale * (q + 0.5) - 0.5)) for q in range(m)]
+    i0 = [min(int(math.floor(v)), n - 1) for v in src]
+    lam = [min(max(r(v - i), 0.0), 1.0) for v, i in zip(src, i0)]
+    return i0, [i + (i < n - 1) for i in i0], lam
+
+
+def _footprint(i0, i1, n):
+    """(first, last): for each input index, the first and last output index whose stencil holds
+    it (with any weight, 0 included). Every input index is in some stencil when m >= n."""
+    first, last = [len(i0)] * n, [-1] * n
+    for q, pair in enumerate(zip(i0, i1)):
+        for i in pair:
+            first[i], last[i] = min(first[i], q), max(last[i], q)
+    return first, last
+
+
+def _strip(first, last, lanes):
+    """The most consecutive input columns whose stencils' output columns fit in ``lanes``
+    lanes, whatever column the strip starts at (0 when one column's do not)."""
+    n = len(first)
+    best = 0
+    for width in range(1, n + 1):
+        if any(last[min(s + width, n) - 1] - first[s] + 1 > lanes for s in range(0, n, width)):
+            break
+        best = width
+    return best
+
+
+class Plan:
+    """How the kernels interpolate one problem: ``rows`` and ``cols``, the tables of each axis
+    ((i0, i1, l) per output index, then (first, last) per input index); ``band``: input rows per
+    backward program; ``strip``: input columns per backward program (0: the output columns of
+    one input column's stencils do not fit in a warp's output lanes)."""
+
+    def __init__(self, size_in, size_out, align_corners, wide, lanes):
+        (h_in, w_in), (h, w) = size_in, size_out
+        self.rows = _axis(h_in, h, align_corners, wide)
+        self.cols = _axis(w_in, w, align_corners, wide)
+        self.rows += _footprint(*self.rows[:2], h_in)
+        self.cols += _footprint(*self.cols[:2], w_in)
+        self.strip = _strip(*self.cols[3:], lanes)
+        self.band = max(1, BAND_ROWS * h_in // h)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(size_in, size_out, align_corners, wide, lanes):
+    return Plan(size_in, size_out, align_corners, wide, lanes)
+
+
+def plan_of(logits, size, align_corners, kernel_size):
+    """The Plan for bilinear interpolation of ``logits`` to spatial ``size`` under a K x K window
+    (the window-row kernels' 32 - (K - 1) output lanes)."""
+    return _plan(tuple(int(n) for n in logits.shape[-2:]), tuple(int(n) for n in size),
+                 bool(align_corners), logits.dtype == torch.float64, TILE_W - (kernel_size - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(plan, dtype, device):
+    """``plan``'s tables on ``device``: int32 i0, i1 of every output row (H each) and column (W
+    each), then first and last output row of every input row (H_in each) and output column of
+    every input column (W_in each); l of every output row, then column, in ``dtype``."""
+    index = torch.tensor(plan.rows[0] + plan.rows[1] + plan.cols[0] + plan.cols[1]
+                         + plan.rows[3] + plan.rows[4] + plan.cols[3] + plan.cols[4],
+                         dtype=torch.int32)
+    return index.to(device), torch.tensor(plan.rows[2] + plan.cols[2], dtype=dtype).to(device)
+
+
+def upsample_tables(logits, size, align_corners, kernel_size):
+    """(plan, int32 tables, weight tables) for the kernels' launch."""
+    plan = plan_of(logits, size, align_corners, kernel_size)
+    return (plan, *_tables(plan, accumulation_dtype(logits.dtype), logits.device))
+
+
+def fusable(logits, size_out, mode, halo):
+    """Whether the window-row kernels interpolate these logits themselves: bilinear, upsampling
+    (or equal) on both axes (the backward walks each input row's output rows in order) and a
+    problem the window-row kernels take (``halo``: launch_config's). Elsewhere the loss
+    interpolates with F.interpolate first (README.md, "Limitations")."""
+    return (mode == "bilinear" and halo and logits.dim() == 4
+            and all(m >= n for n, m in zip(logits.shape[2:], size_out)))
