@@ -5,6 +5,7 @@ accumulation gets the documented per-micro-batch shares with both entry points."
 
 import copy
 import inspect
+import sys
 
 import pytest
 import torch
@@ -65,6 +66,36 @@ def test_patched_loss_is_lad_on_the_upsampled_logits():
     # Positional labels and return_dict=False go through the same patch.
     (loss, logits) = model(images, labels, return_dict=False)[:2]
     assert torch.equal(loss, out.loss)
+
+
+def test_the_loss_takes_the_heads_logits(monkeypatch):
+    # The model's bilinear interpolation is recorded and the loss gets the head's logits with
+    # upsample="bilinear" and the model's align_corners (so that the fused kernels form their
+    # gradient at the head's resolution), for the value and gradient of upsample-then-loss.
+    calls = []
+    real = adapter.locally_adaptive_loss
+
+    def spy(logits, target, **kwargs):
+        calls.append((tuple(logits.shape), kwargs["upsample"], kwargs["align_corners"]))
+        return real(logits, target, **kwargs)
+
+    monkeypatch.setattr(adapter, "locally_adaptive_loss", spy)
+    model = tiny_segformer()
+    plain = copy.deepcopy(model)
+    adapter.apply_lad_to_segformer(model, kernel_size=3)
+    images, labels = batch()
+    out = model(pixel_values=images, labels=labels)
+    assert calls == [((2, 5, 8, 8), "bilinear", False)]
+    (grad,) = torch.autograd.grad(out.loss, model.decode_head.classifier.weight)
+    logits = plain(pixel_values=images).logits
+    expected = locally_adaptive_loss(upsampled(logits, labels), labels, kernel_size=3)
+    (expected_grad,) = torch.autograd.grad(expected, plain.decode_head.classifier.weight)
+    assert rel_err(out.loss, expected) < 1e-5 and rel_err(grad, expected_grad) < 1e-5
+    # Outside a patched forward the module's interpolate is PyTorch's and records nothing.
+    module = sys.modules[type(model).__module__]
+    assert torch.equal(module.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear"),
+                       F.interpolate(logits, size=(16, 16), mode="bilinear"))
+    assert adapter._INTERPOLATED.get() is None and len(calls) == 1
 
 
 def test_the_model_ignore_index_is_used():
@@ -138,6 +169,8 @@ def test_every_listed_model_creates_its_loss_by_the_module_name(module_name, cla
     (dict(ignore_index=255), r"ignore_index must be left to the model"),
     (dict(reduction="none"), r"reduction must be 'mean'"),
     (dict(kernel_size=4), r"kernel_size must be an odd integer"),
+    (dict(upsample="bilinear"), r"upsample must be left to the model"),
+    (dict(align_corners=True), r"align_corners must be left to the model"),
 ])
 def test_bad_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

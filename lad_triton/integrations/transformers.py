@@ -15,6 +15,14 @@ MobileNetV2; :data:`PATCHED_MODELS` lists them. BEiT, Sapiens2 and Tipsv2Dpt cal
   weighting). On a model instance it patches that instance only; without one, the classes.
 - :func:`compute_loss_func` gives a function for ``Trainer(compute_loss_func=...)``.
 
+Low-resolution logits. The models upsample their head's logits with ``nn.functional.
+interpolate(..., mode="bilinear")`` before the loss. Inside a patched forward the modeling
+module's ``nn`` records each bilinear interpolation it makes, and the loss, handed such a
+result, scores the head's logits with ``upsample="bilinear"`` and the call's ``align_corners``:
+the same loss, whose gradient the fused kernels form at the head's resolution (no gradient of
+the upsampled logits, no scatter back through the interpolation). The upsampled tensor is still
+computed, as the model returns or discards it.
+
 Gradient accumulation. The Trainer passes ``num_items_in_batch``, the number of ``labels !=
 -100`` over every micro-batch of the accumulated step (so a 255 ignore label is counted), and
 then does not divide the loss by the number of accumulation steps. Both entry points therefore
@@ -36,6 +44,7 @@ from contextvars import ContextVar
 
 import torch
 
+from ..functional import locally_adaptive_loss
 from ..module import LocallyAdaptiveLoss
 
 # Modeling module -> the class whose forward creates CrossEntropyLoss(ignore_index=...).
@@ -51,8 +60,10 @@ PATCHED_MODELS = {
         "MobileNetV2ForSemanticSegmentation",
 }
 
-# The loss options of the patched forward running now (None outside one).
+# The loss options of the patched forward running now (None outside one), and the bilinear
+# interpolations it has made: id(result) -> (result, input, align_corners).
 _ACTIVE = ContextVar("lad_triton_transformers_options", default=None)
+_INTERPOLATED = ContextVar("lad_triton_transformers_interpolated", default=None)
 _CLASS_OPTIONS = {}  # patched class -> its loss options (apply_lad_to_segformer(None, ...))
 
 
@@ -69,8 +80,47 @@ class _CrossEntropyOrLAD:
         if options is None or args or set(kwargs) != {"ignore_index"}:
             return self.original(*args, **kwargs)
         criterion = LocallyAdaptiveLoss(ignore_index=kwargs["ignore_index"], **options)
-        # The class weight follows the logits to their device.
-        return lambda logits, labels: criterion.to(logits.device)(logits, labels)
+        made = _INTERPOLATED.get()
+
+        def loss(logits, labels):
+            # The class weight follows the logits to their device.
+            source = made.get(id(logits)) if made is not None else None
+            if (source is None or source[0] is not logits or labels.dim() != 3
+                    or tuple(labels.shape[-2:]) != tuple(logits.shape[-2:])):
+                return criterion.to(logits.device)(logits, labels)
+            _, head, align_corners = source
+            criterion.to(head.device)
+            options = dict(criterion.options, upsample="bilinear", align_corners=align_corners)
+            return locally_adaptive_loss(head, labels, weight=criterion.weight, **options)
+
+        return loss
+
+
+class _Functional:
+    """``torch.nn.functional`` for a patched modeling module: inside a patched forward its
+    ``interpolate`` records each bilinear call to a spatial size (module docstring)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                    **kwargs):
+        out = torch.nn.functional.interpolate(input, size, scale_factor, mode, align_corners,
+                                              **kwargs)
+        made = _INTERPOLATED.get()
+        if made is not None and mode == "bilinear" and input.dim() == 4:
+            made[id(out)] = (out, input, bool(align_corners))
+        return out
+
+
+class _NN:
+    """``torch.nn`` as a patched modeling module sees it: the same, but for ``functional``."""
+
+    functional = _Functional()
+
+    def __getattr__(self, name):
+        return getattr(torch.nn, name)
 
 
 def _check_options(loss_kwargs):
@@ -79,6 +129,11 @@ def _check_options(loss_kwargs):
         raise ValueError("ignore_index must be left to the model (its config's "
                          "semantic_loss_ignore_index), got ignore_index="
                          f"{loss_kwargs['ignore_index']!r}")
+    for name in ("upsample", "align_corners"):
+        if name in loss_kwargs:
+            raise ValueError(f"{name} must be left to the model (it upsamples its logits, and "
+                             f"the loss follows its interpolation), got {name}="
+                             f"{loss_kwargs[name]!r}")
     if loss_kwargs.get("reduction", "mean") != "mean":
         raise ValueError("reduction must be 'mean' (a model's loss is a scalar mean), got "
                          f"reduction={loss_kwargs['reduction']!r}")
@@ -110,11 +165,12 @@ def _run(forward, model, options, args, kwargs):
     if _ACTIVE.get() is not None:
         return forward(*args, **kwargs)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    token = _ACTIVE.set(options)
+    token, made = _ACTIVE.set(options), _INTERPOLATED.set({})
     try:
         output = forward(*args, **kwargs)
     finally:
         _ACTIVE.reset(token)
+        _INTERPOLATED.reset(made)
     if num_items_in_batch is None:
         return output
     labels = _labels(model, args, kwargs)
@@ -132,6 +188,8 @@ def _run(forward, model, options, args, kwargs):
 def _install_switch(module):
     if not isinstance(module.CrossEntropyLoss, _CrossEntropyOrLAD):
         module.CrossEntropyLoss = _CrossEntropyOrLAD(module.CrossEntropyLoss)
+    if getattr(module, "nn", None) is torch.nn:
+        module.nn = _NN()
 
 
 def _patch_class(cls, options):
@@ -188,7 +246,8 @@ def apply_lad_to_segformer(model=None, **loss_kwargs):
             ``reduction``, which stays ``"mean"``.
 
     The forward with ``labels`` then returns LAD on the logits upsampled to the labels' size
-    (as the model upsamples them for cross-entropy), auxiliary heads included with the model's
+    (as the model upsamples them for cross-entropy; computed from the head's logits with
+    ``upsample="bilinear"``, module docstring), auxiliary heads included with the model's
     ``auxiliary_loss_weight``; with ``num_items_in_batch`` (the Trainer's gradient
     accumulation) the loss is scaled as the module docstring says. Calling it again replaces the
     options. Returns ``model``.
