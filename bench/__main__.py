@@ -158,7 +158,7 @@ def table(rows, skipped):
     throughput, peak memory, the fused kernels' ratios and efficiencies)."""
     groups = grouped(rows)
     header = (["workload", "pass"] + list(wl.IMPLS)
-              + ["fused/CE", "fused/torch", "fused/compile", "min eff", "design eff"])
+              + [name for _, name in RATIOS] + ["min eff", "design eff"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, impls in groups.items():
         cells = [key[4], PASS_SHORT[key[3]]]
@@ -169,7 +169,7 @@ def table(rows, skipped):
                          f"{r['pixels_per_s'] / 1e6:.3g} Mpx/s, "
                          f"{r['peak_mem_mib']:.0f} MiB ({r['peak_over_logits']:.2g}x)")
         fused = impls.get("triton")
-        for other in ("cross_entropy", "torch", "torch_compile"):
+        for other, _ in RATIOS:
             cells.append(f"{fused['median_ms'] / impls[other]['median_ms']:.2f}"
                          if fused and other in impls else "-")
         cells.append(f"{fused['min_bytes_efficiency']:.0%}" if fused else "-")
@@ -187,11 +187,12 @@ def table(rows, skipped):
 NOISY = 0.2
 DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
 RATIOS = (("cross_entropy", "fused/CE"), ("torch", "fused/torch"),
-          ("torch_compile", "fused/compile"))
+          ("torch_compile", "fused/compile"), ("interp_triton", "fused/interp"))
 # The terminal's column names, short enough for five implementations and three ratios.
 SHORT = {"triton": "fused", "torch": "torch", "torch_compile": "compiled",
-         "cross_entropy": "CE", "torch_unfold": "unfold", "fused/CE": "f/CE",
-         "fused/torch": "f/torch", "fused/compile": "f/compiled"}
+         "cross_entropy": "CE", "torch_unfold": "unfold", "interp_triton": "interp+f",
+         "fused/CE": "f/CE", "fused/torch": "f/torch", "fused/compile": "f/compiled",
+         "fused/interp": "f/interp"}
 
 
 def _unit(largest_ms):
@@ -247,8 +248,10 @@ def terminal_table(rows):
     lines.append("B x C x H x W: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
     lines.append("median ±(q3 - q1) / 2 over the rounds, as a share of the median. fused = triton, "
                  "compiled = torch_compile,")
-    lines.append("CE = cross_entropy, unfold = torch_unfold"
-                 + ("; f/CE, f/torch, f/compiled: the fused time over theirs" if ratios else ""))
+    lines.append("CE = cross_entropy, unfold = torch_unfold, interp+f = F.interpolate then fused"
+                 + (";" if ratios else ""))
+    if ratios:
+        lines.append("f/CE, f/torch, f/compiled, f/interp: the fused time over theirs")
     if noisy:
         lines.append(f"! WARNING: spread above {NOISY:.0%} of the median (a busy machine?): "
                      "rerun before comparing these medians")

@@ -13,7 +13,11 @@ of the tensors alive at once beyond the inputs, through forward and backward.
 """
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The H200's device-to-device copy bandwidth, bytes read + written per second, as the last GPU
 # visit measured it (bench/results/nvidia-h200-2026-12-04-2-summary.md).
@@ -88,12 +92,94 @@ def report(bandwidth=H200_COPY_BYTES_PER_S):
     return "\n".join(lines)
 
 
+# --- the calibrated model of the kernels that interpolate ------------------------------------
+
+# F.cross_entropy's forward + backward kernels at the label's size, as the H200 measured them
+# (calibrate.CROSS_ENTROPY_FROM): VOC-like 8x21x513x513 is DeepLab-like's label size;
+# Cityscapes-like is 4x19x512x1024, half of SegFormer-like's batch (the kernels are bandwidth
+# bound: twice the pixels, twice the time).
+CROSS_ENTROPY_AT = {"DeepLab-like": (("voc", 5, "float32"), 1),
+                    "SegFormer-like": (("cityscapes", 5, "float32"), 2)}
+
+
+def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
+    """The calibrated model (bench/perf_model.py, constants fitted on the H200's kernel times
+    with Triton 3.6's binaries) of the fused kernels at each workload, float32, K = 5, against
+    interpolate + cross-entropy: F.cross_entropy's kernels as the H200 measured them plus the
+    interpolation's forward and backward at their DRAM floor (which its backward's atomics
+    exceed: the baseline is taken at its fastest). Compiles with the installed Triton."""
+    import base64
+    import gzip
+    import json
+
+    import torch
+
+    import calibrate
+    import kernel_report as kr
+    import perf_model
+
+    constants = json.loads((calibrate.RESULTS / "calibration-triton-3.6.json").read_text())
+    params = perf_model.Params(constants["constants"]["latency_cycles"],
+                               constants["constants"]["issue_efficiency"])
+    ce = calibrate.cross_entropy_us()
+    captured = []
+    original = kr.perf_model.model_kernel
+
+    def capture(name, sass_text, trips, programs, warps, dram_bytes, registers=0, spills=0):
+        captured.append(dict(name=name, trips=list(trips), programs=programs, warps=warps,
+                             dram_bytes=dram_bytes, registers=registers, spills=spills,
+                             sass=base64.b64encode(gzip.compress(sass_text.encode())).decode()))
+        return original(name, sass_text, trips, programs, warps, dram_bytes, registers, spills)
+
+    lines = [f"Calibrated model (latency {params.latency_cycles:.0f} cycles, issue efficiency "
+             f"{params.issue_efficiency:.3f}) of the kernels compiled by Triton "
+             f"{kr.triton.__version__}, float32 logits, int64 labels, K = 5, forward + backward; "
+             "F.cross_entropy's kernels measured on the H200; F.interpolate at its DRAM floor.",
+             "", "| workload | kernel | registers | programs | modelled us | bound |",
+             "|---|---|---|---|---|---|"]
+    totals = []
+    kr.perf_model.model_kernel = capture
+    try:
+        for w in WORKLOADS:
+            captured.clear()
+            shape = (w.batch, w.classes) + w.high
+            kr.model_workload(shape, 5, torch.float32, low=w.low, align_corners=w.align_corners)
+            fig = dict(dtype="float32", kernel_size=5, shape=list(shape))
+            total = 0.0
+            for launch in captured:
+                t = perf_model.calibrated(calibrate.inputs(launch, fig), params)
+                total += t.time_s * 1e6
+                lines.append(f"| {w.name} | {launch['name']} | {launch['registers']} | "
+                             f"{launch['programs']} | {t.time_s * 1e6:.0f} | {t.bound} |")
+            key, scale = CROSS_ENTROPY_AT[w.name]
+            interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high
+                      + w.logits(w.high) + 2 * w.logits(w.low)) / bandwidth * 1e6
+            totals.append((w, total, ce[key][0] * scale, interp))
+    finally:
+        kr.perf_model.model_kernel = original
+    lines += ["", "| workload | fused kernels, modelled | F.cross_entropy kernels, measured | "
+              "F.interpolate fwd + bwd, DRAM floor | fused / (interpolate + cross-entropy) |",
+              "|---|---|---|---|---|"]
+    for w, total, ce_us, interp in totals:
+        lines.append(f"| {w.name} {w.batch}x{w.classes}x{w.low[0]}x{w.low[1]} -> "
+                     f"{w.high[0]}x{w.high[1]} | {total:.0f} us | {ce_us:.0f} us | "
+                     f"{interp:.0f} us | {total / (ce_us + interp):.2f}x |")
+    lines += ["", "Launch and host time are in neither side's sum."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bandwidth", type=float, default=H200_COPY_BYTES_PER_S / 1e9,
                         help="copy bandwidth in GB/s (default: the H200's, measured)")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="also the calibrated model of the kernels (compiles them: run "
+                             "with Triton 3.6, the GPU's)")
     args = parser.parse_args(argv)
     print(report(args.bandwidth * 1e9))
+    if args.calibrated:
+        print()
+        print(calibrated(args.bandwidth * 1e9))
     return 0
 
 

@@ -9,10 +9,13 @@ Implementations (all take (B, C, H, W) logits and int64 (B, H, W) targets, 255 =
 - ``cross_entropy``: ``F.cross_entropy(ignore_index=255)``: what the loss replaces.
 - ``torch_unfold``: the ``F.unfold`` formulation of published neighbourhood losses, with
   K^2 * C * H * W memory; run only where it fits.
+- ``interp_triton``: ``F.interpolate`` then the fused kernels, on workloads with ``low``: what
+  ``upsample=`` cost before the kernels interpolated in registers.
 
 Workloads with ``low`` give the logits at a head's resolution, below the label's: cross-entropy
 is then ``F.interpolate`` (bilinear, the workload's ``align_corners``) + ``F.cross_entropy``, as
-segmentation heads compute it, and LAD is the loss with ``upsample="bilinear"``.
+segmentation heads compute it, and LAD is the loss with ``upsample="bilinear"`` (the fused
+kernels interpolate in registers).
 
 Passes: ``forward`` is the training forward (logits require grad, so what the backward needs is
 built and kept); ``forward+backward`` adds the gradient with respect to the logits.
@@ -28,7 +31,7 @@ from lad_triton import locally_adaptive_loss
 
 IGNORE = 255
 PASSES = ("forward", "forward+backward")
-IMPLS = ("triton", "torch", "torch_compile", "cross_entropy", "torch_unfold")
+IMPLS = ("triton", "torch", "torch_compile", "cross_entropy", "torch_unfold", "interp_triton")
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,9 @@ def design_bytes_per_pixel(w, pass_):
     if w.classes > 32 or w.kernel_size > 7:  # the statistics: logits read, 8 B written and read
         forward += w.classes * e + 16
     backward = 3 * w.classes * e + y
-    if w.low:  # upsample= interpolates with PyTorch first: its logits and their gradient
-        forward += w.classes * e * (1 + w.low_share)
-        backward += w.classes * e * (1 + 2 * w.low_share)
+    if w.low:  # the logits and their gradient at the head's size; P at the label's
+        forward = w.classes * e * (1 + w.low_share) + y
+        backward = w.classes * e * (1 + 2 * w.low_share) + y
     return forward if pass_ == "forward" else forward + backward
 
 
@@ -212,6 +215,10 @@ def loss_function(impl, w):
         return lambda x, t: F.cross_entropy(x, t, ignore_index=IGNORE)
     if impl == "torch_unfold":
         return lambda x, t: lad_unfold(x, t, k)
+    if impl == "interp_triton":
+        return lambda x, t: locally_adaptive_loss(
+            F.interpolate(x, size=t.shape[-2:], mode="bilinear", align_corners=w.align_corners),
+            t, kernel_size=k, backend="triton", check_target=False)
     backend = "triton" if impl == "triton" else "torch"
     interpolation = dict(upsample="bilinear", align_corners=w.align_corners) if w.low else {}
     # check_target=False: the benchmark times the loss, not the one-off label check (a sync).
@@ -222,8 +229,10 @@ def loss_function(impl, w):
 
 def unavailable(impl, w, device):
     """Why this implementation is not timed on this workload and device, or None."""
-    if impl == "triton" and device.type != "cuda":
+    if impl in ("triton", "interp_triton") and device.type != "cuda":
         return "the fused kernels only run compiled on CUDA (interpreter timings mean nothing)"
+    if impl == "interp_triton" and not w.low:
+        return "F.interpolate first only where the logits are at a head's resolution"
     if impl == "torch_unfold" and w.low:
         return "the F.unfold formulation takes logits at the label's size"
     if impl == "torch_unfold":
