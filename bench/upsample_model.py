@@ -135,36 +135,88 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
              f"{params.issue_efficiency:.3f}) of the kernels compiled by Triton "
              f"{kr.triton.__version__}, float32 logits, int64 labels, K = 5, forward + backward; "
              "F.cross_entropy's kernels measured on the H200; F.interpolate at its DRAM floor.",
-             "", "| workload | kernel | registers | programs | modelled us | bound |",
-             "|---|---|---|---|---|---|"]
+             "", "| workload | LAD | kernel | registers | programs | modelled us | bound |",
+             "|---|---|---|---|---|---|---|"]
     totals = []
     kr.perf_model.model_kernel = capture
     try:
         for w in WORKLOADS:
-            captured.clear()
             shape = (w.batch, w.classes) + w.high
-            kr.model_workload(shape, 5, torch.float32, low=w.low, align_corners=w.align_corners)
             fig = dict(dtype="float32", kernel_size=5, shape=list(shape))
-            total = 0.0
-            for launch in captured:
-                t = perf_model.calibrated(calibrate.inputs(launch, fig), params)
-                total += t.time_s * 1e6
-                lines.append(f"| {w.name} | {launch['name']} | {launch['registers']} | "
-                             f"{launch['programs']} | {t.time_s * 1e6:.0f} | {t.bound} |")
+            sums = []
+            for low, way in ((w.low, "upsample='bilinear'"), (None, "after F.interpolate")):
+                captured.clear()
+                kr.model_workload(shape, 5, torch.float32, low=low,
+                                  align_corners=w.align_corners)
+                total = 0.0
+                for launch in captured:
+                    t = perf_model.calibrated(calibrate.inputs(launch, fig), params)
+                    total += t.time_s * 1e6
+                    lines.append(f"| {w.name} | {way} | {launch['name']} | "
+                                 f"{launch['registers']} | {launch['programs']} | "
+                                 f"{t.time_s * 1e6:.0f} | {t.bound} |")
+                sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high
                       + w.logits(w.high) + 2 * w.logits(w.low)) / bandwidth * 1e6
-            totals.append((w, total, ce[key][0] * scale, interp))
+            totals.append((w, *sums, ce[key][0] * scale, interp))
     finally:
         kr.perf_model.model_kernel = original
-    lines += ["", "| workload | fused kernels, modelled | F.cross_entropy kernels, measured | "
-              "F.interpolate fwd + bwd, DRAM floor | fused / (interpolate + cross-entropy) |",
-              "|---|---|---|---|---|"]
-    for w, total, ce_us, interp in totals:
+    lines += ["", "| workload | LAD, upsample='bilinear' | F.interpolate + LAD | "
+              "F.interpolate + F.cross_entropy | upsample='bilinear' / (interpolate + "
+              "cross-entropy) |", "|---|---|---|---|---|"]
+    for w, fused, after, ce_us, interp in totals:
         lines.append(f"| {w.name} {w.batch}x{w.classes}x{w.low[0]}x{w.low[1]} -> "
-                     f"{w.high[0]}x{w.high[1]} | {total:.0f} us | {ce_us:.0f} us | "
-                     f"{interp:.0f} us | {total / (ce_us + interp):.2f}x |")
+                     f"{w.high[0]}x{w.high[1]} | {fused:.0f} us | {after + interp:.0f} us | "
+                     f"{ce_us + interp:.0f} us | {fused / (ce_us + interp):.2f}x |")
+    lines += ["", "LAD: the fused kernels, modelled; F.cross_entropy: its kernels as measured; "
+              "F.interpolate forward + backward: its DRAM floor."]
     lines += ["", "Launch and host time are in neither side's sum."]
+    return "\n".join(lines)
+
+
+# --- peak memory, measured -----------------------------------------------------------------
+
+def measured_memory(device=None):
+    """Peak memory of forward + backward beyond the inputs, three ways, measured
+    (workloads.peak_memory_mib: allocation events on a CPU, where the fused kernels run in
+    Triton's interpreter, so the size is small; max_memory_allocated on CUDA, at the DeepLab-like
+    size), float32 logits at 1/4 and 1/8 of int64 labels' size, K = 5."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # before the kernels are first imported
+        os.environ["TRITON_INTERPRET"] = "1"
+    from lad_triton import locally_adaptive_loss
+    from workloads import peak_memory_mib
+
+    if device.type == "cpu":
+        cases = [((2, 21, 9, 9), (33, 33), False), ((2, 21, 5, 5), (33, 33), True)]
+    else:
+        cases = [((8, 21, 65, 65), (513, 513), True), ((8, 19, 128, 256), (512, 1024), False)]
+    lines = [f"Peak memory of forward + backward beyond the inputs on {device.type} (float32 "
+             "logits, int64 labels, K = 5):", "",
+             "| logits -> labels | align_corners | interpolate + cross-entropy | interpolate + "
+             "LAD (fused) | LAD, upsample='bilinear' (fused) | fused / (interpolate + "
+             "cross-entropy) |", "|---|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(0)
+    for shape, high, corners in cases:
+        x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
+        t = torch.randint(0, shape[1], (shape[0],) + high, generator=gen).to(device)
+
+        def up():
+            return F.interpolate(x, size=high, mode="bilinear", align_corners=corners)
+
+        ways = [
+            lambda: F.cross_entropy(up(), t, ignore_index=255),
+            lambda: locally_adaptive_loss(up(), t, backend="triton", check_target=False),
+            lambda: locally_adaptive_loss(x, t, backend="triton", upsample="bilinear",
+                                          align_corners=corners, check_target=False)]
+        peaks = [peak_memory_mib(lambda f=f: torch.autograd.grad(f(), x), device) for f in ways]
+        lines.append(f"| {'x'.join(map(str, shape))} -> {'x'.join(map(str, high))} | "
+                     f"{corners} | " + " | ".join(f"{p:.3g} MiB" for p in peaks)
+                     + f" | {peaks[2] / peaks[0]:.2f}x |")
     return "\n".join(lines)
 
 
@@ -172,11 +224,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bandwidth", type=float, default=H200_COPY_BYTES_PER_S / 1e9,
                         help="copy bandwidth in GB/s (default: the H200's, measured)")
-    parser.add_argument("--calibrated", action="store_true",
-                        help="also the calibrated model of the kernels (compiles them: run "
-                             "with Triton 3.6, the GPU's)")
+    extra = parser.add_mutually_exclusive_group()  # compiled kernels, or interpreted ones
+    extra.add_argument("--calibrated", action="store_true",
+                       help="also the calibrated model of the kernels (compiles them: run "
+                            "with Triton 3.6, the GPU's)")
+    extra.add_argument("--memory", action="store_true",
+                       help="also measure peak memory (on a CPU under Triton's interpreter)")
     args = parser.parse_args(argv)
     print(report(args.bandwidth * 1e9))
+    if args.memory:
+        print()
+        print(measured_memory())
     if args.calibrated:
         print()
         print(calibrated(args.bandwidth * 1e9))

@@ -220,3 +220,22 @@ def test_upsample_model_orders_the_three_ways():
     # docs/performance.md quotes the table as the command prints it.
     docs = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
     assert model.report() in docs
+
+
+def test_readme_quotes_the_upsample_model_and_memory_as_committed():
+    # The README's low-resolution table: the calibrated model's totals and the measured memory
+    # ratios of bench/results, as the commands wrote them.
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    model = (root / "bench" / "results" / "upsample-model-triton-3.6.md").read_text()
+    memory = (root / "bench" / "results" / "upsample-memory-cpu.md").read_text()
+    for name in ("DeepLab-like", "SegFormer-like"):
+        fused, after, ce = map(int, re.search(
+            rf"\| {name} [^|]* \| (\d+) us \| (\d+) us \| (\d+) us \|", model).groups())
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {name}"))
+        assert (f"{fused / 1e3:.2f} ms (model)" in row and f"{after / 1e3:.2f} ms (model)" in row
+                and f"{ce / 1e3:.2f} ms" in row), row
+    ratios = re.findall(r"\| (\d\.\d\d)x \|", memory)
+    assert len(ratios) == 2 and all(f"{r}x" in readme for r in ratios)

@@ -22,9 +22,9 @@ logits to the label's size (bilinear, the head's ``align_corners``) before its l
 every loss of a head is this one with ``upsample=True``, the resize inside ``loss_by_feat`` is
 computed without autograd, for the accuracy and the pixel sampler only, and the loss scores the
 head's logits as they came with ``upsample="bilinear"`` and the head's ``align_corners``: the
-same value and gradient. The loss interpolates with PyTorch itself for now (README.md,
-"Limitations"), so this saves no memory yet (it holds one more full-resolution copy through
-the forward): it is the wiring for kernels that interpolate in registers. A head with other
+same value and gradient. On the fused backend the kernels interpolate in registers, so the
+logits' full-resolution gradient never exists (the resize's own copy, without autograd, still
+does through the forward); on the PyTorch backend the loss interpolates again. A head with other
 losses beside it, or one whose ``loss_by_feat`` is its own, passes the resized logits as
 before. Building a loss with ``upsample=True`` wraps ``BaseDecodeHead.loss_by_feat`` and the
 ``resize`` of mmseg's decode-head module for the rest of the process; heads without such a
