@@ -432,3 +432,41 @@ def test_peak_memory_is_P_not_the_full_resolution_logits_and_gradient():
     ours, theirs = (peak_memory_mib(run, torch.device(DEVICE)) for run in (fused, cross_entropy))
     # beyond P: P's padding to blocks of 32 pixels (3% here) and the logits' gradient (7%)
     assert ours <= 1.15 * full and theirs >= 2.9 * full, (ours, theirs, full)
+
+
+@pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 4, 1), (2**32, 1, 2**30 + 1, 3)])
+def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolations):
+    # Views into a 4 GiB float16 storage (virtual: only the touched pages are allocated) take
+    # the kernels' int64 offsets, forward and interpolating backward: bitwise the dense result.
+    shape = (1, 3, 3, 4)
+    storage = torch.empty(2**31 + 4096, dtype=torch.float16, device=DEVICE)
+    logits = storage.as_strided(shape, strides)
+    dense = make_logits(shape, dtype=torch.float16, seed=12, device=DEVICE)
+    logits.copy_(dense)
+    target = make_labels(1, [7, 9], 3, n_labels=2, seed=12, device=DEVICE)
+    results = []
+    for x in (logits.detach().requires_grad_(True), dense.detach().requires_grad_(True)):
+        loss = locally_adaptive_loss(x, target, kernel_size=3, backend="triton",
+                                     upsample="bilinear", align_corners=True)
+        results.append((loss, torch.autograd.grad(loss, x)[0]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert interpolations == []
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_any_layout_in_registers(layout, interpolations):
+    # The kernels read the low-resolution logits through their strides and write their
+    # gradient in their memory format.
+    logits = make_logits((2, 5, 4, 3), layout=layout, seed=4, device=DEVICE)
+    target = make_labels(2, [11, 10], 5, dtype=torch.int16, seed=4, device=DEVICE)
+    dense = logits.contiguous()
+    out = []
+    for x in (logits.detach().requires_grad_(True), dense.detach().requires_grad_(True)):
+        loss = locally_adaptive_loss(x, target, kernel_size=5, backend="triton",
+                                     upsample="bilinear")
+        out.append((loss, torch.autograd.grad(loss, x)[0]))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    if layout == "channels_last":
+        assert out[0][1].is_contiguous(memory_format=torch.channels_last)
+    assert interpolations == []
