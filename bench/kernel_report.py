@@ -215,7 +215,7 @@ def compiled(fn, args, kwargs, arch):
 def describe(name, args, kwargs):
     shown = {k: v for k, v in kwargs.items()
              if k in ("C", "CLASS_TILE", "ROWS", "UNROLL", "RADIUS", "STRIDE", "TILE_W", "BLOCK",
-                      "BAND", "STRIP", "UPSAMPLE",
+                      "UPSAMPLE",
                       "num_warps")}
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
@@ -332,11 +332,12 @@ def loop_trips(name, values):
         return [values["chunks"]]
     if name == "_halo_upsample_backward_kernel":
         # In program order: a band's output rows (its input rows' and one more's); inside,
-        # the strip's columns of a finished input row (BAND times over the rows: a share per
-        # row), the window rows; after, the last row's columns.
-        band = min(values["BAND"], values["H_in"])
+        # the strip's columns of a finished input row (band times over the rows: a share per
+        # row), the window rows; after, the last rows' columns (one row's, as a rule).
+        band = min(values["band"], values["H_in"])
         rows = values["H"] * (band + 1) / values["H_in"]
-        return [rows, values["STRIP"] * band / rows, 1 + 2 * values["RADIUS"], values["STRIP"]]
+        strip = values["strip_w"]
+        return [rows, strip * band / rows, 1 + 2 * values["RADIUS"], strip, strip]
     if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
         return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:

@@ -451,9 +451,10 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     halo._halo_upsample_backward_kernel[(batch * bands * strips,)](
         logits, target, P, s, grad if mean else s, scalars if mean else s, dx, index, weight,
         height, width, h_in, w_in, bands, strips, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), *logits.stride(), sy[0], *sy[2:], *dx.stride(),
+        cdiv(width, forward_cols), up.band, up.strip, *logits.stride(), sy[0], *sy[2:],
+        *dx.stride(),
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
-        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, BAND=up.band,
-        STRIP=up.strip, FROWS=forward_rows, ZSCORE=zscore, MEAN=mean, WIDE=wide,
+        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
+        ZSCORE=zscore, MEAN=mean, WIDE=wide,
         **cfg.backward_launch)
     return dx

@@ -420,7 +420,7 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dx_img, row, acc, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP: tl.constexpr):
+def _flush(dx_img, row, acc, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w):
     """Store a finished low-resolution row of the gradient: acc [CLASS_TILE, 32] holds what its
     output rows owe it at the lanes' output columns ([1, CLASS_TILE, 32]: the layout _gather's
     rows have, so that adding a row converts nothing); each of the strip's columns j gathers the
@@ -428,16 +428,18 @@ def _flush(dx_img, row, acc, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP: 
     dx_row = dx_img + row.to(tl.int64) * sdh
     # A loop, not unrolled: each column's sums sit in every lane (32 registers), and unrolled
     # the strip's columns would be live at once.
-    for jj in range(0, STRIP):
+    for jj in range(0, strip_w):
         j = j0 + jj
         weight = tl.where(w0 == j, l0, 0.0) + tl.where(w1 == j, l1, 0.0)
-        total = tl.sum(tl.sum(acc * weight[None, None, :], axis=2), axis=0)
-        tl.store(dx_row + j * sdw, total.to(dx_img.dtype.element_ty),
+        # a where, not a product with 0: a NaN elsewhere in the row stays out of this column
+        part = tl.where(((w0 == j) | (w1 == j))[None, None, :], acc * weight[None, None, :], 0.0)
+        total = tl.sum(tl.sum(part, axis=2), axis=0)
+        tl.store(dx_row + j.to(tl.int64) * sdw, total.to(dx_img.dtype.element_ty),
                  mask=also(cmask, j < j_end))
 
 
-@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "strips", "ftiles_h",
-                               "ftiles_w"])
+@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "strips", "band", "strip_w",
+                               "ftiles_h", "ftiles_w"])
 def _halo_upsample_backward_kernel(
     x_ptr,       # low-resolution logits (B, C, H_in, W_in), any strides
     y_ptr,       # target (B, H, W), any integer dtype, any strides
@@ -449,21 +451,21 @@ def _halo_upsample_backward_kernel(
     idx_ptr,     # int32 and ACC tables of kernels/upsample.py
     lam_ptr,
     H, W, H_in, W_in, bands, strips, ftiles_h, ftiles_w,
+    band, strip_w,  # input rows and columns per program (kernels/upsample.py's Plan)
     sxb, sxc, sxh, sxw,
     syb, syh, syw,
     sdb, sdc, sdh, sdw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
-    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, BAND: tl.constexpr,
-    STRIP: tl.constexpr, FROWS: tl.constexpr, ZSCORE: tl.constexpr, MEAN: tl.constexpr,
-    WIDE: tl.constexpr,
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, FROWS: tl.constexpr,
+    ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """dx of a band of BAND x STRIP low-resolution pixels, deterministic and without atomics:
+    """dx of a band x strip_w block of low-resolution pixels, deterministic and without atomics:
     the program walks down the output rows whose stencils hold the band (one row above it
     included), forms each row's output-resolution gradient at the lanes' columns in registers
     (_gather, _jacobian at the interpolated logits) and adds it, weighted, to the two input rows
     of the row's stencil (A, B). Output rows map to input rows in order, one step at a time
     (upsampling), so when the stencil moves down, A's row has all it is owed: _flush stores it.
-    The lanes hold the output columns of the strip's stencils (kernels/upsample.py sizes STRIP so
+    The lanes hold the output columns of the strip's stencils (kernels/upsample.py sizes it so
     they fit in the 32 - 2r output lanes), which the neighbouring strip recomputes where they
     overlap, as the band does one input row."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
@@ -474,13 +476,15 @@ def _halo_upsample_backward_kernel(
     strip = pid % strips
     rest = pid // strips
     image = rest // bands
-    i0 = ((rest % bands) * BAND).to(tl.int32)
-    i_end = tl.minimum(i0 + BAND, H_in)
-    j0 = (strip * STRIP).to(tl.int32)
-    j_end = tl.minimum(j0 + STRIP, W_in)
+    i0 = ((rest % bands) * band).to(tl.int32)
+    i_end = tl.minimum(i0 + band, H_in)
+    j0 = (strip * strip_w).to(tl.int32)
+    j_end = tl.minimum(j0 + strip_w, W_in)
     inv = idx_ptr + 2 * H + 2 * W  # first and last output row of each input row, then columns
     q_start = tl.load(inv + i0)
     q_stop = tl.load(inv + H_in + i_end - 1)
+    if WIDE:  # the output rows index the target and P: int64 offsets from them
+        q_start, q_stop = q_start.to(tl.int64), q_stop.to(tl.int64)
     c_start = tl.load(inv + 2 * H_in + j0)
     c_stop = tl.load(inv + 2 * H_in + W_in + j_end - 1)
     lane = tl.arange(0, LANES)
@@ -515,7 +519,7 @@ def _halo_upsample_backward_kernel(
         lh = tl.load(lam_ptr + q).to(ACC)
         if h0 != a:  # h0 == a + 1: A's row is owed nothing more
             if a >= i0:
-                _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP)
+                _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
             a = h0
@@ -532,6 +536,10 @@ def _halo_upsample_backward_kernel(
         top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
         A += top * dx
         B += (1.0 - top) * dx
-    # Upsampling makes every input row some output row's i0, so the last row's is i_end - 1: A
-    # holds the band's last row, B the next band's first.
-    _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, STRIP)
+    # The last output row's i0 is i_end - 1, or i_end - 2 where i_end - 1 is only ever an i1
+    # (align_corners=True, whose scale can round below (n - 1) / (m - 1)), or below i0 in a
+    # one-row band of such a last row: flush what is the band's.
+    if a >= i0:
+        _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)
+    if a + 1 < i_end:
+        _flush(dx_img, a + 1, B, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)

@@ -239,3 +239,8 @@ def test_readme_quotes_the_upsample_model_and_memory_as_committed():
                 and f"{ce / 1e3:.2f} ms" in row), row
     ratios = re.findall(r"\| (\d\.\d\d)x \|", memory)
     assert len(ratios) == 2 and all(f"{r}x" in readme for r in ratios)
+    # docs/performance.md quotes the model's summary rows as the command wrote them
+    docs = (root / "docs" / "performance.md").read_text()
+    summary = [line for line in model.splitlines()
+               if re.match(r"\| \w+-like [^|]* \| \d+ us \| \d+ us \| \d+ us \|", line)]
+    assert len(summary) == 2 and all(line in docs for line in summary)

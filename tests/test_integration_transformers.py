@@ -52,6 +52,31 @@ def restore_classes():
         del adapter._CLASS_OPTIONS[cls]
 
 
+def test_only_unchanged_results_of_explicit_bilinear_calls_are_recorded():
+    # What the loss may score at the head's resolution: the result of a bilinear call to an
+    # explicit size, unchanged since; not a scale_factor or antialias call (other weights), not
+    # a result edited in place, and nothing whose input is gone (the records are weak).
+    functional = adapter._NN().functional
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    token = adapter._INTERPOLATED.set({})
+    try:
+        made = adapter._INTERPOLATED.get()
+        x = torch.randn(1, 3, 4, 4)
+        out = functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=True)
+        assert adapter._interpolated_from(made, out, labels) == (x, True)
+        for kwargs in (dict(scale_factor=2), dict(size=(8, 8), antialias=True)):
+            other = functional.interpolate(x, mode="bilinear", **kwargs)
+            assert adapter._interpolated_from(made, other, labels) == (None, None)
+        edited = functional.interpolate(x, size=(8, 8), mode="bilinear")
+        edited.mul_(2)
+        assert adapter._interpolated_from(made, edited, labels) == (None, None)
+        dropped = functional.interpolate(torch.randn(1, 3, 4, 4), size=(8, 8), mode="bilinear")
+        assert adapter._interpolated_from(made, dropped, labels) == (None, None)
+        assert adapter._interpolated_from(made, out, labels[:, :4]) == (None, None)
+    finally:
+        adapter._INTERPOLATED.reset(token)
+
+
 def test_patched_loss_is_lad_on_the_upsampled_logits():
     model = tiny_segformer().eval()
     assert adapter.apply_lad_to_segformer(model, kernel_size=3, power=2.0) is model
@@ -77,6 +102,7 @@ def test_the_loss_takes_the_heads_logits(monkeypatch):
 
     def spy(logits, target, **kwargs):
         calls.append((tuple(logits.shape), kwargs["upsample"], kwargs["align_corners"]))
+        assert "process_group" in kwargs  # the criterion's, as its own forward passes it
         return real(logits, target, **kwargs)
 
     monkeypatch.setattr(adapter, "locally_adaptive_loss", spy)

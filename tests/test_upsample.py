@@ -470,3 +470,25 @@ def test_any_layout_in_registers(layout, interpolations):
     if layout == "channels_last":
         assert out[0][1].is_contiguous(memory_format=torch.channels_last)
     assert interpolations == []
+
+
+@pytest.mark.parametrize("band_rows", [None, 1])
+@pytest.mark.parametrize("rows", [(4, 38), (2, 83), (8, 24)])
+def test_a_last_input_row_that_is_only_ever_an_i1(rows, band_rows, interpolations,
+                                                  monkeypatch):
+    # align_corners=True's float32 scale can round below (n - 1) / (m - 1): the last output row
+    # then has i0 = n - 2, and input row n - 1 is only ever an i1. The backward must still
+    # store it, and, in a band of its own (band_rows=1), nothing of the band above.
+    from lad_triton.kernels import upsample
+
+    n, m = rows
+    assert upsample._axis(n, m, True, False)[0][-1] == n - 2  # the case this test is for
+    if band_rows is not None:
+        monkeypatch.setattr(upsample, "BAND_ROWS", band_rows)
+    upsample._plan.cache_clear()
+    try:
+        in_kernels((2, 4, n, 3), (m, 7), dict(kernel_size=3, align_corners=True, power=3.0,
+                                               stride=1, reduction="mean"),
+                   n + m, torch.float32, interpolations)
+    finally:
+        upsample._plan.cache_clear()

@@ -39,6 +39,7 @@ import functools
 import importlib
 import inspect
 import sys
+import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 
@@ -61,7 +62,8 @@ PATCHED_MODELS = {
 }
 
 # The loss options of the patched forward running now (None outside one), and the bilinear
-# interpolations it has made: id(result) -> (result, input, align_corners).
+# interpolations it has made: id(result) -> (weak result, its version, weak input,
+# align_corners). Weak: a feature map the model interpolates and drops must not stay alive.
 _ACTIVE = ContextVar("lad_triton_transformers_options", default=None)
 _INTERPOLATED = ContextVar("lad_triton_transformers_interpolated", default=None)
 _CLASS_OPTIONS = {}  # patched class -> its loss options (apply_lad_to_segformer(None, ...))
@@ -84,33 +86,48 @@ class _CrossEntropyOrLAD:
 
         def loss(logits, labels):
             # The class weight follows the logits to their device.
-            source = made.get(id(logits)) if made is not None else None
-            if (source is None or source[0] is not logits or labels.dim() != 3
-                    or tuple(labels.shape[-2:]) != tuple(logits.shape[-2:])):
+            head, align_corners = _interpolated_from(made, logits, labels)
+            if head is None:
                 return criterion.to(logits.device)(logits, labels)
-            _, head, align_corners = source
             criterion.to(head.device)
             options = dict(criterion.options, upsample="bilinear", align_corners=align_corners)
-            return locally_adaptive_loss(head, labels, weight=criterion.weight, **options)
+            return locally_adaptive_loss(head, labels, weight=criterion.weight,
+                                         process_group=criterion.process_group, **options)
 
         return loss
 
 
+def _interpolated_from(made, logits, labels):
+    """(the input, align_corners) of the recorded interpolation that gave ``logits``, unchanged
+    since and at the labels' size; (None, None) for any other tensor."""
+    record = made.get(id(logits)) if made is not None else None
+    if record is None or labels.dim() != 3 or labels.shape[-2:] != logits.shape[-2:]:
+        return None, None
+    out, version, head, align_corners = record
+    head = head()
+    if out() is not logits or logits._version != version or head is None:
+        return None, None
+    return head, align_corners
+
+
 class _Functional:
     """``torch.nn.functional`` for a patched modeling module: inside a patched forward its
-    ``interpolate`` records each bilinear call to a spatial size (module docstring)."""
+    ``interpolate`` records each bilinear call to an explicit size (module docstring); calls
+    with ``scale_factor`` or ``antialias`` compute other weights and are not recorded."""
 
     def __getattr__(self, name):
         return getattr(torch.nn.functional, name)
 
     @staticmethod
     def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                    **kwargs):
+                    recompute_scale_factor=None, antialias=False):
         out = torch.nn.functional.interpolate(input, size, scale_factor, mode, align_corners,
-                                              **kwargs)
+                                              recompute_scale_factor, antialias)
         made = _INTERPOLATED.get()
-        if made is not None and mode == "bilinear" and input.dim() == 4:
-            made[id(out)] = (out, input, bool(align_corners))
+        if (made is not None and mode == "bilinear" and input.dim() == 4 and size is not None
+                and not antialias):
+            made[id(out)] = (weakref.ref(out), out._version, weakref.ref(input),
+                             bool(align_corners))
         return out
 
 
