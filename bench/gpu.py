@@ -6,7 +6,8 @@ still returns what it measured:
     python -m bench.gpu env --out DIR       # GPU, driver, torch, Triton, 1 GiB copy bandwidth
     python -m bench.gpu tests --out DIR     # the test suite compiled on the GPU (budgeted)
     python -m bench.gpu bench --out DIR     # python -m bench on CUDA: every workload and impl
-    python -m bench.gpu kernels --out DIR   # each fused kernel measured beside the model
+    python -m bench.gpu kernels --out DIR   # each fused kernel measured beside the model, and
+                                            # low-resolution logits three ways
     python -m bench.gpu all --out DIR       # env, the first tests, kernels, bench, the rest of
                                             # the tests, in one --deadline; then DIR/summary.md
     python -m bench.gpu ingest DIR          # here, afterwards: DIR into bench/results/ + bench/README.md
@@ -364,6 +365,82 @@ def stage_kernels(out, dry_run, model_file=None):
         except Exception as err:  # keep the other workloads' figures
             row["measured"] = dict(error=f"{type(err).__name__}: {err}"[:1000])
         write_json(out / "kernels.json", dict(device=str(device), rows=rows))  # as it goes
+    print("kernels: low-resolution logits", flush=True)
+    try:
+        upsample = measured_upsample(device, 1 if dry_run else 20, dry_run)
+    except Exception as err:
+        upsample = dict(error=f"{type(err).__name__}: {err}"[:1000])
+    write_json(out / "kernels.json", dict(device=str(device), rows=rows, upsample=upsample))
+    return rows
+
+
+# Logits at a head's resolution: the loss that interpolates in its kernels beside F.interpolate
+# + the loss and F.interpolate + F.cross_entropy (bench/upsample_model.py models them).
+UPSAMPLE_WORKLOADS = [("deeplab-up", (8, 21, 65, 65), (513, 513), True),
+                      ("segformer-up", (8, 19, 128, 256), (512, 1024), False)]
+
+
+def measured_upsample(device, repeats, dry_run):
+    """Per workload of UPSAMPLE_WORKLOADS (a tiny one in a dry run) and way, float32, K = 5: the
+    median synced call, the device time of each kernel (torch.profiler) and, on CUDA, the peak
+    memory of forward + backward beyond the inputs."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    import lad_triton
+
+    cases = [("tiny-up", (1, 5, 4, 4), (9, 11), True)] if dry_run else UPSAMPLE_WORKLOADS
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    rows = []
+    for name, shape, size, corners in cases:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
+        t = torch.randint(0, shape[1], (shape[0],) + size, generator=gen).to(device)
+
+        def up():
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=corners)
+
+        ways = {"lad_upsample": lambda: lad_triton.locally_adaptive_loss(
+                    x, t, backend="triton", check_target=False, upsample="bilinear",
+                    align_corners=corners),
+                "interpolate_lad": lambda: lad_triton.locally_adaptive_loss(
+                    up(), t, backend="triton", check_target=False),
+                "interpolate_cross_entropy": lambda: F.cross_entropy(up(), t, ignore_index=255)}
+        row = dict(workload=name, shape=list(shape), size=list(size), align_corners=corners)
+        for way, loss in ways.items():
+            def run(loss=loss):
+                return torch.autograd.grad(loss(), x)
+
+            run()
+            sync(device)
+            wall = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                sync(device)
+                wall.append(time.perf_counter() - start)
+            with profile(activities=[activity]) as prof:
+                for _ in range(repeats):
+                    run()
+                sync(device)
+            kernels = sorted(
+                (dict(kernel=e.key, us=(e.device_time_total if device.type == "cuda"
+                                        else e.self_cpu_time_total) / repeats)
+                 for e in prof.key_averages()
+                 if (e.device_time_total if device.type == "cuda" else e.cpu_time_total) > 0),
+                key=lambda k: -k["us"])[:12]
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                run()
+                sync(device)
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            row[way] = dict(call_us=sorted(wall)[len(wall) // 2] * 1e6, kernels=kernels,
+                            peak_mib=peak)
+        rows.append(row)
     return rows
 
 
@@ -450,8 +527,26 @@ def summary(out):
             parts += ["F.cross_entropy forward + backward, first workload, per call:", ""]
             parts += [f"- {k['us']:.1f} us x{k['calls']:g} {k['kernel'][:100]}"
                       for k in row.get("measured", {}).get("cross_entropy", [])]
+        parts += ["", "## low-resolution logits, float32, K = 5", ""] + upsample_lines(
+            kernels.get("upsample"))
     (out / "summary.md").write_text("\n".join(parts) + "\n")
     print(f"wrote {out / 'summary.md'}", flush=True)
+
+
+def upsample_lines(rows):
+    """The summary's table of measured_upsample: per workload and way, one synced call, the sum
+    of its kernels and the peak memory."""
+    if not rows or "error" in rows:
+        return [f"not measured: {(rows or {}).get('error', 'no figures')}"]
+    lines = ["| workload | way | one call us | kernels us | peak MiB |", "|---|---|---|---|---|"]
+    for row in rows:
+        for way in ("lad_upsample", "interpolate_lad", "interpolate_cross_entropy"):
+            r = row[way]
+            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            lines.append(f"| {row['workload']} {'x'.join(map(str, row['shape']))} -> "
+                         f"{'x'.join(map(str, row['size']))} | {way} | {r['call_us']:.0f} | "
+                         f"{sum(k['us'] for k in r['kernels']):.0f} | {peak} |")
+    return lines
 
 
 README_MARKERS = ("<!-- gpu:begin -->", "<!-- gpu:end -->")
