@@ -222,12 +222,47 @@ def stage_bench(out, dry_run, budget_s=None, quick=False):
     return dict(exit=code)
 
 
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _call_us(run, device, repeats):
+    """The median of one call from the host's start to the device's end, as python -m bench
+    times it: the kernels plus the host time the device waits for."""
+    wall = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        wall.append(time.perf_counter() - start)
+    return sorted(wall)[len(wall) // 2] * 1e6
+
+
+def _kernel_times(run, device, repeats):
+    """The 12 costliest kernels of one call (torch.profiler; on the CPU, operators): name, calls
+    and time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            run()
+        _sync(device)
+    events = [e for e in prof.key_averages()
+              if (e.device_time_total if cuda else e.cpu_time_total) > 0]
+    return sorted((dict(kernel=e.key, calls=e.count / repeats,
+                        us=(e.device_time_total if cuda else e.self_cpu_time_total) / repeats)
+                   for e in events), key=lambda k: -k["us"])[:12]
+
+
 def measured_kernels(shape, kernel_size, dtype, device, repeats):
     """Per fused kernel, the mean device time of one forward + backward (torch.profiler), and
     F.cross_entropy's kernels the same way."""
     import torch
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     import lad_triton
 
@@ -249,42 +284,21 @@ def measured_kernels(shape, kernel_size, dtype, device, repeats):
     def cross_entropy():
         torch.autograd.grad(F.cross_entropy(logits, target, ignore_index=255), logits)
 
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     result = {}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     for name, run in (("lad", lad), ("lad_checked", lad_checked),
                       ("cross_entropy", cross_entropy)):
         run()  # compile, warm the caches
-        sync(device)
-        # One call from the host's start to the device's end, as python -m bench times it:
-        # the kernels plus the host time the device waits for.
-        wall = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            sync(device)
-            wall.append(time.perf_counter() - start)
-        result[f"{name}_call_us"] = sorted(wall)[len(wall) // 2] * 1e6
+        _sync(device)
+        result[f"{name}_call_us"] = _call_us(run, device, repeats)
         # The host's time per call while the device runs behind (no sync between calls): what
         # a training step pays on the CPU side.
         start = time.perf_counter()
         for _ in range(repeats):
             run()
         result[f"{name}_host_us"] = (time.perf_counter() - start) / repeats * 1e6
-        sync(device)
-        if name == "lad_checked":
-            continue
-        with profile(activities=[activity]) as prof:
-            for _ in range(repeats):
-                run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        events = [e for e in prof.key_averages()
-                  if (e.device_time_total if device.type == "cuda" else e.cpu_time_total) > 0]
-        result[name] = sorted(
-            (dict(kernel=e.key, calls=e.count / repeats,
-                  us=(e.device_time_total if device.type == "cuda" else e.self_cpu_time_total)
-                  / repeats) for e in events), key=lambda k: -k["us"])[:12]
+        _sync(device)
+        if name != "lad_checked":
+            result[name] = _kernel_times(run, device, repeats)
     return result
 
 
@@ -386,13 +400,11 @@ def measured_upsample(device, repeats, dry_run):
     memory of forward + backward beyond the inputs."""
     import torch
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     import lad_triton
+    from bench.workloads import peak_memory_mib
 
     cases = [("tiny-up", (1, 5, 4, 4), (9, 11), True)] if dry_run else UPSAMPLE_WORKLOADS
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     rows = []
     for name, shape, size, corners in cases:
         gen = torch.Generator().manual_seed(0)
@@ -413,33 +425,12 @@ def measured_upsample(device, repeats, dry_run):
             def run(loss=loss):
                 return torch.autograd.grad(loss(), x)
 
-            run()
-            sync(device)
-            wall = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run()
-                sync(device)
-                wall.append(time.perf_counter() - start)
-            with profile(activities=[activity]) as prof:
-                for _ in range(repeats):
-                    run()
-                sync(device)
-            kernels = sorted(
-                (dict(kernel=e.key, us=(e.device_time_total if device.type == "cuda"
-                                        else e.self_cpu_time_total) / repeats)
-                 for e in prof.key_averages()
-                 if (e.device_time_total if device.type == "cuda" else e.cpu_time_total) > 0),
-                key=lambda k: -k["us"])[:12]
-            peak = None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                run()
-                sync(device)
-                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-            row[way] = dict(call_us=sorted(wall)[len(wall) // 2] * 1e6, kernels=kernels,
-                            peak_mib=peak)
+            run()  # compile, warm the caches
+            _sync(device)
+            row[way] = dict(call_us=_call_us(run, device, repeats),
+                            kernels=_kernel_times(run, device, repeats),
+                            peak_mib=(peak_memory_mib(run, device) if device.type == "cuda"
+                                      else None))
         rows.append(row)
     return rows
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import (cdiv, launch_config, needs_wide_index, span, split_scalar, target_of,
-                     tile_grid)
+from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
+                     split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
 from .upsample import upsample_tables
@@ -436,7 +436,7 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     height, width = target.shape[-2:]
     up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
     mean = grad is not None
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,
                         **target_of(logits))
     forward_rows, forward_cols = map(int, plan.split("x"))

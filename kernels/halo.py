@@ -347,6 +347,23 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
 
 
 @triton.jit
+def _backward_scalars(grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,
+                      ACC: tl.constexpr, MEAN: tl.constexpr):
+    """(eps, base, 1 / base, grad, unit, power - 1) of a backward: the scalars as split_scalar()
+    passed them; MEAN: d output / d loss times a, and the factors of each tile's share
+    (tiling.tile_scale_factors), else zeros (unused)."""
+    eps = scalar(eps_hi, eps_lo, ACC)
+    base = scalar(base_hi, base_lo, ACC)
+    grad = tl.zeros([], dtype=ACC)
+    unit = grad
+    power1 = grad
+    if MEAN:
+        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
+                                                power_lo, ACC)
+    return eps, base, 1.0 / base, grad, unit, power1
+
+
+@triton.jit
 def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr):
     """dx [ROWS, CLASS_TILE, 32] = rstd (G - mean_c G - z mean_c(G z)) of the pixels whose logits
     are x (every class in the lane), G itself without the z-score."""
@@ -383,17 +400,10 @@ def _halo_backward_kernel(
     """dx of a tile of ROWS x (32 - 2r) pixels q: G_q (_gather), then dx_q = rstd_q (G_q -
     mean_c G_q - z_q mean_c(G_q z_q)) (_jacobian)."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    eps = scalar(eps_hi, eps_lo, ACC)
-    base = scalar(base_hi, base_lo, ACC)
-    inv_base = 1.0 / base
+    eps, base, inv_base, grad, unit, power1 = _backward_scalars(
+        grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo, ACC, MEAN)
     image, qd, row0, cols, rows, out_lane = _tile(tiles_h, tiles_w, D, W, ROWS, RADIUS, WIDE)
     cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
-    grad = tl.zeros([], dtype=ACC)
-    unit = grad
-    power1 = grad
-    if MEAN:
-        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
-                                                power_lo, ACC)
     y_img = y_ptr + image * syb
     P_img, plane = image_of_P(P_ptr, image, D, H, W, C, LANES, WIDE)
 
@@ -469,9 +479,8 @@ def _halo_upsample_backward_kernel(
     they fit in the 32 - 2r output lanes), which the neighbouring strip recomputes where they
     overlap, as the band does one input row."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
-    eps = scalar(eps_hi, eps_lo, ACC)
-    base = scalar(base_hi, base_lo, ACC)
-    inv_base = 1.0 / base
+    eps, base, inv_base, grad, unit, power1 = _backward_scalars(
+        grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo, ACC, MEAN)
     pid = tl.program_id(0).to(tl.int64)
     strip = pid % strips
     rest = pid // strips
@@ -499,12 +508,6 @@ def _halo_upsample_backward_kernel(
     l0 = tl.where(out_lane, 1.0 - lw, 0.0)
     l1 = tl.where(out_lane, lw, 0.0)
     cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
-    grad = tl.zeros([], dtype=ACC)
-    unit = grad
-    power1 = grad
-    if MEAN:
-        grad, unit, power1 = tile_scale_factors(tl.load(grad_ptr).to(ACC), scal_ptr, power_hi,
-                                                power_lo, ACC)
     y_img = y_ptr + image * syb
     P_img, plane = image_of_P(P_ptr, image, tl.full([], 1, tl.int32), H, W, C, LANES, WIDE)
     x_plane = x_ptr + image * sxb

@@ -130,17 +130,17 @@ def locally_adaptive_loss(logits, target, *, kernel_size=5, power=3.0, stride=1,
     # that evaluation neither computes nor keeps what only the backward needs (and whether the
     # kernels can interpolate depends on it: the backward's tiling is the stricter).
     need_grad = logits.requires_grad and torch.is_grad_enabled()
+    spatial = tuple(target.shape[1:])
     in_kernels = None  # (mode, align_corners) where the fused kernels interpolate themselves
     if upsample is not None:
-        size = tuple(target.shape[1:])
-        if chosen == "triton" and 0 not in size and logits.numel() > 0:
+        if chosen == "triton" and 0 not in spatial and logits.numel() > 0:
             from .fused import interpolates
 
-            if interpolates(logits, size, upsample, align_corners, options, weight, need_grad):
+            if interpolates(logits, spatial, upsample, align_corners, options, weight,
+                            need_grad):
                 in_kernels = (upsample, align_corners)
         if in_kernels is None:
-            logits = _upsampled(logits, size, upsample, align_corners)
-    spatial = tuple(target.shape[1:])
+            logits = _upsampled(logits, spatial, upsample, align_corners)
     classes = logits.shape[1]
     if classes == 2 and zscore:
         _warn_binary_zscore()
