@@ -90,10 +90,19 @@ def _outer(a, b):
 
 
 @triton.jit
-def _outer3(a, b):
-    """a[:, None, :] + b[None, :, None]: offsets [ROWS, N, 32] from a [ROWS, 32], as _outer."""
-    return tl.multiple_of(tl.max_contiguous(a[:, None, :] + b[None, :, None], [1, 1, LANES]),
-                          [1, 1, 1])
+def _class_ptrs(base, lanes, cls_off):
+    """Pointers [N, 32]: base + lanes (the lanes' offsets [32], consecutive along the lanes as
+    _outer marks them) + cls_off[:, None], the class offsets added to one 64-bit address per lane
+    so that they become the loads' immediate offsets instead of an address computation each."""
+    p = tl.max_contiguous(tl.multiple_of(base + lanes, [1]), [LANES])
+    return p[None, :] + cls_off[:, None]
+
+
+@triton.jit
+def _class_ptrs3(base, lanes, cls_off):
+    """Pointers [ROWS, N, 32] from the rows' lane offsets [ROWS, 32], as _class_ptrs."""
+    p = tl.max_contiguous(tl.multiple_of(base + lanes, [1, 1]), [1, LANES])
+    return p[:, None, :] + cls_off[None, :, None]
 
 
 @triton.jit
@@ -288,14 +297,14 @@ def _halo_forward_kernel(
         P = e * (scale / total)[:, None, :] - tl.where(onehot, scale[:, None, :], 0.0)
         P = tl.where(valid[:, None, :], P, 0.0)  # a where: a NaN at an invalid centre stays out
         lanes = (n >> 5) * (C * LANES) + (n & 31)
-        tl.store(P_img + _outer3(lanes, cls * LANES),
+        tl.store(_class_ptrs3(P_img, lanes, cls * LANES),
                  P.to(P_ptr.dtype.element_ty), mask=cmask[None, :, None] & live[:, None, :])
         # The padding of the image's last block of P: zeros, so that P is a function of the
         # inputs (never read). The program whose tile holds the image's last centre writes it.
         last = (pd == D - 1) & (row0 + ROWS >= H) & (tl.program_id(0) % tiles_w == tiles_w - 1)
         m = ((plane - 1) // LANES) * LANES + tl.arange(0, LANES)
         pad = also(m >= plane, last)
-        tl.store(P_img + _outer(cls * LANES, (m >> 5) * (C * LANES) + (m & 31)),
+        tl.store(_class_ptrs(P_img, (m >> 5) * (C * LANES) + (m & 31), cls * LANES),
                  tl.zeros([CLASS_TILE, LANES], P_ptr.dtype.element_ty),
                  mask=cmask[:, None] & pad[None, :])
 
@@ -333,7 +342,7 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
             else:
                 s = tl.load(s_img + n)
             s = tl.where(ok, s, 0.0)
-            Pr = tl.load(P_img + _outer(cls * LANES, (n >> 5) * (C * LANES) + (n & 31)),
+            Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
                          mask=cmask[:, None] & ok[None, :],
                          other=0.0).to(ACC)
             du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
@@ -421,11 +430,10 @@ def _halo_backward_kernel(
     mask3 = cmask[None, :, None] & live[:, None, :]
     x = G
     if ZSCORE:
-        x = tl.load(x_plane + _outer3(pix, cls * sxc), mask=mask3, other=0.0).to(ACC)
+        x = tl.load(_class_ptrs3(x_plane, pix, cls * sxc), mask=mask3, other=0.0).to(ACC)
     dx = _jacobian(x, G, cmask, eps, C, ZSCORE)
     dpix = rows[:, None] * sdh + cols[None, :] * sdw
-    tl.store(dx_ptr + image * sdb + qd * sdd
-             + _outer3(dpix, cls * sdc),
+    tl.store(_class_ptrs3(dx_ptr + image * sdb + qd * sdd, dpix, cls * sdc),
              dx.to(dx_ptr.dtype.element_ty), mask=mask3)
 
 
