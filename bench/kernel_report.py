@@ -333,11 +333,12 @@ def loop_trips(name, values):
     if name == "_halo_upsample_backward_kernel":
         # In program order: a band's output rows (its input rows' and one more's); inside,
         # the strip's columns of a finished input row (band times over the rows: a share per
-        # row), the window rows; after, the last rows' columns (one row's, as a rule).
+        # row; the window rows are unrolled); after, the last rows' columns (one row's, as a
+        # rule).
         band = min(values["band"], values["H_in"])
         rows = values["H"] * (band + 1) / values["H_in"]
         strip = values["strip_w"]
-        return [rows, strip * band / rows, 1 + 2 * values["RADIUS"], strip, strip]
+        return [rows, strip * band / rows, strip, strip]
     if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
         return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:

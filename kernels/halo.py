@@ -310,16 +310,49 @@ def _halo_forward_kernel(
 
 
 @triton.jit
+def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok, far,
+                tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh, syw, base,
+                inv_base, cls, cmask, C: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+                FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
+    """G plus what centre row row0 - r + t (depth pdc) owes the rows' pixels (see _gather)."""
+    TW: tl.constexpr = LANES - 2 * RADIUS
+    pi = row0 - RADIUS + t
+    ok = also(col_in, (pi >= 0) & (pi < H) & plane_ok)
+    pic = clamp(pi, H - 1)
+    pjc = clamp(cols, W - 1)
+    y_p = _labels(y_img + pdc * syd, tl.where(plane_ok, pi, -1), cols, ok, H, W, syh, syw)
+    n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
+    if MEAN:
+        t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
+        s = grad * minkowski_share(t_max, unit, power1)
+    else:
+        s = tl.load(s_img + n)
+    s = tl.where(ok, s, 0.0)
+    Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
+                 mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+    du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
+    near = du <= RADIUS
+    for DV in tl.static_range(-RADIUS, RADIUS + 1):
+        same = (_shift(y_p, DV)[None, :] == y_q) & near[:, None]
+        omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)
+        a = tl.where(same, omega[:, None] * _shift(s, DV)[None, :], 0.0)
+        G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
+    return G
+
+
+@triton.jit
 def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, cols, y_q, D, H,
             W, ftiles_h, ftiles_w, syd, syh, syw, radius_d, base, inv_base, cls, cmask,
             C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
-            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
+            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
+            UNROLL: tl.constexpr = False):
     """G [ROWS, CLASS_TILE, 32] of the pixels q of rows row0 .. row0 + ROWS - 1 (labels y_q, -2
     where not an output pixel): the sum over the centres p whose window holds q, with y_p == y_q,
     of omega * dL_p * P_p, gathered from the centre rows, each loaded once. MEAN: dL_p = grad * a
     * (t / max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times
-    the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img."""
-    TW: tl.constexpr = LANES - 2 * RADIUS
+    the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img. UNROLL: the
+    centre rows unrolled, so that their loads issue together (the interpolating backward, whose
+    one output row per step would otherwise wait on each centre row in turn)."""
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
     for dd in range(-radius_d, radius_d + 1):
@@ -328,30 +361,18 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
         pdc = clamp(pd, D - 1)
         far = tl.abs(dd)
         tile_plane = (image * D + pdc) * ftiles_h
-        for t in range(0, ROWS + 2 * RADIUS):
-            pi = row0 - RADIUS + t
-            ok = also(col_in, (pi >= 0) & (pi < H) & plane_ok)
-            pic = clamp(pi, H - 1)
-            pjc = clamp(cols, W - 1)
-            y_p = _labels(y_img + pdc * syd, tl.where(plane_ok, pi, -1), cols, ok, H, W, syh,
-                          syw)
-            n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
-            if MEAN:
-                t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
-                s = grad * minkowski_share(t_max, unit, power1)
-            else:
-                s = tl.load(s_img + n)
-            s = tl.where(ok, s, 0.0)
-            Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
-                         mask=cmask[:, None] & ok[None, :],
-                         other=0.0).to(ACC)
-            du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
-            near = du <= RADIUS
-            for DV in tl.static_range(-RADIUS, RADIUS + 1):
-                same = (_shift(y_p, DV)[None, :] == y_q) & near[:, None]
-                omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)
-                a = tl.where(same, omega[:, None] * _shift(s, DV)[None, :], 0.0)
-                G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
+        if UNROLL:
+            for t in tl.static_range(0, ROWS + 2 * RADIUS):
+                G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc,
+                                plane_ok, far, tile_plane, row0, cols, col_in, y_q, H, W,
+                                ftiles_w, syd, syh, syw, base, inv_base, cls, cmask, C, RADIUS,
+                                ROWS, FROWS, MEAN, ACC)
+        else:
+            for t in range(0, ROWS + 2 * RADIUS):
+                G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc,
+                                plane_ok, far, tile_plane, row0, cols, col_in, y_q, H, W,
+                                ftiles_w, syd, syh, syw, base, inv_base, cls, cmask, C, RADIUS,
+                                ROWS, FROWS, MEAN, ACC)
     return tl.where(cmask[None, :, None], G, 0.0)
 
 
@@ -538,7 +559,7 @@ def _halo_upsample_backward_kernel(
         y_q = tl.where(out_lane, y_q, -2)[None, :]
         G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, 0,
                     q, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
-                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC)
+                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC, True)
         x = G
         if ZSCORE:
             x = _interpolated(x_plane, cls, cmask, q, cols, out_lane, H, W, sxc, sxh, sxw,
