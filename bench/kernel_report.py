@@ -129,7 +129,8 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                                                 "zscore")}
     with recording(arch) as launches:
         backward_options["plan"] = kf.tile_plan(logits, kernel_size=options["kernel_size"],
-                                                stride=options["stride"], weighted=weighted)
+                                                stride=options["stride"], weighted=weighted,
+                                                upsample=bool(low))
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
                                             mean=mean, **upsample, **options)
@@ -333,12 +334,13 @@ def loop_trips(name, values):
     if name == "_halo_upsample_backward_kernel":
         # In program order: a band's output rows (its input rows' and one more's); inside,
         # the strip's columns of a finished input row (band times over the rows: a share per
-        # row; the window rows are unrolled); after, the last rows' columns (one row's, as a
+        # row), the window rows unless unrolled; after, the last rows' columns (one row's, as a
         # rule).
         band = min(values["band"], values["H_in"])
         rows = values["H"] * (band + 1) / values["H_in"]
         strip = values["strip_w"]
-        return [rows, strip * band / rows, strip, strip]
+        window = [] if values["UNROLL"] else [1 + 2 * values["RADIUS"]]
+        return [rows, strip * band / rows] + window + [strip, strip]
     if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
         return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:

@@ -455,6 +455,6 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
         *dx.stride(),
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
-        ZSCORE=zscore, MEAN=mean, WIDE=wide,
+        ZSCORE=zscore, MEAN=mean, WIDE=wide, UNROLL=cfg.unrolled,
         **cfg.backward_launch)
     return dx

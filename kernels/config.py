@@ -166,11 +166,15 @@ HALO_ROWS = 2
 HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
-# Their caps where they interpolate low-resolution logits (upsample="bilinear"): four loads per
-# pixel and class in the forward; two rows of the low-resolution gradient on top of G in the
-# backward. The fewest that compile without spills under Triton 3.6 (bench/kernel_report.py);
-# no GPU has timed them yet.
-HALO_UPSAMPLE_REGISTERS = ((26, 168, 255), (32, 216, 255))
+# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward
+# rows, forward cap, backward cap, and whether the backward unrolls its window's centre rows
+# (their loads issue together, at the cost of holding them all). Four loads per pixel and class
+# make a loaded row dearer than at full resolution, so the forward spreads it over more centre
+# rows where that compiles; the backward holds two rows of the low-resolution gradient on top of
+# G. The fewest registers that compile without spills under Triton 3.6 and 3.9 for K = 3, 5, 7
+# (bench/kernel_report.py); no GPU has timed them yet.
+HALO_UPSAMPLE_PLANS = ((23, 2, 168, 255, True), (26, 2, 200, 255, False),
+                       (32, 2, 216, 255, False))
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -211,11 +215,19 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     wide = acc_dtype == torch.float64
     if (HALO and stride == 1 and kernel_size <= MAX_UNROLLED_K
             and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
-        rows = HALO_ROWS_INTERPRETED if interpreted else HALO_ROWS
-        caps = ((MAX_REGISTERS, MAX_REGISTERS) if interpreted or arch != 90 or wide
-                else next(c[1:] for c in (HALO_UPSAMPLE_REGISTERS if upsample else HALO_REGISTERS)
-                          if classes <= c[0]))
-        return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows,
+        rows, unrolled = HALO_ROWS, True
+        caps = next(c[1:] for c in HALO_REGISTERS if classes <= c[0])
+        if upsample:
+            plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
+            rows, caps, unrolled = plan[1], plan[2:4], plan[4]
+        if wide:  # registers twice as wide
+            rows, unrolled = HALO_ROWS, False
+        if interpreted:
+            rows = HALO_ROWS_INTERPRETED
+        if interpreted or arch != 90 or wide:
+            caps = (MAX_REGISTERS, MAX_REGISTERS)
+        # unrolled: the interpolating backward's centre rows (the plain kernels' are a loop)
+        return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows, unrolled,
                             forward_registers=caps[0], backward_registers=caps[1], halo=True)
     chunked = classes > CLASS_TILE
     if chunked:

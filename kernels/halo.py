@@ -496,7 +496,7 @@ def _halo_upsample_backward_kernel(
     sdb, sdc, sdh, sdw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, FROWS: tl.constexpr,
-    ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr,
+    ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """dx of a band x strip_w block of low-resolution pixels, deterministic and without atomics:
     the program walks down the output rows whose stencils hold the band (one row above it
@@ -559,15 +559,17 @@ def _halo_upsample_backward_kernel(
         y_q = tl.where(out_lane, y_q, -2)[None, :]
         G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, 0,
                     q, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
-                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC, True)
+                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC, UNROLL)
         x = G
         if ZSCORE:
             x = _interpolated(x_plane, cls, cmask, q, cols, out_lane, H, W, sxc, sxh, sxw,
                               idx_ptr, lam_ptr, ACC)[None, :, :]
         dx = tl.where(out_lane[None, None, :], _jacobian(x, G, cmask, eps, C, ZSCORE), 0.0)
         top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
-        A += top * dx
-        B += (1.0 - top) * dx
+        # wheres on the classes: the class tile's padding stays a constant 0 that the compiler
+        # drops (a product with 0 it must keep), instead of registers and sums nobody stores
+        A = tl.where(cmask[None, :, None], A + top * dx, 0.0)
+        B = tl.where(cmask[None, :, None], B + (1.0 - top) * dx, 0.0)
     # The last output row's i0 is i_end - 1, or i_end - 2 where i_end - 1 is only ever an i1
     # (align_corners=True, whose scale can round below (n - 1) / (m - 1)), or below i0 in a
     # one-row band of such a last row: flush what is the band's.
