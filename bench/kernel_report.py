@@ -65,7 +65,7 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 KERNELS = {"_zscore_stats_kernel": ks, "_forward_kernel": kf, "_combine_kernel": kc,
            "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
            "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb,
-           "_halo_upsample_backward_kernel": kh}
+           "_halo_upsample_backward_kernel": kh, "_upsample_edges_kernel": kh}
 
 
 class Recorder:
@@ -224,7 +224,7 @@ def describe(name, args, kwargs):
 def configs(quick, all_classes=False):
     """(label, C, dtype, K, option overrides, is a dispatcher default). The defaults take the
     edges of config.ROW_PLANS (C = 21, 24, 28, 32); ``all_classes``: every C from 2 to 32 (ptxas
-    is not monotonic in C)."""
+    is not monotonic in C), also interpolating (config.HALO_UPSAMPLE_PLANS)."""
     classes = (21, 150) if quick else (19, 21, 24, 28, 32, 150, 1024)
     sizes = (5,) if quick else (3, 5, 7)
     for c in range(2, 33) if all_classes else classes:
@@ -232,6 +232,10 @@ def configs(quick, all_classes=False):
             for k in sizes:
                 yield f"C={c} {TYPE_CODES[dtype]} K={k}", c, dtype, k, {}, True
     if all_classes:
+        for c in range(2, 33):
+            for k in sizes:
+                yield (f"C={c} fp32 K={k} (16, 16) -> (64, 64)", c, torch.float32, k,
+                       dict(low=(16, 16), shape=(2, 64, 64), align_corners=False), False)
         return
     for c, low, shape, corners in ((21, (65, 65), (8, 513, 513), True),
                                    (19, (128, 256), (8, 512, 1024), False),
@@ -313,7 +317,9 @@ STREAMED = {
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
     "_halo_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_tile_scales_kernel": ("tile_max_ptr", "scale_ptr"),
-    "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
+    "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr",
+                                       "edge_ptr"),
+    "_upsample_edges_kernel": ("edge_ptr", "dx_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -333,14 +339,17 @@ def loop_trips(name, values):
         return [values["chunks"]]
     if name == "_halo_upsample_backward_kernel":
         # In program order: a band's output rows (its input rows' and one more's); inside,
-        # the strip's columns of a finished input row (band times over the rows: a share per
-        # row), the window rows unless unrolled; after, the last rows' columns (one row's, as a
-        # rule).
+        # the tile's input columns of a finished input row (band times over the rows: a share
+        # per row), the window rows unless unrolled; after, the last rows' columns (one row's,
+        # as a rule).
         band = min(values["band"], values["H_in"])
         rows = values["H"] * (band + 1) / values["H_in"]
-        strip = values["strip_w"]
+        lanes = kernel_config.TILE_W - 2 * values["RADIUS"]
+        columns = lanes * values["W_in"] / values["W"] + 1
         window = [] if values["UNROLL"] else [1 + 2 * values["RADIUS"]]
-        return [rows, strip * band / rows] + window + [strip, strip]
+        return [rows, columns * band / rows] + window + [columns, columns]
+    if name == "_upsample_edges_kernel":  # no loops
+        return []
     if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
         return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
     if name == "_forward_kernel" and values["UNROLL"]:

@@ -42,6 +42,12 @@ class Upsampling:
     def labels(self):
         return self.batch * self.high[0] * self.high[1] * self.label
 
+    @property
+    def edges(self):
+        """The backward's edge buffer: four float32 column sums per input row, tile of 28
+        output columns (K = 5) and class, for the input columns neighbouring tiles share."""
+        return self.batch * self.low[0] * -(-self.high[1] // 28) * 4 * self.classes * 4
+
 
 WORKLOADS = (
     Upsampling("DeepLab-like", 8, 21, (65, 65), (513, 513), True),
@@ -71,10 +77,11 @@ def traffic(w):
             3 * high),
         # The forward reads the low-resolution logits and the labels and writes P (the label's
         # size, the logits' dtype); the backward reads P, the low-resolution logits and the
-        # labels and writes the low-resolution gradient.
+        # labels and writes the low-resolution gradient and the edge buffer, which the edge
+        # sums read.
         "fused upsampling": (
-            (low + y + high) + (high + low + y + low),
-            high + low),
+            (low + y + high) + (high + low + y + low + 2 * w.edges),
+            high + low + w.edges),
     }
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import (accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
+from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
@@ -429,6 +429,10 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     return dx
 
 
+# Tile boundaries per program of the edge sums: a row's, at any width up to 28 x 32 columns.
+EDGE_BOUNDARIES = 32
+
+
 def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
                        weighted, grad, scalars, power, align_corners):
     dx = torch.empty_like(logits)
@@ -447,14 +451,21 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
                             span(dx.shape[1:], dx.stride()[1:]),
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
-    bands, strips = cdiv(h_in, up.band), cdiv(w_in, up.strip)
-    halo._halo_upsample_backward_kernel[(batch * bands * strips,)](
-        logits, target, P, s, grad if mean else s, scalars if mean else s, dx, index, weight,
-        height, width, h_in, w_in, bands, strips, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), up.band, up.strip, *logits.stride(), sy[0], *sy[2:],
-        *dx.stride(),
+    bands, tiles = cdiv(h_in, up.band), cdiv(width, TILE_W - (kernel_size - 1))
+    # the column sums tiles share (none at equal widths): four slots per tile and input row
+    shared = tiles > 1 and w_in < width
+    edges = logits.new_empty((batch, h_in, tiles, 4, classes) if shared else (0,), dtype=acc)
+    halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
+        logits, target, P, s, grad if mean else s, scalars if mean else s, dx, edges, index,
+        weight, height, width, h_in, w_in, bands, tiles, cdiv(height, forward_rows),
+        cdiv(width, forward_cols), up.band, *logits.stride(), sy[0], *sy[2:], *dx.stride(),
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, UNROLL=cfg.unrolled,
         **cfg.backward_launch)
+    if shared:
+        halo._upsample_edges_kernel[(batch * h_in * cdiv(tiles - 1, EDGE_BOUNDARIES),)](
+            edges, index, dx, height, width, h_in, tiles, *dx.stride(), C=classes,
+            CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, BOUNDARIES=EDGE_BOUNDARIES,
+            num_warps=1)
     return dx

@@ -81,7 +81,9 @@ class LaunchConfig:
         self.halo = halo
         self.forward_registers, self.backward_registers = forward_registers, backward_registers
         self.forward_rows, self.backward_rows = forward_rows, backward_rows
-        self.unrolled = unrolled  # the forward's window columns as compile-time offsets
+        # the forward's window columns as compile-time offsets; with the window-row kernels,
+        # the interpolating backward's centre rows
+        self.unrolled = unrolled
         self.single_chunk = classes <= class_tile
         self.chunks = cdiv(classes, class_tile)
         self.tile_w, self.num_warps = TILE_W, NUM_WARPS
@@ -167,14 +169,17 @@ HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
 # Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward
-# rows, forward cap, backward cap, and whether the backward unrolls its window's centre rows
-# (their loads issue together, at the cost of holding them all). Four loads per pixel and class
-# make a loaded row dearer than at full resolution, so the forward spreads it over more centre
-# rows where that compiles; the backward holds two rows of the low-resolution gradient on top of
-# G. The fewest registers that compile without spills under Triton 3.6 and 3.9 for K = 3, 5, 7
-# (bench/kernel_report.py); no GPU has timed them yet.
-HALO_UPSAMPLE_PLANS = ((23, 2, 168, 255, True), (26, 2, 200, 255, False),
-                       (32, 2, 216, 255, False))
+# rows, forward cap, backward cap, and the largest K whose backward unrolls its window's centre
+# rows (their loads issue together, at the cost of holding them all; 0: none). Four loads per
+# pixel and class make a loaded row dearer than at full resolution, so the forward spreads it
+# over more centre rows where that compiles; the backward holds two rows of the low-resolution
+# gradient on top of G. Chosen by the calibrated model (python -m bench.upsample_model
+# --calibrated) among the plans that compile without spills under Triton 3.6 and 3.9 for every
+# C and K = 3, 5, 7 (python -m bench.kernel_report --all-classes; ptxas is not monotonic in
+# C); no GPU has timed them yet.
+HALO_UPSAMPLE_PLANS = ((16, 2, 168, 255, 7), (17, 4, 255, 255, 7), (18, 4, 255, 255, 0),
+                       (20, 4, 255, 255, 7), (21, 4, 232, 255, 5), (24, 4, 232, 255, 0),
+                       (26, 2, 200, 255, 0), (32, 2, 216, 255, 0))
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -206,7 +211,9 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     """The one launch heuristic, shared by the forward and the backward (the backward indexes
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
     and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
-    one), never on B, D, H or W.
+    one; the window-row kernels HALO_ROWS everywhere), and on ``upsample`` (the kernels
+    interpolate: HALO_UPSAMPLE_PLANS on sm_90, elsewhere HALO_ROWS and no unrolling), never on
+    B, D, H or W.
     Under the interpreter (``interpreted``), which pays per operation and program, not per
     element, and has no registers to run out of: 4 rows per lane and class chunks
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
@@ -217,9 +224,11 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
             and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows, unrolled = HALO_ROWS, True
         caps = next(c[1:] for c in HALO_REGISTERS if classes <= c[0])
-        if upsample:
+        if upsample:  # the plans were compiled for sm_90 only
             plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
-            rows, caps, unrolled = plan[1], plan[2:4], plan[4]
+            rows, caps, unrolled = plan[1], plan[2:4], kernel_size <= plan[4]
+            if arch != 90:
+                rows, unrolled = HALO_ROWS, False
         if wide:  # registers twice as wide
             rows, unrolled = HALO_ROWS, False
         if interpreted:

@@ -586,12 +586,13 @@ def allocate(logits, *, kernel_size, stride, need_grad, mean, plan, size=None):
 def interpolates(logits, size, mode, align_corners, *, kernel_size, stride, weighted,
                  need_grad):
     """Whether the kernels interpolate ``logits`` to ``size`` themselves (the forward and the
-    backward: the backward also needs a strip of input columns whose stencils fit in a warp)."""
+    backward: the backward also needs every input column's stencils to fit in a warp's output
+    lanes)."""
     cfg = launch_config(int(logits.shape[1]), stride, kernel_size,
                         accumulation_dtype(logits.dtype), weighted, **target_of(logits))
     if not fusable(logits, size, mode, cfg.halo):
         return False
-    return not need_grad or plan_of(logits, size, align_corners, kernel_size).strip > 0
+    return not need_grad or plan_of(logits, size, align_corners, kernel_size).fits
 
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,

@@ -23,6 +23,9 @@ loaded centre row, then shifted like P).
 DRAM traffic per pixel (C classes of E bytes, labels of Y bytes): the forward reads the logits
 and labels and writes P (C*E) and L (4 B, reduction="none" only); the backward reads P, the
 logits and the labels and writes the gradient (C*E); window rows and halo come from L1/L2.
+Interpolating (upsample="bilinear"), both read the low-resolution logits instead, and the
+backward writes their gradient and, for the input columns neighbouring column tiles share, an
+edge buffer that _upsample_edges_kernel sums (bench/upsample_model.py counts it all).
 """
 
 import triton
@@ -459,26 +462,35 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dx_img, row, acc, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w):
-    """Store a finished low-resolution row of the gradient: acc [CLASS_TILE, 32] holds what its
-    output rows owe it at the lanes' output columns ([1, CLASS_TILE, 32]: the layout _gather's
-    rows have, so that adding a row converts nothing); each of the strip's columns j gathers the
-    lanes whose stencil holds j, with their weights (the transposed interpolation)."""
+def _flush(dx_img, edge_row, row, acc, cls, cmask, jlo, jhi, left_end, right_start, w0, w1, l0,
+           l1, sdh, sdw, C: tl.constexpr):
+    """Store a finished low-resolution row of the gradient: acc ([1, CLASS_TILE, 32]: the layout
+    _gather's rows have, so that adding a row converts nothing) holds what its output rows owe
+    it at the tile's output columns. Each input column jlo .. jhi the tile touches gathers the
+    lanes whose stencil holds it, with their weights (the transposed interpolation). A column
+    whose stencil lies in this tile is stored; one it shares with the tile to the left (below
+    left_end) or right (from right_start; at most two each side) goes to the tile's edge slots,
+    which _upsample_edges_kernel adds to the neighbour's in a fixed order."""
     dx_row = dx_img + row.to(tl.int64) * sdh
     # A loop, not unrolled: each column's sums sit in every lane (32 registers), and unrolled
-    # the strip's columns would be live at once.
-    for jj in range(0, strip_w):
-        j = j0 + jj
+    # the tile's columns would be live at once.
+    for k in range(0, jhi - jlo + 1):
+        j = jlo + k
         weight = tl.where(w0 == j, l0, 0.0) + tl.where(w1 == j, l1, 0.0)
         # a where, not a product with 0: a NaN elsewhere in the row stays out of this column
         part = tl.where(((w0 == j) | (w1 == j))[None, None, :], acc * weight[None, None, :], 0.0)
         total = tl.sum(tl.sum(part, axis=2), axis=0)
-        tl.store(dx_row + j.to(tl.int64) * sdw, total.to(dx_img.dtype.element_ty),
-                 mask=also(cmask, j < j_end))
+        if j < left_end:
+            tl.store(edge_row + (j - jlo) * C + cls, total, mask=cmask)
+        elif j >= right_start:
+            tl.store(edge_row + (2 + jhi - j) * C + cls, total, mask=cmask)
+        else:
+            tl.store(dx_row + j.to(tl.int64) * sdw, total.to(dx_img.dtype.element_ty),
+                     mask=cmask)
 
 
-@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "strips", "band", "strip_w",
-                               "ftiles_h", "ftiles_w"])
+@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "tiles", "band", "ftiles_h",
+                               "ftiles_w"])
 def _halo_upsample_backward_kernel(
     x_ptr,       # low-resolution logits (B, C, H_in, W_in), any strides
     y_ptr,       # target (B, H, W), any integer dtype, any strides
@@ -487,10 +499,11 @@ def _halo_upsample_backward_kernel(
     grad_ptr,
     scal_ptr,
     dx_ptr,      # out (B, C, H_in, W_in), logits dtype, strides sdb/sdc/sdh/sdw
+    edge_ptr,    # out (B, H_in, tiles, 4, C) ACC: the columns tiles share
     idx_ptr,     # int32 and ACC tables of kernels/upsample.py
     lam_ptr,
-    H, W, H_in, W_in, bands, strips, ftiles_h, ftiles_w,
-    band, strip_w,  # input rows and columns per program (kernels/upsample.py's Plan)
+    H, W, H_in, W_in, bands, tiles, ftiles_h, ftiles_w,
+    band,        # input rows per program (kernels/upsample.py's Plan)
     sxb, sxc, sxh, sxw,
     syb, syh, syw,
     sdb, sdc, sdh, sdw,
@@ -498,38 +511,46 @@ def _halo_upsample_backward_kernel(
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, FROWS: tl.constexpr,
     ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """dx of a band x strip_w block of low-resolution pixels, deterministic and without atomics:
-    the program walks down the output rows whose stencils hold the band (one row above it
-    included), forms each row's output-resolution gradient at the lanes' columns in registers
-    (_gather, _jacobian at the interpolated logits) and adds it, weighted, to the two input rows
-    of the row's stencil (A, B). Output rows map to input rows in order, one step at a time
-    (upsampling), so when the stencil moves down, A's row has all it is owed: _flush stores it.
-    The lanes hold the output columns of the strip's stencils (kernels/upsample.py sizes it so
-    they fit in the 32 - 2r output lanes), which the neighbouring strip recomputes where they
-    overlap, as the band does one input row."""
+    """dx of a band of input rows, at the input columns a tile of 32 - 2r output columns touches,
+    deterministic and without atomics: the program walks down the output rows whose stencils
+    hold the band (one input row above it too), forms each row's gradient at its output columns
+    in registers (_gather, _jacobian at the interpolated logits) and adds it, weighted, to the
+    two input rows of the row's stencil (A, B). Output rows map to input rows in order, one step
+    at a time (upsampling), so when the stencil moves down, A's row has all it is owed: _flush
+    stores it. Tiles do not overlap; the input columns two tiles share go through the edge
+    buffer."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
+    TW: tl.constexpr = LANES - 2 * RADIUS
     eps, base, inv_base, grad, unit, power1 = _backward_scalars(
         grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo, ACC, MEAN)
     pid = tl.program_id(0).to(tl.int64)
-    strip = pid % strips
-    rest = pid // strips
+    tile = pid % tiles
+    rest = pid // tiles
     image = rest // bands
     i0 = ((rest % bands) * band).to(tl.int32)
     i_end = tl.minimum(i0 + band, H_in)
-    j0 = (strip * strip_w).to(tl.int32)
-    j_end = tl.minimum(j0 + strip_w, W_in)
+    c_first = (tile * TW).to(tl.int32)
+    c_last = tl.minimum(c_first + TW - 1, W - 1)
     inv = idx_ptr + 2 * H + 2 * W  # first and last output row of each input row, then columns
+    inv_w = inv + 2 * H_in
     q_start = tl.load(inv + i0)
     q_stop = tl.load(inv + H_in + i_end - 1)
-    if WIDE:  # the output rows index the target and P: int64 offsets from them
-        q_start, q_stop = q_start.to(tl.int64), q_stop.to(tl.int64)
-    c_start = tl.load(inv + 2 * H_in + j0)
-    c_stop = tl.load(inv + 2 * H_in + W_in + j_end - 1)
+    jlo = tl.load(idx_ptr + 2 * H + c_first)      # i0 of the tile's first output column
+    jhi = tl.load(idx_ptr + 2 * H + W + c_last)   # i1 of its last
+    # The columns the tile shares: a prefix whose stencils start left of it, a suffix whose end
+    # right of it (first and last output columns are non-decreasing), at most two each.
+    left_end = (jlo + (tl.load(inv_w + jlo) < c_first).to(tl.int32)
+                + ((tl.load(inv_w + tl.minimum(jlo + 1, jhi)) < c_first)
+                   & (jlo < jhi)).to(tl.int32))
+    right_start = (jhi + 1 - (tl.load(inv_w + W_in + jhi) > c_last).to(tl.int32)
+                   - ((tl.load(inv_w + W_in + tl.maximum(jhi - 1, jlo)) > c_last)
+                      & (jlo < jhi)).to(tl.int32))
     lane = tl.arange(0, LANES)
-    cols = c_start - RADIUS + lane
-    if WIDE:
+    cols = c_first - RADIUS + lane
+    if WIDE:  # the output rows and columns index the target and P: int64 offsets from them
+        q_start, q_stop = q_start.to(tl.int64), q_stop.to(tl.int64)
         cols = cols.to(tl.int64)
-    out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols <= c_stop)
+    out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols <= c_last)
     colc = clamp(cols, W - 1)
     w0 = tl.load(idx_ptr + 2 * H + colc)
     w1 = tl.load(idx_ptr + 2 * H + W + colc)
@@ -541,6 +562,8 @@ def _halo_upsample_backward_kernel(
     P_img, plane = image_of_P(P_ptr, image, tl.full([], 1, tl.int32), H, W, C, LANES, WIDE)
     x_plane = x_ptr + image * sxb
     dx_img = dx_ptr + image * sdb + cls * sdc
+    edges = edge_ptr + (image * H_in * tiles + tile) * (4 * C)  # + row * edge_step
+    edge_step = tiles.to(tl.int64) * (4 * C)
 
     A = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
     B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
@@ -551,7 +574,8 @@ def _halo_upsample_backward_kernel(
         lh = tl.load(lam_ptr + q).to(ACC)
         if h0 != a:  # h0 == a + 1: A's row is owed nothing more
             if a >= i0:
-                _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)
+                _flush(dx_img, edges + a * edge_step, a, A, cls, cmask, jlo, jhi, left_end,
+                       right_start, w0, w1, l0, l1, sdh, sdw, C)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
             a = h0
@@ -574,6 +598,44 @@ def _halo_upsample_backward_kernel(
     # (align_corners=True, whose scale can round below (n - 1) / (m - 1)), or below i0 in a
     # one-row band of such a last row: flush what is the band's.
     if a >= i0:
-        _flush(dx_img, a, A, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)
+        _flush(dx_img, edges + a * edge_step, a, A, cls, cmask, jlo, jhi, left_end,
+               right_start, w0, w1, l0, l1, sdh, sdw, C)
     if a + 1 < i_end:
-        _flush(dx_img, a + 1, B, cmask, j0, j_end, w0, w1, l0, l1, sdh, sdw, strip_w)
+        _flush(dx_img, edges + (a + 1) * edge_step, a + 1, B, cls, cmask, jlo, jhi,
+               left_end, right_start, w0, w1, l0, l1, sdh, sdw, C)
+
+
+@triton.jit(do_not_specialize=["H", "W", "H_in", "tiles"])
+def _upsample_edges_kernel(
+    edge_ptr,    # (B, H_in, tiles, 4, C) ACC, _halo_upsample_backward_kernel's
+    idx_ptr,     # int32 tables of kernels/upsample.py
+    dx_ptr,      # (B, C, H_in, W_in), strides sdb/sdc/sdh/sdw
+    H, W, H_in, tiles,
+    sdb, sdc, sdh, sdw,
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, BOUNDARIES: tl.constexpr,
+):
+    """The input columns neighbouring column tiles share, in one input row, for BOUNDARIES tile
+    boundaries: tile t's right edge slots plus tile t + 1's left ones, in that order. Two tiles
+    share one or two columns when upsampling, none at equal widths: i0 of t + 1's first output
+    column to i1 of t's last."""
+    TW: tl.constexpr = LANES - 2 * RADIUS
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(tiles - 1, BOUNDARIES)
+    rest = pid // blocks
+    row = rest % H_in
+    image = rest // H_in
+    t = (pid % blocks) * BOUNDARIES + tl.arange(0, BOUNDARIES)
+    shared = t < tiles - 1
+    jhi = tl.load(idx_ptr + 2 * H + W + (t + 1) * TW - 1, mask=shared, other=0)
+    jlo = tl.load(idx_ptr + 2 * H + (t + 1) * TW, mask=shared, other=0)
+    cls = tl.arange(0, CLASS_TILE)
+    cmask = cls < C
+    slots = edge_ptr + (((image * H_in + row) * tiles + t) * (4 * C))[:, None] + cls[None, :]
+    out = dx_ptr + image * sdb + row * sdh + cls.to(tl.int64)[None, :] * sdc
+    for k in tl.static_range(2):
+        j = jlo + k
+        m = (shared & (j <= jhi))[:, None] & cmask[None, :]
+        right = tl.load(slots + ((2 + jhi - j) * C)[:, None], mask=m, other=0.0)
+        left = tl.load(slots + ((4 + j - jlo) * C)[:, None], mask=m, other=0.0)
+        tl.store(out + (j.to(tl.int64) * sdw)[:, None], (right + left).to(dx_ptr.dtype.element_ty),
+                 mask=m)

@@ -66,23 +66,11 @@ def _footprint(i0, i1, n):
     return first, last
 
 
-def _strip(first, last, lanes):
-    """The most consecutive input columns whose stencils' output columns fit in ``lanes``
-    lanes, whatever column the strip starts at (0 when one column's do not)."""
-    n = len(first)
-    best = 0
-    for width in range(1, n + 1):
-        if any(last[min(s + width, n) - 1] - first[s] + 1 > lanes for s in range(0, n, width)):
-            break
-        best = width
-    return best
-
-
 class Plan:
     """How the kernels interpolate one problem: ``rows`` and ``cols``, the tables of each axis
     ((i0, i1, l) per output index, then (first, last) per input index); ``band``: input rows per
-    backward program; ``strip``: input columns per backward program (0: the output columns of
-    one input column's stencils do not fit in a warp's output lanes)."""
+    backward program; ``fits``: every input column's stencils span at most a warp's output
+    lanes, so that at most two of the backward's column tiles share a column."""
 
     def __init__(self, size_in, size_out, align_corners, wide, lanes):
         (h_in, w_in), (h, w) = size_in, size_out
@@ -90,7 +78,8 @@ class Plan:
         self.cols = _axis(w_in, w, align_corners, wide)
         self.rows += _footprint(*self.rows[:2], h_in)
         self.cols += _footprint(*self.cols[:2], w_in)
-        self.strip = _strip(*self.cols[3:], lanes)
+        first, last = self.cols[3:]
+        self.fits = max(b - a + 1 for a, b in zip(first, last)) <= lanes
         self.band = max(1, BAND_ROWS * h_in // h)
 
 
