@@ -432,7 +432,11 @@ def test_peak_memory_of_forward_and_backward_is_twice_the_logits(dtype, classes)
 
     peak = peak_memory_mib(run, torch.device(DEVICE)) * 2**20
     logits_bytes = logits.numel() * logits.element_size()
-    assert peak <= 2.02 * logits_bytes, peak / logits_bytes
+    # beyond P and the gradient: the per-tile partials (3 floats a tile), the loss, its scalars
+    # and the combine's ticket (a few dozen bytes), and 1% (CUDA rounds blocks to 512 B)
+    rows, cols = map(int, fused.plan_of(logits, 3, 1).split("x"))
+    partials = -(-h // rows) * -(-w // cols) * 3 * 4
+    assert peak <= 2.01 * logits_bytes + partials + 64, (peak / logits_bytes, partials)
 
 
 def autograd_nodes(tensor):

@@ -312,9 +312,9 @@ def test_class_and_pixel_weights_and_many_tiles_in_registers(align_corners, inte
 @pytest.mark.parametrize("rows, unrolled", [(1, True), (2, False), (4, True), (4, False)])
 def test_the_gpus_plans_in_registers(rows, unrolled, interpolations, monkeypatch):
     # The interpreter runs HALO_ROWS_INTERPRETED centre rows per forward tile (4), whatever the
-    # plan says; the GPUs' plans hold 2 or 4 (config.HALO_UPSAMPLE_PLANS), and the backward
-    # unrolls its window's centre rows or loops over them: each, with the forward's tiles (rows)
-    # the backward reads the tile scales by.
+    # plan says; a GPU's plan holds 2 (config.HALO_UPSAMPLE_PLANS; 1 and 4 keep the rows a
+    # parameter), and the backward unrolls its window's centre rows or loops over them: each,
+    # with the forward's tiles (rows) the backward reads the tile scales by.
     from lad_triton.kernels import config
 
     monkeypatch.setattr(config, "HALO_ROWS_INTERPRETED", rows)
@@ -344,8 +344,7 @@ def test_interpolating_plans_apply_where_they_were_compiled():
             cfg = config.launch_config(classes, 1, k, torch.float32, interpreted=True,
                                        upsample=True)
             assert cfg.forward_rows == config.HALO_ROWS_INTERPRETED
-    assert {p[1] for p in config.HALO_UPSAMPLE_PLANS} == {2, 4}
-    assert {p[4] for p in config.HALO_UPSAMPLE_PLANS} >= {0, 7}
+    assert {p[4] for p in config.HALO_UPSAMPLE_PLANS} >= {0, 7}  # both backwards planned
 
 
 def test_rows_wider_than_one_edge_program_in_registers(interpolations):
