@@ -58,6 +58,19 @@ def pytest_configure(config):
         seed = secrets.randbelow(2**32)
     os.environ["HYPOTHESIS_SEED"] = str(seed)
     core.global_force_seed = int(seed)
+    if not hasattr(config, "workerinput"):  # pytest-xdist's controller, before its workers
+        _warm_yapf_grammar()
+
+
+def _warm_yapf_grammar():
+    """yapf, which mmengine imports, pickles its grammar into the user's cache on its first
+    import after an install (the pickle is older than the installed grammar file); workers that
+    import it at once can read another's half-written pickle (EOFError: "Ran out of input").
+    Importing it once here, before the workers start, writes it once."""
+    try:
+        import yapf  # noqa: F401
+    except Exception:  # not installed (the framework tests skip or fail on their own terms)
+        pass
 
 
 def _replay_line():
