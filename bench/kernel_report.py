@@ -129,8 +129,7 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                                                 "zscore")}
     with recording(arch) as launches:
         backward_options["plan"] = kf.tile_plan(logits, kernel_size=options["kernel_size"],
-                                                stride=options["stride"], weighted=weighted,
-                                                upsample=bool(low))
+                                                stride=options["stride"], weighted=weighted)
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
                                             mean=mean, **upsample, **options)

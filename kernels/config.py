@@ -169,17 +169,17 @@ HALO_REGISTERS = ((26, 128, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
 # Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward
-# rows, forward cap, backward cap, and the largest K whose backward unrolls its window's centre
-# rows (their loads issue together, at the cost of holding them all; 0: none). The forward
-# keeps HALO_ROWS: four rows (fewer loads of the dearer interpolated rows per centre) model 15%
-# faster but spilled at some C, K and label dtype at every cap tried (200, 232, 255). The
-# backward holds two rows of the low-resolution gradient on top of G. Chosen by the calibrated model (python -m
-# bench.upsample_model --calibrated) among the plans that compile without spills under Triton
-# 3.6 and 3.9 for every C and K = 3, 5, 7 (python -m bench.kernel_report --all-classes; ptxas
-# is not monotonic in C); no GPU has timed them yet.
-HALO_UPSAMPLE_PLANS = ((17, 2, 168, 255, 7), (18, 2, 168, 255, 0), (20, 2, 168, 255, 7),
-                       (21, 2, 168, 255, 5), (24, 2, 168, 255, 0), (26, 2, 200, 255, 0),
-                       (32, 2, 216, 255, 0))
+# cap, backward cap, and the largest K whose backward unrolls its window's centre rows (their
+# loads issue together, at the cost of holding them all; 0: none). The forward keeps HALO_ROWS:
+# four rows (fewer loads of the dearer interpolated rows per centre) model 15% faster but
+# spilled at some C, K and label dtype at every cap tried (200, 232, 255). The backward holds
+# two rows of the low-resolution gradient on top of G. Chosen by the calibrated model (python
+# -m bench.upsample_model --calibrated) among the plans that compile without spills under
+# Triton 3.6 and 3.9 for every C and K = 3, 5, 7 (python -m bench.kernel_report --all-classes;
+# ptxas is not monotonic in C); no GPU has timed them yet.
+HALO_UPSAMPLE_PLANS = ((17, 168, 255, 7), (18, 168, 255, 0), (20, 168, 255, 7),
+                       (21, 168, 255, 5), (24, 168, 255, 0), (26, 200, 255, 0),
+                       (32, 216, 255, 0))
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -212,8 +212,8 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
     and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
     one; the window-row kernels HALO_ROWS everywhere), and on ``upsample`` (the kernels
-    interpolate: HALO_UPSAMPLE_PLANS on sm_90, elsewhere HALO_ROWS and no unrolling), never on
-    B, D, H or W.
+    interpolate: the caps and unrolling of HALO_UPSAMPLE_PLANS on sm_90, elsewhere no
+    unrolling; the tiles are the same), never on B, D, H or W.
     Under the interpreter (``interpreted``), which pays per operation and program, not per
     element, and has no registers to run out of: 4 rows per lane and class chunks
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
@@ -224,11 +224,9 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
             and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows, unrolled = HALO_ROWS, True
         caps = next(c[1:] for c in HALO_REGISTERS if classes <= c[0])
-        if upsample:  # the plans were compiled for sm_90 only
+        if upsample:
             plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
-            rows, caps, unrolled = plan[1], plan[2:4], kernel_size <= plan[4]
-            if arch != 90:
-                rows, unrolled = HALO_ROWS, False
+            caps, unrolled = plan[1:3], kernel_size <= plan[3] and arch == 90  # compiled there
         if wide:  # registers twice as wide
             rows, unrolled = HALO_ROWS, False
         if interpreted:

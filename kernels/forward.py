@@ -551,14 +551,14 @@ def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
     return m_new, s_run, f_y + fy_chunk
 
 
-def tile_plan(logits, *, kernel_size, stride, weighted=False, upsample=False):
+def tile_plan(logits, *, kernel_size, stride, weighted=False):
     """The forward's tiles as "ROWSxCOLUMNS" centres: the one part of the launch plan that shapes
     an output (the per-tile partials). The custom operator takes it as an argument, so that a
     traced graph records it: Inductor's FX graph cache keys on the graph, and a plan that changed
     (another lad_triton or Triton) must not replay shapes traced under the old one."""
     classes = int(logits.shape[1])  # int(): under dynamic shapes C specialises, as the kernel's
     cfg = launch_config(classes, stride, kernel_size, accumulation_dtype(logits.dtype),
-                        weighted, upsample=bool(upsample), **target_of(logits))
+                        weighted, **target_of(logits))
     return f"{cfg.forward_rows}x{cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)}"
 
 

@@ -194,10 +194,10 @@ def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weig
     return torch.empty_like(logits)
 
 
-def plan_of(logits, kernel_size, stride, weight=None, upsample=None):
-    """The forward's tiles, as fused_costs takes them (``upsample``: as costs takes it)."""
+def plan_of(logits, kernel_size, stride, weight=None):
+    """The forward's tiles, as fused_costs takes them."""
     return kernels_forward.tile_plan(logits, kernel_size=kernel_size, stride=stride,
-                                     weighted=weight is not None, upsample=bool(upsample))
+                                     weighted=weight is not None)
 
 
 def _input_grads(dx, op):
@@ -210,7 +210,7 @@ def costs(logits, target, weight, options, power, need_grad, mean, plan=None, up
     arguments. ``plan``: plan_of's, computed here unless given. ``upsample``: None, or
     (mode, align_corners) for low-resolution logits the kernels interpolate."""
     if plan is None:
-        plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
+        plan = plan_of(logits, options.kernel_size, options.stride, weight)
     return _eager(fused_costs)(
         logits, target, weight, float(power), options.kernel_size, options.stride,
         options.ignore_index, float(options.eps), float(options.weight_base),
@@ -250,7 +250,7 @@ class FusedMinkowskiMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, options, power, group, upsample):
-        plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
+        plan = plan_of(logits, options.kernel_size, options.stride, weight)
         _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan,
                                        upsample)
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)

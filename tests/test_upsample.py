@@ -311,22 +311,23 @@ def test_class_and_pixel_weights_and_many_tiles_in_registers(align_corners, inte
 
 @pytest.mark.parametrize("rows, unrolled", [(1, True), (2, False), (4, True), (4, False)])
 def test_the_gpus_plans_in_registers(rows, unrolled, interpolations, monkeypatch):
-    # The interpreter runs HALO_ROWS_INTERPRETED centre rows per forward tile (4), whatever the
-    # plan says; a GPU's plan holds 2 (config.HALO_UPSAMPLE_PLANS; 1 and 4 keep the rows a
-    # parameter), and the backward unrolls its window's centre rows or loops over them: each,
-    # with the forward's tiles (rows) the backward reads the tile scales by.
+    # The interpreter runs HALO_ROWS_INTERPRETED centre rows per forward tile (4); a GPU runs
+    # HALO_ROWS (2; 1 and 4 keep the rows a parameter), and the backward unrolls its window's
+    # centre rows or loops over them (config.HALO_UPSAMPLE_PLANS): each, with the forward's
+    # tiles (rows) the backward reads the tile scales by.
     from lad_triton.kernels import config
 
     monkeypatch.setattr(config, "HALO_ROWS_INTERPRETED", rows)
-    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS", ((32, rows, 255, 255, 7 * unrolled),))
+    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS", ((32, 255, 255, 7 * unrolled),))
     in_kernels((2, 6, 4, 5), (13, 31), dict(kernel_size=5, align_corners=rows == 2), 7 + rows,
                torch.float32, interpolations, weight=True)
 
 
 def test_interpolating_plans_apply_where_they_were_compiled():
-    # config.HALO_UPSAMPLE_PLANS holds sm_90's plans (compiled without spills there): elsewhere,
-    # and in float64 (registers twice as wide), the plain window-row tiles and a looped
-    # backward; the interpreter takes its own rows whatever the plan.
+    # config.HALO_UPSAMPLE_PLANS holds sm_90's caps and unrolling (compiled without spills
+    # there): elsewhere, and in float64 (registers twice as wide), a looped backward. The
+    # forward's tiles are the plain ones everywhere, which tile_plan (not told of upsample)
+    # and the forward's check of it rely on.
     from lad_triton.kernels import config
 
     for classes in (2, 17, 18, 21, 24, 32):
@@ -334,17 +335,18 @@ def test_interpolating_plans_apply_where_they_were_compiled():
         for k in (3, 5, 7):
             cfg = config.launch_config(classes, 1, k, torch.float32, arch=90, upsample=True)
             assert (cfg.forward_rows, cfg.forward_registers, cfg.backward_registers,
-                    cfg.unrolled) == (plan[1], plan[2], plan[3], k <= plan[4])
+                    cfg.unrolled) == (config.HALO_ROWS, plan[1], plan[2], k <= plan[3])
             for arch, acc in ((80, torch.float32), (100, torch.float32), (90, torch.float64)):
                 if acc == torch.float64 and classes > config.HALO_FLOAT64_CLASSES:
                     continue
                 cfg = config.launch_config(classes, 1, k, acc, arch=arch, upsample=True)
                 assert (cfg.halo, cfg.forward_rows, cfg.unrolled) == (True, config.HALO_ROWS, False)
                 assert cfg.forward_registers == cfg.backward_registers == config.MAX_REGISTERS
-            cfg = config.launch_config(classes, 1, k, torch.float32, interpreted=True,
-                                       upsample=True)
-            assert cfg.forward_rows == config.HALO_ROWS_INTERPRETED
-    assert {p[4] for p in config.HALO_UPSAMPLE_PLANS} >= {0, 7}  # both backwards planned
+            for extra in (dict(arch=90), dict(arch=80), dict(interpreted=True)):
+                tiles = [config.launch_config(classes, 1, k, torch.float32, upsample=up,
+                                              **extra).forward_rows for up in (False, True)]
+                assert tiles[0] == tiles[1]
+    assert {p[3] for p in config.HALO_UPSAMPLE_PLANS} >= {0, 7}  # both backwards planned
 
 
 def test_rows_wider_than_one_edge_program_in_registers(interpolations):
