@@ -394,15 +394,22 @@ UPSAMPLE_WORKLOADS = [("deeplab-up", (8, 21, 65, 65), (513, 513), True),
                       ("segformer-up", (8, 19, 128, 256), (512, 1024), False)]
 
 
+UPSAMPLE_WAYS = ("lad_upsample", "lad_upsample_whole_batch", "interpolate_lad",
+                 "interpolate_cross_entropy")
+
+
 def measured_upsample(device, repeats, dry_run):
     """Per workload of UPSAMPLE_WORKLOADS (a tiny one in a dry run) and way, float32, K = 5: the
     median synced call, the device time of each kernel (torch.profiler) and, on CUDA, the peak
-    memory of forward + backward beyond the inputs."""
+    memory of forward + backward beyond the inputs. "lad_upsample_whole_batch" is the loss with
+    its gradient formed for the whole batch at once (lad_triton.fused.GRADIENT_PARTS = 1): what
+    the two parts cost in time for the memory they save."""
     import torch
     import torch.nn.functional as F
 
     import lad_triton
     from bench.workloads import peak_memory_mib
+    from lad_triton import fused
 
     cases = [("tiny-up", (1, 5, 4, 4), (9, 11), True)] if dry_run else UPSAMPLE_WORKLOADS
     rows = []
@@ -417,6 +424,10 @@ def measured_upsample(device, repeats, dry_run):
         ways = {"lad_upsample": lambda: lad_triton.locally_adaptive_loss(
                     x, t, backend="triton", check_target=False, upsample="bilinear",
                     align_corners=corners),
+                "lad_upsample_whole_batch": lambda: _whole_batch(fused, lambda: (
+                    lad_triton.locally_adaptive_loss(
+                        x, t, backend="triton", check_target=False, upsample="bilinear",
+                        align_corners=corners))),
                 "interpolate_lad": lambda: lad_triton.locally_adaptive_loss(
                     up(), t, backend="triton", check_target=False),
                 "interpolate_cross_entropy": lambda: F.cross_entropy(up(), t, ignore_index=255)}
@@ -433,6 +444,14 @@ def measured_upsample(device, repeats, dry_run):
                                       else None))
         rows.append(row)
     return rows
+
+
+def _whole_batch(fused, loss):
+    saved, fused.GRADIENT_PARTS = fused.GRADIENT_PARTS, 1
+    try:
+        return loss()
+    finally:
+        fused.GRADIENT_PARTS = saved
 
 
 def calibration_lines(kernels):
@@ -531,7 +550,9 @@ def upsample_lines(rows):
         return [f"not measured: {(rows or {}).get('error', 'no figures')}"]
     lines = ["| workload | way | one call us | kernels us | peak MiB |", "|---|---|---|---|---|"]
     for row in rows:
-        for way in ("lad_upsample", "interpolate_lad", "interpolate_cross_entropy"):
+        for way in UPSAMPLE_WAYS:
+            if way not in row:  # a visit before the way was timed
+                continue
             r = row[way]
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             lines.append(f"| {row['workload']} {'x'.join(map(str, row['shape']))} -> "

@@ -34,6 +34,7 @@ class Upsampling:
     align_corners: bool
     element: int = 4  # float32 logits
     label: int = 8    # int64 labels, as the benchmarks pass them
+    parts: int = 2    # lad_triton.fused.GRADIENT_PARTS: the batch's parts, P formed for one
 
     def logits(self, size):
         return self.batch * self.classes * size[0] * size[1] * self.element
@@ -58,6 +59,7 @@ WORKLOADS = (
 def traffic(w):
     """{way: (DRAM bytes of forward + backward, peak bytes beyond the inputs)}."""
     low, high, y = w.logits(w.low), w.logits(w.high), w.labels
+    part = -(-w.batch // w.parts)  # images per part
     return {
         # upsample writes the logits; log_softmax reads them and writes its output, which it
         # keeps for the backward; nll reads the labels. Backward: nll writes the gradient of
@@ -75,13 +77,15 @@ def traffic(w):
             low + high + (high + y + high) + (high + high + y + high) + (high + 2 * low),
             # the logits (kept by the loss), P and the logits' gradient
             3 * high),
-        # The forward reads the low-resolution logits and the labels and writes P (the label's
-        # size, the logits' dtype); the backward reads P, the low-resolution logits and the
-        # labels and writes the low-resolution gradient and the edge buffer, which the edge
-        # sums read.
+        # Part by part of the batch, in the forward: the forward kernel reads the part's
+        # low-resolution logits and labels and writes its P (the label's size, the logits'
+        # dtype); the backward's kernel reads P, the logits and the labels and writes the
+        # low-resolution gradient G (float32) and the edge buffer, which the edge sums read. The
+        # autograd backward reads G and writes the logits' gradient. Alive at the peak: one
+        # part's P and edge buffer, and G.
         "fused upsampling": (
-            (low + y + high) + (high + low + y + low + 2 * w.edges),
-            high + low + w.edges),
+            (low + y + high) + (high + low + y + low + 2 * w.edges) + 2 * low,
+            (high + w.edges) * part // w.batch + low),
     }
 
 

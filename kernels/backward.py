@@ -368,7 +368,7 @@ def _tile_scales_kernel(
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,
              weighted=False, grad=None, scalars=None, power=1.0, upsample="",
-             align_corners=False):
+             align_corners=False, out=None):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
     ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
@@ -376,12 +376,13 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     the forward's tiles ("ROWSxCOLUMNS", forward.tile_plan), which ``s`` and P are laid out by;
     ``weighted``: the forward had class weights (the backward's own launch plan depends on
     it). ``upsample="bilinear"``: the forward's (low-resolution logits); the gradient is theirs,
-    formed without the target-sized gradient (halo._halo_upsample_backward_kernel)."""
+    formed without the target-sized gradient (halo._halo_upsample_backward_kernel), into ``out``
+    where given (any floating dtype, the logits' shape)."""
     if upsample:
         return _upsample_backward(s, logits, target, P, kernel_size=kernel_size, eps=eps,
                                   weight_base=weight_base, zscore=zscore, plan=plan,
                                   weighted=weighted, grad=grad, scalars=scalars, power=power,
-                                  align_corners=align_corners)
+                                  align_corners=align_corners, out=out)
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -434,8 +435,8 @@ EDGE_BOUNDARIES = 32
 
 
 def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
-                       weighted, grad, scalars, power, align_corners):
-    dx = torch.empty_like(logits)
+                       weighted, grad, scalars, power, align_corners, out):
+    dx = torch.empty_like(logits) if out is None else out
     batch, classes, h_in, w_in = logits.shape
     height, width = target.shape[-2:]
     up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)

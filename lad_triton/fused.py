@@ -10,23 +10,30 @@ the autograd wiring of the fused Minkowski mean.
 - ``FusedMinkowskiMean`` is reduction="mean": the costs with ``mean=True`` (P scaled by each
   centre's share of the Minkowski factor, no L), then ``lad_triton::fused_combine`` (one small
   launch adds the partials into the loss, max L and a and keeps each tile's max L; the
-  synchronised mean all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``. So between the
-  forward and the backward the loss keeps P and a few numbers per tile, no zero gradient is
-  materialised for non-differentiable outputs, and neither pass syncs with the host.
+  synchronised mean all-reduces them in PyTorch instead), and ``lad_triton::fused_mean_backward``.
+  So between the forward and the backward the loss keeps P and a few numbers per tile, no zero
+  gradient is materialised for non-differentiable outputs, and neither pass syncs with the host.
+- ``FusedGradientMean`` is reduction="mean" on low-resolution logits the kernels interpolate:
+  ``lad_triton::fused_mean_gradient`` runs the forward and the backward's kernels part by part
+  of the batch in the forward, so that P exists for one part at a time, and the backward scales
+  the low-resolution gradient it kept.
 
 In eager mode the mean calls the operators' implementations directly (``_eager``): an
 operator's Python dispatch costs tens of microseconds of host time per call, which a training
 step waits for when the GPU runs ahead of it. ``torch.compile`` still sees the operators.
 """
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .kernels import backward as kernels_backward
 from .kernels import combine as kernels_combine
 from .kernels import forward as kernels_forward
+from .kernels.config import accumulation_dtype
 from .reduction import synced_scalars
 
 
@@ -174,15 +181,14 @@ def _(partials, ticket, power, loss_dtype):
 def _fused_mean_backward(grad: Tensor, tile_max: Tensor, scalars: Tensor, logits: Tensor,
                          target: Tensor, P: Tensor, kernel_size: int, stride: int, eps: float,
                          weight_base: float, zscore: bool, weighted: bool, power: float,
-                         plan: str, upsample: str, align_corners: bool) -> Tensor:
+                         plan: str) -> Tensor:
     """d output / d logits of the fused Minkowski mean; see kernels/backward.py. ``plan``: the
-    forward's, whose tiles ``tile_max`` holds; ``upsample``, ``align_corners``: the forward's."""
+    forward's, whose tiles ``tile_max`` holds."""
     with _on_device(logits):
         return kernels_backward.backward(tile_max, logits, target, P, kernel_size=kernel_size,
                                          stride=stride, eps=eps, weight_base=weight_base,
                                          zscore=zscore, plan=plan, weighted=weighted, grad=grad,
-                                         scalars=scalars, power=power, upsample=upsample,
-                                         align_corners=align_corners)
+                                         scalars=scalars, power=power)
 
 
 fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_backward)
@@ -190,8 +196,72 @@ fused_mean_backward = _operator("lad_triton::fused_mean_backward", _fused_mean_b
 
 @fused_mean_backward.register_fake
 def _(grad, tile_max, scalars, logits, target, P, kernel_size, stride, eps, weight_base, zscore,
-      weighted, power, plan, upsample, align_corners):
+      weighted, power, plan):
     return torch.empty_like(logits)
+
+
+# The mean on low-resolution logits forms its gradient in the forward, one part of the batch at a
+# time (FusedGradientMean): P exists for one part only. Two parts hold P to half the batch's for
+# two more launches of each kernel (host time, and a second tail of programs per kernel).
+GRADIENT_PARTS = 2
+
+
+def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor], power: float,
+                         kernel_size: int, stride: int, ignore_index: int, eps: float,
+                         weight_base: float, normalizer: str, zscore: bool, plan: str,
+                         upsample: str, align_corners: bool,
+                         parts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(partials, ticket, G, scalars) of the Minkowski mean: the forward's partials and ticket as
+    ``fused_costs`` gives them for the whole batch, and d loss / d logits up to one factor per
+    part of the batch, formed right after each part's forward from its P, which then goes.
+    The batch runs in ``parts`` parts of cdiv(B, parts) images. G: the logits' shape in the
+    accumulation dtype (one rounding to the logits' dtype, in the backward); part i's G is the
+    backward's with grad = 1 and part i's own ``scalars[i]`` = (1, max L, a = 1): its tiles'
+    d loss / d L relative to the part's max L (kernels/backward.py), since the batch's is not
+    known until every part has run."""
+    batch = logits.shape[0]
+    size = -(-batch // parts)
+    acc = accumulation_dtype(logits.dtype)
+    G = torch.empty_like(logits, dtype=acc)
+    scalars = logits.new_ones((-(-batch // size), 3), dtype=torch.float64)
+    one = logits.new_ones((), dtype=acc)
+    partials, ticket = [], None
+    with _on_device(logits):
+        for i, b in enumerate(range(0, batch, size)):
+            part = slice(b, b + size)
+            _, part_partials, ticket, P = kernels_forward.forward(
+                logits[part], target[part], weight, kernel_size=kernel_size, power=power,
+                stride=stride, ignore_index=ignore_index, eps=eps, weight_base=weight_base,
+                normalizer=normalizer, zscore=zscore, need_grad=True, mean=True, plan=plan,
+                upsample=upsample, align_corners=align_corners)
+            tile_max = part_partials[:, 0].contiguous()
+            # the combine's max L: NaN tiles left out (their NaN reaches the loss and a)
+            scalars[i, 1] = tile_max.nan_to_num(0.0, math.inf).amax()
+            kernels_backward.backward(tile_max, logits[part], target[part], P,
+                                      kernel_size=kernel_size, stride=stride, eps=eps,
+                                      weight_base=weight_base, zscore=zscore, plan=plan,
+                                      weighted=weight is not None, grad=one,
+                                      scalars=scalars[i], power=power, upsample=upsample,
+                                      align_corners=align_corners, out=G[part])
+            partials.append(part_partials)
+            del P
+    return torch.cat(partials), ticket, G, scalars
+
+
+fused_mean_gradient = _operator("lad_triton::fused_mean_gradient", _fused_mean_gradient)
+
+
+@fused_mean_gradient.register_fake
+def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, weight_base,
+      normalizer, zscore, plan, upsample, align_corners, parts):
+    _, partials, ticket, _ = kernels_forward.allocate(
+        logits, kernel_size=kernel_size, stride=stride, need_grad=False, mean=True, plan=plan,
+        size=tuple(target.shape[-2:]))
+    batch = logits.shape[0]
+    size = -(-batch // parts)
+    return (partials, ticket,
+            torch.empty_like(logits, dtype=accumulation_dtype(logits.dtype)),
+            logits.new_empty((-(-batch // size), 3), dtype=torch.float64))
 
 
 def plan_of(logits, kernel_size, stride, weight=None):
@@ -249,15 +319,14 @@ class FusedMinkowskiMean(torch.autograd.Function):
     """reduction="mean" on the fused kernels: logits -> loss, and its exact gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, options, power, group, upsample):
+    def forward(ctx, logits, target, weight, options, power, group):
         plan = plan_of(logits, options.kernel_size, options.stride, weight)
-        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan,
-                                       upsample)
+        _, partials, ticket, P = costs(logits, target, weight, options, power, True, True, plan)
         loss, scalars, tile_max = _reduce(partials, ticket, power, group, logits.dtype)
         ctx.save_for_backward(tile_max, scalars, logits, target, P)
         ctx.options = (options.kernel_size, options.stride, float(options.eps),
                        float(options.weight_base), options.zscore, weight is not None,
-                       float(power), plan, *_upsample_args(upsample))
+                       float(power), plan)
         return loss
 
     @staticmethod
@@ -265,15 +334,53 @@ class FusedMinkowskiMean(torch.autograd.Function):
         tile_max, scalars, logits, target, P = ctx.saved_tensors
         dx = _eager(fused_mean_backward)(grad, tile_max, scalars, logits, target, P,
                                          *ctx.options)
+        return dx, None, None, None, None, None
+
+
+class FusedGradientMean(torch.autograd.Function):
+    """reduction="mean" on low-resolution logits the kernels interpolate: the gradient is formed
+    in the forward, part by part of the batch (``fused_mean_gradient``), so that P, the size of
+    the full-resolution logits, exists for one part at a time and nothing of the target's size
+    is kept for the backward, which only scales the low-resolution G (Liger-Kernel's move for
+    an LLM's logits). The cost: the backward's work is done even where no backward follows."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, options, power, group, upsample):
+        plan = plan_of(logits, options.kernel_size, options.stride, weight)
+        partials, ticket, G, part_scalars = _eager(fused_mean_gradient)(
+            logits, target, weight, float(power), options.kernel_size, options.stride,
+            options.ignore_index, float(options.eps), float(options.weight_base),
+            options.normalizer, options.zscore, plan, *_upsample_args(upsample), GRADIENT_PARTS)
+        loss, scalars, _ = _reduce(partials, ticket, power, group, logits.dtype)
+        # Part i's G took its tiles' d loss / d L as (t / M_i)^(k-1) for its own max L M_i; the
+        # batch's is a * (t / M)^(k-1): the part's factor a * (M_i / M)^(k-1), 0^0 = 1 as the
+        # kernels' power_of (k = 1).
+        top = scalars[1]
+        share = scalars[2] * (part_scalars[:, 1] / torch.where(top > 0, top, 1.0)) ** (power - 1)
+        ctx.save_for_backward(G, share)
+        ctx.batch, ctx.dtype = logits.shape[0], logits.dtype
+        ctx.part = -(-ctx.batch // share.shape[0])
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        G, share = ctx.saved_tensors
+        scale = (grad.to(share.dtype) * share).to(G.dtype)
+        per_image = scale.repeat_interleave(ctx.part)[:ctx.batch]
+        dx = (G * per_image.view((-1,) + (1,) * (G.dim() - 1))).to(ctx.dtype)
         return dx, None, None, None, None, None, None
 
 
 def fused_mean(logits, target, weight, options, power, group, need_grad, upsample=None):
-    """The fused Minkowski mean: through autograd when a gradient is needed, else the forward
-    and the combine alone (no P). ``options``: a CostOptions; ``upsample``: as costs'."""
+    """The fused Minkowski mean: through autograd when a gradient is needed (the gradient formed
+    in the forward where the kernels interpolate), else the forward and the combine alone (no
+    P). ``options``: a CostOptions; ``upsample``: as costs'."""
+    if need_grad and upsample is None:
+        return FusedMinkowskiMean.apply(logits, target, weight, options, float(power), group)
     if need_grad:
-        return FusedMinkowskiMean.apply(logits, target, weight, options, float(power), group,
-                                        upsample)
+        return FusedGradientMean.apply(logits, target, weight, options, float(power), group,
+                                       upsample)
     _, partials, ticket, _ = costs(logits, target, weight, options, power, False, True,
                                    upsample=upsample)
     return _reduce(partials, ticket, power, group, logits.dtype)[0]

@@ -28,6 +28,14 @@ def main(out_dir, backend):
         loss = locally_adaptive_loss(x, target[part], backend=backend, kernel_size=3, **options)
         loss.backward()
         results[name] = (loss.detach(), x.grad)
+    # Logits at a lower resolution: the fused mean forms each rank's gradient against the rank's
+    # own max L, scaled by the synchronised one in the backward.
+    low = make_logits((2, 5, 3, 4), dtype=torch.float64, seed=22)
+    x = low[part].clone().requires_grad_(True)
+    loss = locally_adaptive_loss(x, target[part], backend=backend, kernel_size=3, sync=True,
+                                 power=3.0, upsample="bilinear")
+    loss.backward()
+    results["synced_upsample"] = (loss.detach(), x.grad)
     # Pooling by rank needs every rank's costs in one order: refused with a group, saying why.
     results["pooling_errors"] = []
     for options in (dict(sync=True), dict(process_group=dist.group.WORLD)):

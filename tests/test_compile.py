@@ -175,7 +175,16 @@ def test_opcheck_fused_combine_and_mean_backward():
     opcheck(fused_combine, (partials, ticket, 3.0, torch.float32))
     _, scalars, tile_max = fused_combine(partials, ticket, 3.0, torch.float32)
     opcheck(fused_mean_backward, (torch.ones((), device=DEVICE), tile_max, scalars, args[0],
-                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0, *args[-3:]))
+                                  args[1], P, 3, 1, 1e-5, 2.0, True, True, 3.0, args[-3]))
+
+
+def test_opcheck_fused_mean_gradient():
+    from lad_triton.fused import fused_mean_gradient
+
+    args = fused_cases()[6]  # low-resolution logits, which the kernels interpolate
+    assert args[-2] == "bilinear"
+    opcheck(fused_mean_gradient, (args[0].detach(),) + args[1:3]
+            + (3.0, 3, 1, 255, 1e-5, 2.0, "count", True) + args[-3:] + (2,))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

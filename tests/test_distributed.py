@@ -51,6 +51,14 @@ def test_two_ranks_synced_equal_one_process_on_the_whole_batch(backend, tmp_path
             part = slice(rank, rank + 1)
             assert torch.allclose(loss, whole.detach(), rtol=1e-12), (name, loss, whole)
             assert torch.allclose(grad, x.grad[part], rtol=1e-10, atol=1e-15), name
+    x = make_logits((2, 5, 3, 4), dtype=torch.float64, seed=22).requires_grad_(True)
+    whole = locally_adaptive_loss(x, target, backend=backend, kernel_size=3, power=3.0,
+                                  upsample="bilinear")
+    whole.backward()
+    for rank, result in enumerate(ranks):
+        loss, grad = result["synced_upsample"]
+        assert torch.allclose(loss, whole.detach(), rtol=1e-12), (loss, whole)
+        assert torch.allclose(grad, x.grad[rank:rank + 1], rtol=1e-10, atol=1e-15)
     for rank, result in enumerate(ranks):
         part = slice(rank, rank + 1)
         local = locally_adaptive_loss(logits[part], target[part], backend=backend, kernel_size=3)

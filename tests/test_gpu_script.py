@@ -70,11 +70,13 @@ def kernels_stage_puts_the_model_beside_a_measurement(visit):
                for name in ("lad", "lad_checked", "cross_entropy"))
     assert "FusedMinkowskiMean" in measured
     assert any("log_softmax" in k["kernel"] for k in row["measured"]["cross_entropy"])
-    # The low-resolution logits three ways, each timed and profiled.
+    # The low-resolution logits four ways (the loss with its gradient formed in two parts of the
+    # batch and in one), each timed and profiled.
     upsample = json.loads((visit / "kernels.json").read_text())["upsample"]
     assert "error" not in upsample, upsample
     assert all(row[way]["call_us"] > 0 and row[way]["kernels"] for row in upsample
-               for way in ("lad_upsample", "interpolate_lad", "interpolate_cross_entropy"))
+               for way in ("lad_upsample", "lad_upsample_whole_batch", "interpolate_lad",
+                           "interpolate_cross_entropy"))
     summary = (visit / "summary.md").read_text()
     assert "| tiny-up 1x5x4x4 -> 9x11 | lad_upsample |" in summary
     assert "measured beside the model" in summary and "| _halo_forward_kernel |" in summary

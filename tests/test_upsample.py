@@ -459,14 +459,18 @@ def test_the_fused_loss_on_low_resolution_logits_under_torch_compile():
     assert torch.equal(compiled, eager) and torch.equal(grad, expected)
 
 
-def test_peak_memory_is_P_not_the_full_resolution_logits_and_gradient():
-    # Forward + backward on 1/4-resolution logits: the fused loss's peak is P (the target's size
-    # in the logits' dtype) and small change; F.interpolate + F.cross_entropy keeps the
-    # upsampled logits' log-probabilities, their gradient and the logits' gradient (3x). A
-    # design that materialised the upsampled logits or their gradient would reach 2x.
+def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
+    # Forward + backward on 1/4-resolution logits: the fused mean forms the gradient in the
+    # forward, half the batch at a time, so its peak is P (the target's size in the logits'
+    # dtype) of one half, the low-resolution gradient and that half's edge buffer;
+    # F.interpolate + F.cross_entropy keeps the upsampled logits' log-probabilities, their
+    # gradient and the logits' gradient (3x). A design that kept P for the whole batch, or
+    # materialised the upsampled logits or their gradient, would reach 1x or 2x.
     # CPU: allocation events; CUDA: max_memory_allocated.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from workloads import peak_memory_mib
+
+    from lad_triton.fused import GRADIENT_PARTS
 
     high = (33, 33) if DEVICE == "cpu" else (257, 257)
     logits = make_logits((2, 21, 9, 9) if DEVICE == "cpu" else (2, 21, 65, 65), device=DEVICE)
@@ -485,12 +489,84 @@ def test_peak_memory_is_P_not_the_full_resolution_logits_and_gradient():
     size = logits.element_size() / 2**20
     full = 2 * 21 * high[0] * high[1] * size
     ours, theirs = (peak_memory_mib(run, torch.device(DEVICE)) for run in (fused, cross_entropy))
-    # P (padded to blocks of 32 pixels), the logits' gradient and the backward's edge buffer
-    # (four float32 column sums per input row, column tile of 28 and class), and a little more
-    padded = 2 * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
-    edges = 2 * logits.shape[2] * math.ceil(high[1] / 28) * 4 * 21 * 4 / 2**20
-    expected = padded + logits.numel() * size + edges
+    # one part's P (padded to blocks of 32 pixels) and edge buffer (four float32 column sums per
+    # input row, column tile of 28 and class), the float32 gradient G kept for the backward, and
+    # a little more
+    images = math.ceil(2 / GRADIENT_PARTS)
+    assert images == 1
+    padded = images * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
+    edges = images * logits.shape[2] * math.ceil(high[1] / 28) * 4 * 21 * 4 / 2**20
+    expected = padded + logits.numel() * 4 / 2**20 + edges
     assert expected <= ours <= 1.03 * expected and theirs >= 2.9 * full, (ours, expected, theirs)
+    assert ours <= theirs / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_the_gradient_formed_in_the_forward_part_by_part(parts, dtype, interpolations,
+                                                         monkeypatch):
+    # The mean on low-resolution logits forms its gradient in the forward, part by part of the
+    # batch, each part's against the part's own max L, then scales each part by a (M_i / M)^(k-1)
+    # in the backward. Image 1's logits are sharpened so that its costs dwarf the others' (M_i / M
+    # far from 1): a factor missing, wrong, or applied to another part's images is off by orders
+    # of magnitude there (without the z-score, which would undo the sharpening). 3 images: one
+    # part of 3, parts of 2 + 1, three of 1; class weights, ignored pixels, power 3, an upstream
+    # gradient of 0.7.
+    from lad_triton import fused
+
+    monkeypatch.setattr(fused, "GRADIENT_PARTS", parts)
+    logits = make_logits((3, 4, 4, 5), dtype=torch.float64, seed=parts, device=DEVICE)
+    logits[1] *= 20
+    logits = logits.to(dtype).requires_grad_(True)
+    target = make_labels(3, [11, 13], 4, dtype=torch.uint8, ignore_frac=0.2, seed=parts,
+                         device=DEVICE)
+    weight = torch.tensor([0.5, 1.5, 1.0, 2.0], dtype=dtype, device=DEVICE)
+    options = dict(kernel_size=5, power=3.0, zscore=False, upsample="bilinear",
+                   align_corners=False, weight=weight, backend="triton")
+    loss = locally_adaptive_loss(logits, target, **options)
+    (grad,) = torch.autograd.grad(0.7 * loss, logits)
+    assert interpolations == [] and grad.dtype == dtype
+
+    low = logits.detach().cpu().double().requires_grad_(True)
+    high = interpolate_reference(low, (11, 13), False)
+    ref = lad_reference(high.detach(), target.cpu(), torch.tensor(0.7, dtype=torch.float64),
+                        kernel_size=5, power=3.0, zscore=False, weight=weight.cpu())
+    (ref_grad,) = torch.autograd.grad(high, low, ref.grad)
+    (floor,) = torch.autograd.grad(interpolate_reference(low, (11, 13), False), low,
+                                   ref.grad_floor)
+    per_image = [float(g.abs().sum()) for g in ref_grad]
+    assert per_image[1] > 100 * max(per_image[0], per_image[2]), per_image
+    tol = 1e-10 if dtype == torch.float64 else TOLERANCE[dtype][1]
+    for b in range(3):  # each image against its own size: image 1's would hide the others'
+        assert close(grad[b], ref_grad[b], floor[b], tol), b
+    # The loss is the whole batch's partials combined, bitwise what the forward alone gives.
+    with torch.no_grad():
+        assert torch.equal(loss, locally_adaptive_loss(logits, target, **options))
+
+
+def test_the_gradient_formed_in_the_forward_is_kept_once_and_differentiable_once(
+        interpolations):
+    # The backward only scales what the forward kept: a second backward (retain_graph) gives the
+    # same gradient, and a gradient of the gradient raises rather than returning one without the
+    # logits' graph (the kernels' gradient has no formula of its own): the gradient has no
+    # graph, and where the upstream gradient has one, the backward is once_differentiable.
+    logits = make_logits((2, 3, 3, 4), device=DEVICE).requires_grad_(True)
+    target = make_labels(2, [7, 9], 3, seed=5, device=DEVICE)
+    loss = locally_adaptive_loss(logits, target, kernel_size=3, upsample="bilinear",
+                                 backend="triton")
+    first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(loss, logits)[0], first)
+    (grad,) = torch.autograd.grad(locally_adaptive_loss(
+        logits, target, kernel_size=3, upsample="bilinear", backend="triton"), logits,
+        create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()
+    upstream = torch.ones((), device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(locally_adaptive_loss(
+        logits, target, kernel_size=3, upsample="bilinear", backend="triton"), logits, upstream,
+        create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
 
 
 @pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 4, 1), (2**32, 1, 2**30 + 1, 3)])
