@@ -44,6 +44,12 @@ class Upsampling:
         return self.batch * self.high[0] * self.high[1] * self.label
 
     @property
+    def columns(self):
+        """The low-resolution logits interpolated along the columns, float32 (B, C, h, W): the
+        rows the fused kernels blend (kernels/upsample.py's columns_interpolated)."""
+        return self.batch * self.classes * self.low[0] * self.high[1] * 4
+
+    @property
     def edges(self):
         """The backward's edge buffer: four float32 column sums per input row, tile of 28
         output columns (K = 5) and class, for the input columns neighbouring tiles share."""
@@ -77,15 +83,17 @@ def traffic(w):
             low + high + (high + y + high) + (high + high + y + high) + (high + 2 * low),
             # the logits (kept by the loss), P and the logits' gradient
             3 * high),
-        # Part by part of the batch, in the forward: the forward kernel reads the part's
-        # low-resolution logits and labels and writes its P (the label's size, the logits'
-        # dtype); the backward's kernel reads P, the logits and the labels and writes the
-        # low-resolution gradient G (float32) and the edge buffer, which the edge sums read. The
-        # autograd backward reads G and writes the logits' gradient. Alive at the peak: one
-        # part's P and edge buffer, and G.
+        # Part by part of the batch, in the forward: the column pass reads the part's
+        # low-resolution logits and writes them interpolated along the columns; the forward
+        # kernel reads those and the labels and writes the part's P (the label's size, the
+        # logits' dtype); the backward's kernel reads P, the columns and the labels and writes
+        # the low-resolution gradient G (float32) and the edge buffer, which the edge sums read.
+        # The autograd backward reads G and writes the logits' gradient. Alive at the peak: one
+        # part's columns, P and edge buffer, and G.
         "fused upsampling": (
-            (low + y + high) + (high + low + y + low + 2 * w.edges) + 2 * low,
-            (high + w.edges) * part // w.batch + low),
+            (low + w.columns) + (w.columns + y + high)
+            + (high + w.columns + y + low + 2 * w.edges) + 2 * low,
+            (w.columns + high + w.edges) * part // w.batch + low),
     }
 
 
@@ -166,6 +174,13 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                     lines.append(f"| {w.name} | {way} | {launch['name']} | "
                                  f"{launch['registers']} | {launch['programs']} | "
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
+                if low:  # the column pass (aten's upsample_linear1d) before each part's
+                    # kernels, at its DRAM floor as F.interpolate: read the logits, write the
+                    # columns
+                    columns_us = (w.logits(w.low) + w.columns) / bandwidth * 1e6
+                    total += columns_us
+                    lines.append(f"| {w.name} | {way} | column pass (PyTorch), DRAM floor | - "
+                                 f"| - | {columns_us:.0f} | DRAM |")
                 sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high

@@ -38,7 +38,7 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .upsample import upsample_tables
+from .upsample import columns_interpolated, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
                      minkowski_share, omega_at, omega_of, scalar, tile_coordinates,
                      tile_scale_factors)
@@ -368,7 +368,7 @@ def _tile_scales_kernel(
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,
              weighted=False, grad=None, scalars=None, power=1.0, upsample="",
-             align_corners=False, out=None):
+             align_corners=False, out=None, columns=None):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
     ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
@@ -377,12 +377,13 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     ``weighted``: the forward had class weights (the backward's own launch plan depends on
     it). ``upsample="bilinear"``: the forward's (low-resolution logits); the gradient is theirs,
     formed without the target-sized gradient (halo._halo_upsample_backward_kernel), into ``out``
-    where given (any floating dtype, the logits' shape)."""
+    where given (any floating dtype, the logits' shape), from the forward's ``columns``
+    (upsample.columns_interpolated's) where given."""
     if upsample:
         return _upsample_backward(s, logits, target, P, kernel_size=kernel_size, eps=eps,
                                   weight_base=weight_base, zscore=zscore, plan=plan,
                                   weighted=weighted, grad=grad, scalars=scalars, power=power,
-                                  align_corners=align_corners, out=out)
+                                  align_corners=align_corners, out=out, columns=columns)
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -435,11 +436,13 @@ EDGE_BOUNDARIES = 32
 
 
 def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
-                       weighted, grad, scalars, power, align_corners, out):
+                       weighted, grad, scalars, power, align_corners, out, columns):
     dx = torch.empty_like(logits) if out is None else out
     batch, classes, h_in, w_in = logits.shape
     height, width = target.shape[-2:]
     up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
+    if columns is None:  # the Jacobian blends two rows of these per output row, as the forward
+        columns = columns_interpolated(logits, width, align_corners)
     mean = grad is not None
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,
@@ -448,7 +451,7 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     if not mean:
         s = s.to(acc).contiguous()
     sy = as_volume(target, 3)[1]
-    wide = needs_wide_index(span(logits.shape[1:], logits.stride()[1:]),
+    wide = needs_wide_index(span(columns.shape[1:], columns.stride()[1:]),
                             span(dx.shape[1:], dx.stride()[1:]),
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
@@ -457,9 +460,9 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     shared = tiles > 1 and w_in < width
     edges = logits.new_empty((batch, h_in, tiles, 4, classes) if shared else (0,), dtype=acc)
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
-        logits, target, P, s, grad if mean else s, scalars if mean else s, dx, edges, index,
+        columns, target, P, s, grad if mean else s, scalars if mean else s, dx, edges, index,
         weight, height, width, h_in, w_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), up.band, *logits.stride(), sy[0], *sy[2:], *dx.stride(),
+        cdiv(width, forward_cols), up.band, *columns.stride(), sy[0], *sy[2:], *dx.stride(),
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, UNROLL=cfg.unrolled,

@@ -54,7 +54,7 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape, grid_of
 from .stats import zscore_stats
-from .upsample import fusable, plan_of, upsample_tables
+from .upsample import columns_interpolated, fusable, plan_of, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
                      minkowski_share, omega_of, scalar, tile_coordinates, window_weight)
 
@@ -597,7 +597,7 @@ def interpolates(logits, size, mode, align_corners, *, kernel_size, stride, weig
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
             weight_base, normalizer, zscore, need_grad, mean, plan=None, upsample="",
-            align_corners=False):
+            align_corners=False, columns=None):
     """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, ticket,
     P): the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3)
     Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when
@@ -605,16 +605,21 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     caller's tile_plan, checked. ``weight`` is None or C class weights in the accumulation dtype.
     No host sync; the z-score statistics are a temporary of the forward. ``upsample="bilinear"``:
     the logits are at a lower resolution than the target and the window-row kernels interpolate
-    them in registers (``interpolates`` must hold); everything else is at the target's size."""
+    them in registers (``interpolates`` must hold), from ``columns`` (their rows interpolated
+    along the columns, upsample.columns_interpolated) where the caller has them; everything else
+    is at the target's size."""
     volume = logits.dim() == 5
-    (batch, classes, depth, height, width), sx = as_volume(logits, 4)
+    x = logits
+    size = None
+    if upsample:  # the kernel blends rows of the logits interpolated along the columns
+        size = tuple(target.shape[-2:])
+        _, up_index, up_weight = upsample_tables(logits, size, align_corners, kernel_size)
+        x = columns_interpolated(logits, size[1], align_corners) if columns is None else columns
+    (batch, classes, depth, height, width), sx = as_volume(x, 4)
     y_shape, sy = as_volume(target, 3)
     x_span = span((classes, depth, height, width), sx[1:])
-    size = None
     if upsample:
-        size = tuple(target.shape[-2:])
         height, width = size
-        _, up_index, up_weight = upsample_tables(logits, size, align_corners, kernel_size)
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         upsample=bool(upsample), **target_of(logits))
@@ -633,7 +638,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
         tiles_h, tiles_w, programs = tile_grid(cfg, cfg.forward_rows, kernel_size,
                                                (batch, depth, height, width))
         halo._halo_forward_kernel[(programs,)](
-            logits, target, partials if weight is None else weight, P, L, partials, ticket,
+            x, target, partials if weight is None else weight, P, L, partials, ticket,
             up_index if upsample else ticket, up_weight if upsample else partials,
             depth, height, width, tiles_h, tiles_w, *sx, *sy,
             kernel_size // 2 if volume else 0, ignore_index, *split_scalar(eps),

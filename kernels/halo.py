@@ -23,9 +23,11 @@ loaded centre row, then shifted like P).
 DRAM traffic per pixel (C classes of E bytes, labels of Y bytes): the forward reads the logits
 and labels and writes P (C*E) and L (4 B, reduction="none" only); the backward reads P, the
 logits and the labels and writes the gradient (C*E); window rows and halo come from L1/L2.
-Interpolating (upsample="bilinear"), both read the low-resolution logits instead, and the
-backward writes their gradient and, for the input columns neighbouring column tiles share, an
-edge buffer that _upsample_edges_kernel sums (bench/upsample_model.py counts it all).
+Interpolating (upsample="bilinear"), both read the low-resolution logits interpolated along
+the columns instead (upsample.columns_interpolated: the logits' height, the target's width) and
+blend two of their rows per output row; the backward writes the low-resolution logits' gradient
+and, for the input columns neighbouring column tiles share, an edge buffer that
+_upsample_edges_kernel sums (bench/upsample_model.py counts it all).
 """
 
 import triton
@@ -119,26 +121,22 @@ def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.
 @triton.jit
 def _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxc, sxh, sxw, idx_ptr, lam_ptr,
                   ACC: tl.constexpr):
-    """The logits [CLASS_TILE, 32] of output row qi at the lanes' columns, bilinearly interpolated
-    from the low-resolution plane with the weights of kernels/upsample.py's tables (rows' i0, i1
-    and l first, then the columns'): four loads per class from L1/L2 instead of one from DRAM.
-    Neighbouring lanes often read the same source pixel; _outer's hint only fixes the layout
+    """The logits [CLASS_TILE, 32] of output row qi at the lanes' columns, bilinearly interpolated:
+    the plane holds the low-resolution rows already interpolated along the columns (W wide,
+    upsample.columns_interpolated), so two loads per class from L1/L2 and the rows' blend with
+    the weights of kernels/upsample.py's tables (rows' i0, i1 and l first), PyTorch's
+    h0 * (one row's column blend) + h1 * (the next row's). _outer's hint only fixes the layout
     (one element per lane, no vector loads), as for the clamped columns of _row_logits."""
     qic = clamp(qi, H - 1)
-    qjc = clamp(cols, W - 1)
     r0 = tl.load(idx_ptr + qic).to(cols.dtype) * sxh
     r1 = tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh
     lh = tl.load(lam_ptr + qic).to(ACC)
-    c0 = tl.load(idx_ptr + 2 * H + qjc, mask=ok, other=0).to(cols.dtype) * sxw
-    c1 = tl.load(idx_ptr + 2 * H + W + qjc, mask=ok, other=0).to(cols.dtype) * sxw
-    lw = tl.load(lam_ptr + H + qjc, mask=ok, other=0.0).to(ACC)[None, :]
     m = cmask[:, None] & ok[None, :]
     c = cls * sxc
-    x00 = tl.load(x_plane + _outer(c, r0 + c0), mask=m, other=0.0).to(ACC)
-    x01 = tl.load(x_plane + _outer(c, r0 + c1), mask=m, other=0.0).to(ACC)
-    x10 = tl.load(x_plane + _outer(c, r1 + c0), mask=m, other=0.0).to(ACC)
-    x11 = tl.load(x_plane + _outer(c, r1 + c1), mask=m, other=0.0).to(ACC)
-    return (1.0 - lh) * ((1.0 - lw) * x00 + lw * x01) + lh * ((1.0 - lw) * x10 + lw * x11)
+    q = clamp(cols, W - 1) * sxw
+    x0 = tl.load(x_plane + _outer(c, r0 + q), mask=m, other=0.0).to(ACC)
+    x1 = tl.load(x_plane + _outer(c, r1 + q), mask=m, other=0.0).to(ACC)
+    return (1.0 - lh) * x0 + lh * x1
 
 
 @triton.jit
@@ -184,7 +182,8 @@ def _labels(y_plane, qi, cols, ok, H, W, syh, syw):
 
 @triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "radius_d", "ignore_index"])
 def _halo_forward_kernel(
-    x_ptr,        # logits (B, C, D, H, W), any strides
+    x_ptr,        # logits (B, C, D, H, W), any strides; UPSAMPLE: the low-resolution logits
+                  # interpolated along the columns (B, C, H_in, W)
     y_ptr,        # target (B, D, H, W), any integer dtype, any strides
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     P_ptr,        # out (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
@@ -194,7 +193,7 @@ def _halo_forward_kernel(
     idx_ptr,      # int32 and ACC tables of kernels/upsample.py (read only if UPSAMPLE)
     lam_ptr,
     D, H, W, tiles_h, tiles_w,
-    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W (UPSAMPLE: low resolution)
+    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W (UPSAMPLE: of the columns)
     syb, syd, syh, syw,       # target strides of B, D, H, W
     radius_d, ignore_index,
     eps_hi, eps_lo, power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
@@ -492,7 +491,8 @@ def _flush(dx_img, edge_row, row, acc, cls, cmask, jlo, jhi, left_end, right_sta
 @triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "tiles", "band", "ftiles_h",
                                "ftiles_w"])
 def _halo_upsample_backward_kernel(
-    x_ptr,       # low-resolution logits (B, C, H_in, W_in), any strides
+    x_ptr,       # low-resolution logits interpolated along the columns (B, C, H_in, W), any
+                 # strides (upsample.columns_interpolated)
     y_ptr,       # target (B, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32) over the target's pixels, as _halo_backward_kernel's
     s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's)

@@ -112,6 +112,22 @@ def upsample_tables(logits, size, align_corners, kernel_size):
     return (plan, *_tables(plan, accumulation_dtype(logits.dtype), logits.device))
 
 
+def columns_interpolated(logits, width, align_corners):
+    """The logits' rows interpolated along the columns to ``width``: (B, C, H_in, width) in the
+    accumulation dtype, F.interpolate's linear mode, whose column weights are its bilinear mode's
+    (one rounding, as PyTorch's bilinear kernels blend a row). The forward then blends two of
+    these rows per output row: half the loads and a third of the arithmetic of blending four
+    low-resolution pixels per class and pixel, for a buffer 1 / (H / H_in) the target's size."""
+    batch, classes, h_in, w_in = logits.shape
+    x = logits.to(accumulation_dtype(logits.dtype))
+    if w_in == width:
+        return x
+    # aten's op, as F.interpolate(mode="linear") calls it (F.interpolate itself would be one more
+    # Python call per forward)
+    return torch.ops.aten.upsample_linear1d(x.reshape(batch * classes * h_in, 1, w_in), [width],
+                                            align_corners).view(batch, classes, h_in, width)
+
+
 def fusable(logits, size_out, mode, halo):
     """Whether the window-row kernels interpolate these logits themselves: bilinear, upsampling
     (or equal) on both axes (the backward walks each input row's output rows in order) and a

@@ -34,6 +34,7 @@ from .kernels import backward as kernels_backward
 from .kernels import combine as kernels_combine
 from .kernels import forward as kernels_forward
 from .kernels.config import accumulation_dtype
+from .kernels.upsample import columns_interpolated
 from .reduction import synced_scalars
 
 
@@ -229,11 +230,12 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
     with _on_device(logits):
         for i, b in enumerate(range(0, batch, size)):
             part = slice(b, b + size)
+            columns = columns_interpolated(logits[part], target.shape[-1], align_corners)
             _, part_partials, ticket, P = kernels_forward.forward(
                 logits[part], target[part], weight, kernel_size=kernel_size, power=power,
                 stride=stride, ignore_index=ignore_index, eps=eps, weight_base=weight_base,
                 normalizer=normalizer, zscore=zscore, need_grad=True, mean=True, plan=plan,
-                upsample=upsample, align_corners=align_corners)
+                upsample=upsample, align_corners=align_corners, columns=columns)
             tile_max = part_partials[:, 0].contiguous()
             # the combine's max L: NaN tiles left out (their NaN reaches the loss and a)
             scalars[i, 1] = tile_max.nan_to_num(0.0, math.inf).amax()
@@ -242,9 +244,10 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                                       weight_base=weight_base, zscore=zscore, plan=plan,
                                       weighted=weight is not None, grad=one,
                                       scalars=scalars[i], power=power, upsample=upsample,
-                                      align_corners=align_corners, out=G[part])
+                                      align_corners=align_corners, out=G[part],
+                                      columns=columns)
             partials.append(part_partials)
-            del P
+            del P, columns
     return torch.cat(partials), ticket, G, scalars
 
 

@@ -207,8 +207,9 @@ def test_upsample_model_orders_the_three_ways():
     # python -m bench.upsample_model: per workload the fused design moves the least and keeps
     # the least; interpolate + LAD saves cross-entropy's extra log-probabilities pass (one
     # full-resolution tensor) and keeps as much; the fused design's peak is one half of the
-    # batch's P (the label's size) and edge buffer (four float32 sums per input row, tile of 28
-    # output columns and class), and the low-resolution gradient.
+    # batch's columns (the logits interpolated along the columns), P (the label's size) and
+    # edge buffer (four float32 sums per input row, tile of 28 output columns and class), and
+    # the low-resolution gradient.
     import upsample_model as model
 
     from lad_triton.fused import GRADIENT_PARTS
@@ -222,7 +223,8 @@ def test_upsample_model_orders_the_three_ways():
         low = w.batch * w.classes * w.low[0] * w.low[1] * 4
         assert fused[0] < lad[0] < ce[0] and ce[0] - lad[0] == high
         edges = w.batch * w.low[0] * math.ceil(w.high[1] / 28) * 4 * w.classes * 4
-        assert fused[1] == (high + edges) // 2 + low and lad[1] == ce[1] == 3 * high
+        columns = w.batch * w.classes * w.low[0] * w.high[1] * 4
+        assert fused[1] == (columns + high + edges) // 2 + low and lad[1] == ce[1] == 3 * high
         assert fused[1] < ce[1] / 3
     # docs/performance.md quotes the table as the command prints it.
     docs = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
