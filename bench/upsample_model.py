@@ -174,13 +174,15 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                     lines.append(f"| {w.name} | {way} | {launch['name']} | "
                                  f"{launch['registers']} | {launch['programs']} | "
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
-                if low:  # the column pass (aten's upsample_linear1d) before each part's
-                    # kernels, at its DRAM floor as F.interpolate: read the logits, write the
-                    # columns
-                    columns_us = (w.logits(w.low) + w.columns) / bandwidth * 1e6
-                    total += columns_us
-                    lines.append(f"| {w.name} | {way} | column pass (PyTorch), DRAM floor | - "
-                                 f"| - | {columns_us:.0f} | DRAM |")
+                if low:  # at their DRAM floor, as F.interpolate: the column pass (aten's
+                    # upsample_linear1d) before each part's kernels reads the logits and writes
+                    # the columns; the autograd backward reads G and writes the logits' gradient
+                    for op, nbytes in (("column pass", w.logits(w.low) + w.columns),
+                                       ("G scaled by each part's factor", 2 * w.logits(w.low))):
+                        op_us = nbytes / bandwidth * 1e6
+                        total += op_us
+                        lines.append(f"| {w.name} | {way} | {op} (PyTorch), DRAM floor | - | - "
+                                     f"| {op_us:.0f} | DRAM |")
                 sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high

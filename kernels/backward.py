@@ -442,7 +442,8 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     height, width = target.shape[-2:]
     up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
     if columns is None:  # the Jacobian blends two rows of these per output row, as the forward
-        columns = columns_interpolated(logits, width, align_corners)
+        # (without the z-score the kernel reads none: any tensor stands in)
+        columns = columns_interpolated(logits, width, align_corners) if zscore else logits
     mean = grad is not None
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,

@@ -28,7 +28,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .kernels import backward as kernels_backward
 from .kernels import combine as kernels_combine
@@ -236,6 +235,8 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                 stride=stride, ignore_index=ignore_index, eps=eps, weight_base=weight_base,
                 normalizer=normalizer, zscore=zscore, need_grad=True, mean=True, plan=plan,
                 upsample=upsample, align_corners=align_corners, columns=columns)
+            if not zscore:  # the backward reads them only for the z-score's Jacobian
+                columns = None
             tile_max = part_partials[:, 0].contiguous()
             # the combine's max L: NaN tiles left out (their NaN reaches the loss and a)
             scalars[i, 1] = tile_max.nan_to_num(0.0, math.inf).amax()
@@ -360,19 +361,36 @@ class FusedGradientMean(torch.autograd.Function):
         # kernels' power_of (k = 1).
         top = scalars[1]
         share = scalars[2] * (part_scalars[:, 1] / torch.where(top > 0, top, 1.0)) ** (power - 1)
-        ctx.save_for_backward(G, share)
+        ctx.save_for_backward(G, share, logits)
         ctx.batch, ctx.dtype = logits.shape[0], logits.dtype
         ctx.part = -(-ctx.batch // share.shape[0])
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        G, share = ctx.saved_tensors
+        G, share, logits = ctx.saved_tensors
         scale = (grad.to(share.dtype) * share).to(G.dtype)
         per_image = scale.repeat_interleave(ctx.part)[:ctx.batch]
         dx = (G * per_image.view((-1,) + (1,) * (G.dim() - 1))).to(ctx.dtype)
+        if torch.is_grad_enabled():  # create_graph: dx's graph must reach the logits, and raise
+            dx = _NoSecondDerivative.apply(dx, logits)
         return dx, None, None, None, None, None, None
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """dx, differentiable in name only: its backward raises. The gradient G was formed by the
+    kernels, which have no formula for their own derivative; without this a gradient penalty on
+    dx (create_graph=True) would get a dx with no graph and silently contribute nothing."""
+
+    @staticmethod
+    def forward(ctx, dx, logits):
+        return dx
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("lad_triton: the fused loss on low-resolution logits has no second "
+                           "derivative (its gradient comes from the kernels); use "
+                           "backend='torch' for a gradient of the gradient")
 
 
 def fused_mean(logits, target, weight, options, power, group, need_grad, upsample=None):

@@ -553,35 +553,45 @@ def test_the_gradient_formed_in_the_forward_is_kept_once_and_differentiable_once
         interpolations):
     # The backward only scales what the forward kept: a second backward (retain_graph) gives the
     # same gradient, and a gradient of the gradient raises rather than returning one without the
-    # logits' graph (the kernels' gradient has no formula of its own): the gradient has no
-    # graph, and where the upstream gradient has one, the backward is once_differentiable.
+    # logits' graph (the kernels' gradient has no formula of its own): a gradient penalty added
+    # to a term that has a graph would otherwise contribute nothing, silently.
     logits = make_logits((2, 3, 3, 4), device=DEVICE).requires_grad_(True)
     target = make_labels(2, [7, 9], 3, seed=5, device=DEVICE)
     loss = locally_adaptive_loss(logits, target, kernel_size=3, upsample="bilinear",
                                  backend="triton")
     first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
     assert torch.equal(torch.autograd.grad(loss, logits)[0], first)
-    (grad,) = torch.autograd.grad(locally_adaptive_loss(
-        logits, target, kernel_size=3, upsample="bilinear", backend="triton"), logits,
-        create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        grad.sum().backward()
-    upstream = torch.ones((), device=DEVICE, requires_grad=True)
-    (grad,) = torch.autograd.grad(locally_adaptive_loss(
-        logits, target, kernel_size=3, upsample="bilinear", backend="triton"), logits, upstream,
-        create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
+    for upstream in (None, torch.ones((), device=DEVICE, requires_grad=True)):
+        (grad,) = torch.autograd.grad(locally_adaptive_loss(
+            logits, target, kernel_size=3, upsample="bilinear", backend="triton"), logits,
+            upstream, create_graph=True)
+        assert torch.equal(grad.detach(), first) and grad.requires_grad
+        penalty = (logits ** 2).sum() + grad.pow(2).sum()
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            penalty.backward()
 
 
-@pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 4, 1), (2**32, 1, 2**30 + 1, 3)])
-def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolations):
-    # Views into a 4 GiB float16 storage (virtual: only the touched pages are allocated) take
-    # the kernels' int64 offsets, forward and interpolating backward: bitwise the dense result.
-    shape = (1, 3, 3, 4)
-    storage = torch.empty(2**31 + 4096, dtype=torch.float16, device=DEVICE)
+@pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 9, 1), (2**32, 1, 2**30 + 1, 3)])
+def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolations,
+                                                             monkeypatch):
+    # Views into an 8 GiB float32 storage (virtual: only the touched pages are allocated) of
+    # logits as wide as the target (rows upsampled only): the column pass is the logits
+    # themselves, which the kernels read with int64 offsets (the wide flag each launch chose is
+    # recorded), forward and interpolating backward: bitwise the dense result.
+    from lad_triton.kernels import backward as kernels_backward
+    from lad_triton.kernels import forward as kernels_forward
+
+    wide = []
+    for module in (kernels_forward, kernels_backward):
+        def spy(*spans, original=module.needs_wide_index):
+            wide.append(original(*spans))
+            return wide[-1]
+
+        monkeypatch.setattr(module, "needs_wide_index", spy)
+    shape = (1, 3, 3, 9)
+    storage = torch.empty(2**31 + 4096, dtype=torch.float32, device=DEVICE)
     logits = storage.as_strided(shape, strides)
-    dense = make_logits(shape, dtype=torch.float16, seed=12, device=DEVICE)
+    dense = make_logits(shape, seed=12, device=DEVICE)
     logits.copy_(dense)
     target = make_labels(1, [7, 9], 3, n_labels=2, seed=12, device=DEVICE)
     results = []
@@ -589,17 +599,19 @@ def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolat
         loss = locally_adaptive_loss(x, target, kernel_size=3, backend="triton",
                                      upsample="bilinear", align_corners=True)
         results.append((loss, torch.autograd.grad(loss, x)[0]))
+    assert wide == [True, True, False, False]  # forward, backward; strided, then dense
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert interpolations == []
 
 
+@pytest.mark.parametrize("width", [10, 3])
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_any_layout_in_registers(layout, interpolations):
-    # The kernels read the low-resolution logits through their strides and write their
-    # gradient in their memory format.
+def test_any_layout_in_registers(layout, width, interpolations):
+    # The logits are read through their strides (by the column pass, or by the kernels where
+    # the target is as wide as they are) and their gradient written in their memory format.
     logits = make_logits((2, 5, 4, 3), layout=layout, seed=4, device=DEVICE)
-    target = make_labels(2, [11, 10], 5, dtype=torch.int16, seed=4, device=DEVICE)
+    target = make_labels(2, [11, width], 5, dtype=torch.int16, seed=4, device=DEVICE)
     dense = logits.contiguous()
     out = []
     for x in (logits.detach().requires_grad_(True), dense.detach().requires_grad_(True)):
