@@ -11,8 +11,8 @@ dx_q = rstd_q * (G_q - mean_c G_q - z_q * mean_c(G_q z_q)).
 dL_p = d loss / d L_p is never written as a map for the Minkowski mean (MEAN): the forward
 stored P scaled by w_p (L_p / t)^(k-1), t the max L of p's forward tile, and
 ``_tile_scales_kernel`` writes each tile's a * (t / max L)^(k-1) from the combine's t, a and max
-L, so the kernel multiplies by the upstream gradient and one number per forward tile. Otherwise (reduction="none", and any reduction computed in PyTorch) the
-caller passes the map dL.
+L, so the kernel multiplies by the upstream gradient and one number per forward tile. Otherwise
+(reduction="none", and any reduction computed in PyTorch) the caller passes the map dL.
 
 The Jacobian needs every class of G_q and the pixel's z-score statistics, which the kernel
 recomputes from the logits it loads for the Jacobian (the forward's statistics were a
