@@ -32,7 +32,7 @@ from torch import Tensor
 from .kernels import backward as kernels_backward
 from .kernels import combine as kernels_combine
 from .kernels import forward as kernels_forward
-from .kernels.config import accumulation_dtype
+from .kernels.config import accumulation_dtype, cdiv
 from .kernels.upsample import columns_interpolated
 from .reduction import synced_scalars
 
@@ -220,10 +220,10 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
     d loss / d L relative to the part's max L (kernels/backward.py), since the batch's is not
     known until every part has run."""
     batch = logits.shape[0]
-    size = -(-batch // parts)
+    size = cdiv(batch, parts)
     acc = accumulation_dtype(logits.dtype)
     G = torch.empty_like(logits, dtype=acc)
-    scalars = logits.new_ones((-(-batch // size), 3), dtype=torch.float64)
+    scalars = logits.new_ones((cdiv(batch, size), 3), dtype=torch.float64)
     one = logits.new_ones((), dtype=acc)
     partials, ticket = [], None
     with _on_device(logits):
@@ -262,10 +262,9 @@ def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, wei
         logits, kernel_size=kernel_size, stride=stride, need_grad=False, mean=True, plan=plan,
         size=tuple(target.shape[-2:]))
     batch = logits.shape[0]
-    size = -(-batch // parts)
     return (partials, ticket,
             torch.empty_like(logits, dtype=accumulation_dtype(logits.dtype)),
-            logits.new_empty((-(-batch // size), 3), dtype=torch.float64))
+            logits.new_empty((cdiv(batch, cdiv(batch, parts)), 3), dtype=torch.float64))
 
 
 def plan_of(logits, kernel_size, stride, weight=None):
@@ -363,7 +362,7 @@ class FusedGradientMean(torch.autograd.Function):
         share = scalars[2] * (part_scalars[:, 1] / torch.where(top > 0, top, 1.0)) ** (power - 1)
         ctx.save_for_backward(G, share, logits)
         ctx.batch, ctx.dtype = logits.shape[0], logits.dtype
-        ctx.part = -(-ctx.batch // share.shape[0])
+        ctx.part = cdiv(ctx.batch, share.shape[0])  # images per part
         return loss
 
     @staticmethod
