@@ -349,8 +349,11 @@ def loop_trips(name, values):
         return [rows, columns * band / rows] + window + [columns, columns]
     if name == "_upsample_edges_kernel":  # no loops
         return []
-    if name.startswith("_halo"):  # depth offsets, window rows (the columns are unrolled)
-        return [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["RADIUS"]]
+    if name in ("_halo_forward_kernel", "_halo_backward_kernel"):
+        # depth offsets; the window rows that reach every centre row (the others and the
+        # columns are unrolled)
+        return [2 * values["radius_d"] + 1,
+                2 * values["RADIUS"] + 2 - min(values["ROWS"], 2 * values["RADIUS"] + 2)]
     if name == "_forward_kernel" and values["UNROLL"]:
         # depth offsets, window rows (the columns are unrolled)
         window = [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["radius"]]

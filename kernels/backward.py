@@ -39,9 +39,9 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
 from .upsample import columns_interpolated, upsample_tables
-from .tiling import (also, block_lanes, clamp, class_range, image_of_P, lane_offsets,
-                     minkowski_share, omega_at, omega_of, scalar, tile_coordinates,
-                     tile_scale_factors)
+from .tiling import (also, block_lanes, clamp, class_range, finite_centres, image_of_P,
+                     lane_offsets, minkowski_share, omega_at, omega_of, scalar,
+                     tile_coordinates, tile_scale_factors)
 
 
 @triton.jit
@@ -67,6 +67,8 @@ def _centre_row(P_img, s_ptr, s_img, y_img, c0, cmask, cd, pi, pj, cj, col_in, c
         s = tl.load(s_img + centre)
     P = tl.load(block_lanes(P_img, centre, c0, CLASS_TILE, C, TILE_W), mask=cmask[:, None],
                 other=0.0).to(ACC)
+    if not MEAN:  # (with the mean, a NaN cost makes every gradient element NaN anyway)
+        P, s = finite_centres(P, s, c0 + tl.arange(0, CLASS_TILE), c0)
     return P, s, y_p, ok
 
 

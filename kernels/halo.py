@@ -11,7 +11,9 @@ kernels of ``forward``/``backward`` hold C x K values per window row (up to 255 
 
 ROWS centre rows share every loaded window row: the rows are a block dimension of the
 accumulators ([ROWS, CLASS_TILE, 32]), each window row added to every centre row it is in the
-window of (weight 0 elsewhere).
+window of. The window rows that reach every centre row are a run-time loop; the ROWS - 1 above
+and below them, which do not, are unrolled, so that the rows they miss are never touched (a
+multiply-add by a zero weight would still issue: 5 of 30 per centre row and class at K = 5).
 
 Forward: the z-score statistics of each loaded pixel come from the row in registers (no
 statistics pass), then z = (x - m) * rstd is pooled. Per tile it writes the Minkowski partials
@@ -33,8 +35,8 @@ _upsample_edges_kernel sums (bench/upsample_model.py counts it all).
 import triton
 import triton.language as tl
 
-from .tiling import (also, clamp, class_range, image_of_P, minkowski_share, omega_of, scalar,
-                     tile_indices, tile_scale_factors)
+from .tiling import (also, clamp, class_range, finite_centres, image_of_P, minkowski_share,
+                     omega_of, scalar, tile_indices, tile_scale_factors)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -158,13 +160,15 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
         x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
                     mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
     if ZSCORE:
-        m = tl.sum(x, axis=0) / C
+        # sums over the padded classes add -0.0, which folds away at compile time (+0.0 does
+        # not: x + 0.0 is not x for x = -0.0)
+        m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
         dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / C + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C + eps)
         finite = rstd == rstd  # a NaN or infinite logit makes the pixel's variance NaN
         z = dev * rstd[None, :]
     else:
-        total = tl.sum(x, axis=0)
+        total = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0)
         finite = (total - total) == 0
         z = x
     z = tl.where((finite & ok)[None, :], z, 0.0)
@@ -178,6 +182,45 @@ def _labels(y_plane, qi, cols, ok, H, W, syh, syw):
     ignored centre's results are discarded)."""
     y = tl.load(y_plane + clamp(qi, H - 1) * syh + clamp(cols, W - 1) * syw, mask=ok, other=0)
     return tl.where(ok, y.to(tl.int32), -1)
+
+
+@triton.jit
+def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, cls, cmask,
+                y_c, H, W, sxc, sxh, sxw, syh, syw, eps, base, inv_base, idx_ptr, lam_ptr,
+                ACC: tl.constexpr, C: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+                ZSCORE: tl.constexpr, UPSAMPLE: tl.constexpr, WEIGHT_NORM: tl.constexpr,
+                STATIC: tl.constexpr):
+    """The forward's sums plus window row row0 - r + t (the plane at depth distance far) pooled
+    into the centre rows; STATIC: t is a compile-time constant, and only the centre rows it
+    reaches are updated."""
+    qi = tl.where(plane_ok, row0 - RADIUS + t, -1)  # a plane outside: no row inside
+    z, ok, fin = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr,
+                             lam_ptr, ACC, C, ZSCORE, UPSAMPLE)
+    y_q = _labels(y_plane, qi, cols, ok, H, W, syh, syw)
+    # each centre row's distance to this window row (depth included)
+    du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)                  # [ROWS]
+    near = du <= RADIUS
+    rows_in = (tl.abs(t - RADIUS - tl.arange(0, ROWS)) <= RADIUS)[:, None]          # [ROWS, 1]
+    for DV in tl.static_range(-RADIUS, RADIUS + 1):
+        same = (_shift(y_q, DV)[None, :] == y_c) & near[:, None]                   # [ROWS, 32]
+        omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)                        # [ROWS]
+        # a non-finite neighbour's coefficient is NaN (its z is 0): every class of the centre's
+        # pooled vector turns NaN, and with the weight normaliser xi too
+        a = tl.where(same, omega[:, None] * _shift(fin, DV)[None, :], 0.0)
+        update = acc + a[:, None, :] * _shift_rows(z, DV)[None, :, :]
+        if STATIC:
+            acc = tl.where(rows_in[:, :, None], update, acc)
+            if WEIGHT_NORM:
+                xi = tl.where(rows_in, xi + a, xi)
+            else:
+                count = tl.where(rows_in, count + same.to(tl.int32), count)
+        else:
+            acc = update
+            if WEIGHT_NORM:
+                xi += a
+            else:
+                count += same.to(tl.int32)
+    return acc, xi, count
 
 
 @triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "radius_d", "ignore_index"])
@@ -226,7 +269,7 @@ def _halo_forward_kernel(
 
     acc = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     xi = tl.zeros([ROWS, LANES], dtype=ACC)
-    nan = tl.full([ROWS, LANES], 1.0, ACC)  # NaN where a non-finite pixel takes part
+    count = tl.zeros([ROWS, LANES], dtype=tl.int32)  # without the weight normaliser: xi, counted
     for dd in range(-radius_d, radius_d + 1):
         qd = pd + dd
         plane_ok = (qd >= 0) & (qd < D)
@@ -234,35 +277,38 @@ def _halo_forward_kernel(
         x_plane = x_img + qdc * sxd
         y_plane = y_img + qdc * syd
         far = tl.abs(dd)
-        for t in range(0, ROWS + 2 * RADIUS):
-            qi = tl.where(plane_ok, row0 - RADIUS + t, -1)  # a plane outside: no row inside
-            z, ok, fin = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps,
-                                     idx_ptr, lam_ptr, ACC, C, ZSCORE, UPSAMPLE)
-            y_q = _labels(y_plane, qi, cols, ok, H, W, syh, syw)
-            # each centre row's distance to this window row (depth included)
-            du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)          # [ROWS]
-            near = du <= RADIUS
-            for DV in tl.static_range(-RADIUS, RADIUS + 1):
-                same = (_shift(y_q, DV)[None, :] == y_c) & near[:, None]           # [ROWS, 32]
-                omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)                # [ROWS]
-                a = tl.where(same, omega[:, None], 0.0)
-                acc += a[:, None, :] * _shift_rows(z, DV)[None, :, :]
-                nan = tl.where(same, nan * _shift(fin, DV)[None, :], nan)
-                if WEIGHT_NORM:
-                    xi += a
-                else:
-                    xi += same.to(ACC)
-    acc = acc * nan[:, None, :]
+        # Window rows t in [ROWS - 1, 2r] reach every centre row: a run-time loop. The others,
+        # above and below, are unrolled: t is then a compile-time constant and so is each
+        # register's centre row, so the updates of the rows they cannot reach fold away (where
+        # multiply-adds by a zero weight would not: 0 * z is not 0 to the compiler).
+        A: tl.constexpr = min(ROWS - 1, 2 * RADIUS + 1)
+        B: tl.constexpr = 2 * RADIUS + 1
+        for t in tl.static_range(0, A):
+            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
+                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
+                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
+                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
+        for t in range(A, B):
+            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
+                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
+                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
+                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, False)
+        for t in tl.static_range(B, ROWS + 2 * RADIUS):
+            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
+                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
+                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
+                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
+    if not WEIGHT_NORM:
+        xi = count.to(ACC)
 
     # L = logsumexp(f) - f[y] with f = acc / xi, differences taken in acc's units before the
     # scaling, so that L is exactly 0 where y's value dominates.
     k = LOG2E / tl.where(xi > 0, xi, 1.0)
-    a_m = tl.where(cmask[None, :, None], acc, float("-inf"))
-    top = tl.max(a_m, axis=1)
-    e = tl.exp2((a_m - top[:, None, :]) * k[:, None, :])
+    top = tl.max(tl.where(cmask[None, :, None], acc, float("-inf")), axis=1)
+    # padded classes: -0.0, which a sum drops at compile time (+0.0 it would have to add)
+    e = tl.where(cmask[None, :, None], tl.exp2((acc - top[:, None, :]) * k[:, None, :]), -0.0)
     total = tl.sum(e, axis=1)
-    onehot = cls[None, :, None] == y_cls[:, None, :]
-    acc_y = tl.sum(tl.where(onehot, acc, 0.0), axis=1)
+    acc_y = tl.sum(tl.where(cls[None, :, None] == y_cls[:, None, :], acc, -0.0), axis=1)
     L = (top - acc_y) / tl.where(xi > 0, xi, 1.0) \
         + tl.log2(tl.where(total == 0, 1.0, total)) * LN2
     L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
@@ -296,27 +342,35 @@ def _halo_forward_kernel(
         g = tl.full([ROWS, LANES], 1.0, ACC)
     if NEED_P:
         scale = g / tl.where(xi > 0, xi, 1.0)
-        P = e * (scale / total)[:, None, :] - tl.where(onehot, scale[:, None, :], 0.0)
-        P = tl.where(valid[:, None, :], P, 0.0)  # a where: a NaN at an invalid centre stays out
+        share = scale / total
+        # P_c = e_c * share - [c == y] scale: every class without the label's term, then the
+        # label's class again from the same e_y (a second store to the same address by the same
+        # lane, which lands last): the per-class comparison with y would otherwise stay live
+        # across the exponentials, packed into registers bit by bit
+        P = tl.where(valid[:, None, :], e * share[:, None, :], 0.0)  # NaN at invalid centres out
+        e_y = tl.exp2((acc_y - top) * k)
+        P_y = tl.where(valid, e_y * share - scale, 0.0)
         lanes = (n >> 5) * (C * LANES) + (n & 31)
         tl.store(_class_ptrs3(P_img, lanes, cls * LANES),
                  P.to(P_ptr.dtype.element_ty), mask=cmask[None, :, None] & live[:, None, :])
+        tl.store(P_img + lanes + y_cls * LANES, P_y.to(P_ptr.dtype.element_ty), mask=live)
         # The padding of the image's last block of P: zeros, so that P is a function of the
         # inputs (never read). The program whose tile holds the image's last centre writes it.
-        last = (pd == D - 1) & (row0 + ROWS >= H) & (tl.program_id(0) % tiles_w == tiles_w - 1)
-        m = ((plane - 1) // LANES) * LANES + tl.arange(0, LANES)
-        pad = also(m >= plane, last)
-        tl.store(_class_ptrs(P_img, (m >> 5) * (C * LANES) + (m & 31), cls * LANES),
-                 tl.zeros([CLASS_TILE, LANES], P_ptr.dtype.element_ty),
-                 mask=cmask[:, None] & pad[None, :])
+        if (pd == D - 1) & (row0 + ROWS >= H) & (tl.program_id(0) % tiles_w == tiles_w - 1):
+            m = ((plane - 1) // LANES) * LANES + tl.arange(0, LANES)
+            tl.store(_class_ptrs(P_img, (m >> 5) * (C * LANES) + (m & 31), cls * LANES),
+                     tl.zeros([CLASS_TILE, LANES], P_ptr.dtype.element_ty),
+                     mask=cmask[:, None] & (m >= plane)[None, :])
 
 
 @triton.jit
 def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok, far,
                 tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh, syw, base,
                 inv_base, cls, cmask, C: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
-                FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
-    """G plus what centre row row0 - r + t (depth pdc) owes the rows' pixels (see _gather)."""
+                FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
+                STATIC: tl.constexpr):
+    """G plus what centre row row0 - r + t (depth pdc) owes the rows' pixels (see _gather);
+    STATIC: t is a compile-time constant, and only the rows it reaches are updated."""
     TW: tl.constexpr = LANES - 2 * RADIUS
     pi = row0 - RADIUS + t
     ok = also(col_in, (pi >= 0) & (pi < H) & plane_ok)
@@ -332,13 +386,20 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
     s = tl.where(ok, s, 0.0)
     Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
                  mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+    if not MEAN:
+        Pr, s = finite_centres(Pr, s, cls, 0)
     du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
     near = du <= RADIUS
     for DV in tl.static_range(-RADIUS, RADIUS + 1):
         same = (_shift(y_p, DV)[None, :] == y_q) & near[:, None]
         omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)
         a = tl.where(same, omega[:, None] * _shift(s, DV)[None, :], 0.0)
-        G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
+        if STATIC:  # the rows out of the centre row's reach fold away (see the forward)
+            rows_in = tl.abs(t - RADIUS - tl.arange(0, ROWS)) <= RADIUS
+            G = tl.where(rows_in[:, None, None],
+                         G + a[:, None, :] * _shift_rows(Pr, DV)[None, :, :], G)
+        else:
+            G += a[:, None, :] * _shift_rows(Pr, DV)[None, :, :]
     return G
 
 
@@ -354,7 +415,8 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
     * (t / max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times
     the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img. UNROLL: the
     centre rows unrolled, so that their loads issue together (the interpolating backward, whose
-    one output row per step would otherwise wait on each centre row in turn)."""
+    one output row per step would otherwise wait on each centre row in turn); else only those
+    that reach some output rows but not all (see _halo_forward_kernel)."""
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
     for dd in range(-radius_d, radius_d + 1):
@@ -363,18 +425,25 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
         pdc = clamp(pd, D - 1)
         far = tl.abs(dd)
         tile_plane = (image * D + pdc) * ftiles_h
-        if UNROLL:
-            for t in tl.static_range(0, ROWS + 2 * RADIUS):
-                G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc,
-                                plane_ok, far, tile_plane, row0, cols, col_in, y_q, H, W,
-                                ftiles_w, syd, syh, syw, base, inv_base, cls, cmask, C, RADIUS,
-                                ROWS, FROWS, MEAN, ACC)
-        else:
-            for t in range(0, ROWS + 2 * RADIUS):
-                G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc,
-                                plane_ok, far, tile_plane, row0, cols, col_in, y_q, H, W,
-                                ftiles_w, syd, syh, syw, base, inv_base, cls, cmask, C, RADIUS,
-                                ROWS, FROWS, MEAN, ACC)
+        # As the forward's window rows (_halo_forward_kernel): the centre rows that reach every
+        # output row are a run-time loop, the others unrolled (all of them with UNROLL).
+        A: tl.constexpr = ROWS + 2 * RADIUS if UNROLL else min(ROWS - 1, 2 * RADIUS + 1)
+        B: tl.constexpr = ROWS + 2 * RADIUS if UNROLL else 2 * RADIUS + 1
+        for t in tl.static_range(0, A):
+            G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
+                            far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
+                            syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
+                            True)
+        for t in range(A, B):
+            G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
+                            far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
+                            syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
+                            False)
+        for t in tl.static_range(B, ROWS + 2 * RADIUS):
+            G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
+                            far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
+                            syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
+                            True)
     return tl.where(cmask[None, :, None], G, 0.0)
 
 
@@ -399,12 +468,13 @@ def _backward_scalars(grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, powe
 def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr):
     """dx [ROWS, CLASS_TILE, 32] = rstd (G - mean_c G - z mean_c(G z)) of the pixels whose logits
     are x (every class in the lane), G itself without the z-score."""
-    if ZSCORE:
-        m = tl.sum(x, axis=1) / C
-        dev = tl.where(cmask[None, :, None], x - m[:, None, :], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / C + eps)
-        mean_G = tl.sum(G, axis=1) / C
-        mean_Gz = tl.sum(G * dev, axis=1) * rstd / C
+    if ZSCORE:  # -0.0 for the padded classes: their terms fold away (see _row_logits)
+        real = cmask[None, :, None]
+        m = tl.sum(tl.where(real, x, -0.0), axis=1) / C
+        dev = tl.where(real, x - m[:, None, :], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.where(real, dev * dev, -0.0), axis=1) / C + eps)
+        mean_G = tl.sum(tl.where(real, G, -0.0), axis=1) / C
+        mean_Gz = tl.sum(tl.where(real, G * dev, -0.0), axis=1) * rstd / C
         return rstd[:, None, :] * (G - mean_G[:, None, :] - dev * (rstd * mean_Gz)[:, None, :])
     return G
 

@@ -110,6 +110,17 @@ def omega_of(far, base, inv_base, RADIUS: tl.constexpr):
 
 
 @triton.jit
+def finite_centres(P, s, cls, c0):
+    """(P, dL) of a row of centres with a non-finite pooled vector's NaN moved from P to dL: such
+    a centre's P is NaN in every class (its forward's sums all took the NaN), and G adds P times
+    a coefficient that is 0 for pixels of another class, whose gradient 0 * NaN would poison.
+    The first class tells (compile-time per register: the others fold away)."""
+    first = tl.sum(tl.where((cls == c0)[:, None], P, -0.0), axis=0)
+    bad = first != first
+    return tl.where(bad[None, :], 0.0, P), tl.where(bad, float("nan"), s)
+
+
+@triton.jit
 def minkowski_share(L, unit, power1):
     """(L / t)^(k - 1) with unit = 1 / t and power1 = k - 1: d loss / d L of the Minkowski mean up
     to a constant factor, relative to a maximum t so that it neither overflows nor underflows. The

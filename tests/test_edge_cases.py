@@ -100,12 +100,15 @@ def test_power_of_costs_neither_underflows_nor_overflows(margin, backend):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_non_finite_logits_propagate(bad, reduction, backend):
-    logits = make_logits((1, 4, 5, 5))
-    target = torch.ones(1, 5, 5, dtype=torch.int64)
+@pytest.mark.parametrize("kernel_size", [5, 9])  # fused: the window-row kernels, the generic ones
+def test_non_finite_logits_propagate(bad, reduction, kernel_size, backend):
+    logits = make_logits((1, 4, 5, 12))
+    target = torch.ones(1, 5, 12, dtype=torch.int64)
+    target[0, :, 4] = 2  # centres of another class beside the bad pixel: they must stay finite
     logits[0, 2, 2, 3] = bad
     loss, grad = loss_and_grad(logits, target, torch.ones(()) if reduction == "mean" else
-                               torch.ones(1, 5, 5), backend=backend, reduction=reduction)
+                               torch.ones(1, 5, 12), backend=backend, reduction=reduction,
+                               kernel_size=kernel_size)
     if reduction == "mean":
         # docs/contract.md: the Minkowski mean couples every pixel, so one NaN cost makes the
         # loss and *every* gradient element NaN (not just one: `not isfinite(grad).all()` let a
@@ -114,11 +117,13 @@ def test_non_finite_logits_propagate(bad, reduction, backend):
     else:
         # The map: non-finite exactly where the oracle's is (the bad pixel's neighbours'
         # windows), and the oracle's values everywhere else.
-        grad_out = torch.ones(1, 5, 5, dtype=torch.float64)
-        ref = lad_reference(logits, target, grad_out, reduction=reduction)
+        grad_out = torch.ones(1, 5, 12, dtype=torch.float64)
+        ref = lad_reference(logits, target, grad_out, reduction=reduction,
+                            kernel_size=kernel_size)
         assert torch.equal(torch.isfinite(loss), torch.isfinite(ref.loss))
         assert torch.equal(torch.isfinite(grad), torch.isfinite(ref.grad))
-        assert not torch.isfinite(loss[0, 2, 3]) and torch.isfinite(loss[0, 0, 0])
+        assert not torch.isfinite(loss[0, 2, 3]) and torch.isfinite(loss[0, 0, 11])
+        assert torch.isfinite(loss[0, :, 4]).all()
         keep, gkeep = torch.isfinite(ref.loss), torch.isfinite(ref.grad)
         assert rel_err(loss[keep], ref.loss[keep]) <= TOLERANCE[torch.float32][0]
         assert rel_err(grad[gkeep], ref.grad[gkeep]) <= TOLERANCE[torch.float32][1]
