@@ -19,6 +19,8 @@ modelled with residuals, fitted and held-out apart. Held out: every figure of th
 kernels (_halo_*: designed after the fitted figures were taken; they test whether the model
 judges a new design) and every Cityscapes-like figure (a row width of 1024: aligned rows, a
 workload the fit never sees). ``--quick``: only figures already cached (no compiling).
+``--refit``: the figures' inputs as bench/results/calibration-triton-3.6.json stores them (a
+change to the model's formulas, not to the binaries, needs nothing compiled).
 """
 
 import argparse
@@ -287,9 +289,19 @@ def report(rows, missing, fit, elapsed):
     return "\n".join([head, ""] + lines + [""] + table + [""] + notes) + "\n"
 
 
+def stored(path=RESULTS / "calibration-triton-3.6.json"):
+    """(rows, missing) as a committed run stored them, each figure with the model's inputs read
+    from its binary: a change to the model's formula refits from them without compiling."""
+    done = json.loads(Path(path).read_text())
+    fields = perf_model.Inputs.__dataclass_fields__
+    rows = [dict(r, inputs=perf_model.Inputs(**{k: v for k, v in r["inputs"].items()
+                                                if k in fields})) for r in done["rows"]]
+    return rows, done["missing"]
+
+
 def run(args):
     start = time.monotonic()
-    rows, missing = build(args.python, args.quick)
+    rows, missing = stored() if args.refit else build(args.python, args.quick)
     fitted = [r for r in rows if not held_out(r)]
     params = perf_model.fit([r["inputs"] for r in fitted], [r["measured_us"] * 1e-6
                                                              for r in fitted])
@@ -394,6 +406,8 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--quick", action="store_true", help="only figures already compiled")
+    parser.add_argument("--refit", action="store_true",
+                        help="refit from the inputs the committed JSON stores (no compiling)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter whose Triton compiles (the GPU ran 3.6)")
     parser.add_argument("--design", nargs="+", metavar="REV",

@@ -349,7 +349,10 @@ class Calibrated:
 def calibrated(x, params, machine=H200):
     """The four times of one launch (see the comment above ``Machine``)."""
     warps_total = x.programs * x.warps
-    per_scheduler = warps_total / (machine.sms * machine.schedulers)  # every wave together
+    # The busiest scheduler's warps, every wave together: programs spread over the SMs and an
+    # SM's warps over its schedulers in whole warps, so a grid of a few programs per SM leaves
+    # some schedulers a warp more than the average (684 one-warp programs: 2 on some, 1.3 mean)
+    per_scheduler = math.ceil(math.ceil(x.programs / machine.sms) * x.warps / machine.schedulers)
     resident = max(1.0, min(x.warps_per_sm / machine.schedulers, per_scheduler))
     clock = machine.clock_hz
     issue = per_scheduler * x.instructions / (params.issue_efficiency * clock)

@@ -34,11 +34,11 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
-                     split_scalar, target_of, tile_grid)
+from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, multiprocessors,
+                     needs_wide_index, span, split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .upsample import columns_interpolated, upsample_tables
+from .upsample import backward_band, columns_interpolated, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, finite_centres, image_of_P,
                      lane_offsets, minkowski_share, omega_at, omega_of, scalar,
                      tile_coordinates, tile_scale_factors)
@@ -458,14 +458,16 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
                             span(dx.shape[1:], dx.stride()[1:]),
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
-    bands, tiles = cdiv(h_in, up.band), cdiv(width, TILE_W - (kernel_size - 1))
+    tiles = cdiv(width, TILE_W - (kernel_size - 1))
+    band = backward_band(up, batch, h_in, tiles, multiprocessors(logits))
+    bands = cdiv(h_in, band)
     # the column sums tiles share (none at equal widths): four slots per tile and input row
     shared = tiles > 1 and w_in < width
     edges = logits.new_empty((batch, h_in, tiles, 4, classes) if shared else (0,), dtype=acc)
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
         columns, target, P, s, grad if mean else s, scalars if mean else s, dx, edges, index,
         weight, height, width, h_in, w_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), up.band, *columns.stride(), sy[0], *sy[2:], *dx.stride(),
+        cdiv(width, forward_cols), band, *columns.stride(), sy[0], *sy[2:], *dx.stride(),
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, UNROLL=cfg.unrolled,

@@ -131,6 +131,19 @@ def _cuda_arch(index):
     return 10 * major + minor
 
 
+def multiprocessors(tensor):
+    """SMs of the GPU the kernels run on: the tensor's CUDA device, an H100's or H200's 132 where
+    bench/kernel_report.py plans for a GPU, None under the interpreter (no SMs to fill)."""
+    if tensor.is_cuda:
+        return _cuda_sms(tensor.get_device())
+    return None if TARGET_ARCH is None else 132
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def target_of(tensor):
     """launch_config's arch and interpreted arguments for kernels launched on ``tensor``: CPU
     tensors run under Triton's interpreter unless bench/kernel_report.py plans for a GPU."""

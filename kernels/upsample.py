@@ -23,10 +23,33 @@ import torch
 
 from .config import TILE_W, accumulation_dtype
 
-# Low-resolution rows per backward program, in units of the upsampling factor: a program owns
-# BAND_ROWS full-resolution rows' worth of low-resolution rows and recomputes the gradient of one
-# more low-resolution row (the stencil's overlap with the band above): (n + 1) / n of the work.
+# Low-resolution rows per backward program under the interpreter, in units of the upsampling
+# factor: a program owns BAND_ROWS full-resolution rows' worth of low-resolution rows and
+# recomputes the gradient of one more low-resolution row (the stencil's overlap with the band
+# above): (n + 1) / n of the work. On a GPU backward_band sizes the bands to its SMs.
 BAND_ROWS = 64
+SCHEDULERS = 4  # warp schedulers per SM (sm_70 to sm_90)
+
+
+def backward_band(plan, batch, h_in, tiles, sms):
+    """Input rows per program of the interpolating backward on a GPU of ``sms`` SMs (None: the
+    interpreter, plan.band). A program's work grows with band + 1 input rows; its one-warp
+    programs fill the SMs, and their warps an SM's schedulers, in whole units, so a grid of a few
+    programs per SM leaves some schedulers a warp more than the average (684 programs on 132
+    SMs: 2 warps on some, 1.3 on average). The band that gives the busiest scheduler the least
+    work, counting a lone warp as two (it idles through each of its round trips to memory, which
+    take about as long as its instructions per output row: the calibrated model's latency term),
+    the larger of equals (fewer rows computed twice). The calibrated model's best band at both
+    upsampling workloads. The gradient does not depend on it: every input row is summed by one
+    program over the same output rows in the same order."""
+    if sms is None:
+        return plan.band
+
+    def work(band):
+        programs = batch * -(-h_in // band) * tiles
+        return max(2, -(-(-(-programs // sms)) // SCHEDULERS)) * (band + 1), -band
+
+    return min(range(1, h_in + 1), key=work)
 
 
 def _round32(value):

@@ -326,6 +326,31 @@ def test_the_gpus_plans_in_registers(rows, unrolled, interpolations, monkeypatch
                torch.float32, interpolations, weight=True)
 
 
+def test_the_gradient_is_the_same_for_every_band(monkeypatch):
+    # On a GPU the interpolating backward sizes its bands of input rows to the SM count
+    # (upsample.backward_band). Every input row is still summed by one program, over the same
+    # output rows in the same order: the gradient is bitwise the same on every GPU.
+    from lad_triton.kernels import backward as kb
+    from lad_triton.kernels import upsample
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 5, 9, 6, generator=gen)
+    target = torch.randint(0, 5, (2, 33, 20), generator=gen)
+    bands, grads = [], {}
+    chosen = upsample.backward_band
+    monkeypatch.setattr(kb, "backward_band", lambda *a: bands.append(chosen(*a)) or bands[-1])
+    for sms in (None, 1, 2, 132):  # the interpreter's band (every row), 3, 2 and 1 rows
+        monkeypatch.setattr(kb, "multiprocessors", lambda tensor, sms=sms: sms)
+        for reduction in ("mean", "none"):
+            x = logits.clone().requires_grad_(True)
+            loss = locally_adaptive_loss(x, target, kernel_size=5, upsample="bilinear",
+                                         reduction=reduction, backend="triton")
+            grads.setdefault(reduction, []).append(torch.autograd.grad(loss.sum(), x)[0])
+    assert sorted(set(bands)) == [1, 2, 3, 17]
+    for reduction, each in grads.items():
+        assert all(torch.equal(g, each[0]) for g in each[1:]), reduction
+
+
 def test_interpolating_plans_apply_where_they_were_compiled():
     # config.HALO_UPSAMPLE_PLANS holds sm_90's caps and unrolling (compiled without spills
     # there): elsewhere, and in float64 (registers twice as wide), a looped backward. The
