@@ -131,12 +131,16 @@ def _cuda_arch(index):
     return 10 * major + minor
 
 
+# SMs of the GPU bench/kernel_report.py plans for, by architecture: an A100's, an H100's or H200's.
+PLANNED_SMS = {80: 108, 90: 132}
+
+
 def multiprocessors(tensor):
-    """SMs of the GPU the kernels run on: the tensor's CUDA device, an H100's or H200's 132 where
+    """SMs of the GPU the kernels run on: the tensor's CUDA device, PLANNED_SMS where
     bench/kernel_report.py plans for a GPU, None under the interpreter (no SMs to fill)."""
     if tensor.is_cuda:
         return _cuda_sms(tensor.get_device())
-    return None if TARGET_ARCH is None else 132
+    return None if TARGET_ARCH is None else PLANNED_SMS.get(TARGET_ARCH, 132)
 
 
 @functools.lru_cache(maxsize=None)

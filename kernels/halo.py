@@ -6,7 +6,7 @@ A program is one warp whose 32 lanes hold 32 consecutive pixels of a row, of whi
 halo. A window row is loaded once per class, one value per lane, and its column shifts come from
 the neighbouring lanes (``tl.gather`` along the lanes: warp shuffles, no shared memory), so a
 lane keeps one row of C values live instead of K shifted copies. That is what lets the kernels
-run at 128-136 registers up to C = 26 (15-16 warps per SM to hide the loads' latency) where the
+run at 128-144 registers up to C = 26 (14-16 warps per SM to hide the loads' latency) where the
 kernels of ``forward``/``backward`` hold C x K values per window row (up to 255 registers).
 
 ROWS centre rows share every loaded window row: the rows are a block dimension of the

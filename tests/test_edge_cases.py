@@ -99,17 +99,31 @@ def test_power_of_costs_neither_underflows_nor_overflows(margin, backend):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("kernel_size", [5, 9])  # fused: the window-row kernels, the generic ones
-def test_non_finite_logits_propagate(bad, reduction, kernel_size, backend):
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+@pytest.mark.parametrize("kernel_size, chunks", [(5, False), (9, False), (5, True)])
+def test_non_finite_logits_propagate(bad, reduction, kernel_size, chunks, backend, monkeypatch):
+    # fused: the window-row kernels (K = 5), the generic ones (K = 9), and those in class chunks
+    # of 2 (the second starting at class 2)
+    if chunks:
+        from lad_triton.kernels import config as kernel_config
+
+        for name, value in (("CLASS_TILE", 2), ("CHUNK_TILE", 2), ("INTERPRETER_CHUNK_SCALE", 1)):
+            monkeypatch.setattr(kernel_config, name, value)
     logits = make_logits((1, 4, 5, 12))
     target = torch.ones(1, 5, 12, dtype=torch.int64)
     target[0, :, 4] = 2  # centres of another class beside the bad pixel: they must stay finite
     logits[0, 2, 2, 3] = bad
-    loss, grad = loss_and_grad(logits, target, torch.ones(()) if reduction == "mean" else
-                               torch.ones(1, 5, 12), backend=backend, reduction=reduction,
+    loss, grad = loss_and_grad(logits, target, torch.ones(1, 5, 12) if reduction == "none" else
+                               torch.ones(()), backend=backend, reduction=reduction,
                                kernel_size=kernel_size)
-    if reduction == "mean":
+    if reduction == "sum":
+        # d sum / d L = 1: the gradient is the map's with every d L = 1, non-finite where it is
+        ref = lad_reference(logits, target, torch.ones(1, 5, 12, dtype=torch.float64),
+                            reduction="none", kernel_size=kernel_size)
+        assert torch.isnan(loss) and torch.equal(torch.isfinite(grad), torch.isfinite(ref.grad))
+        gkeep = torch.isfinite(ref.grad)
+        assert gkeep.any() and rel_err(grad[gkeep], ref.grad[gkeep]) <= TOLERANCE[torch.float32][1]
+    elif reduction == "mean":
         # docs/contract.md: the Minkowski mean couples every pixel, so one NaN cost makes the
         # loss and *every* gradient element NaN (not just one: `not isfinite(grad).all()` let a
         # gradient with one NaN and wrong values elsewhere pass).

@@ -328,27 +328,39 @@ def test_the_gpus_plans_in_registers(rows, unrolled, interpolations, monkeypatch
 
 def test_the_gradient_is_the_same_for_every_band(monkeypatch):
     # On a GPU the interpolating backward sizes its bands of input rows to the SM count
-    # (upsample.backward_band). Every input row is still summed by one program, over the same
-    # output rows in the same order: the gradient is bitwise the same on every GPU.
+    # (upsample.backward_band: 1 row for grids this small, 5 and 19 at the benchmarks' sizes).
+    # Every input row is still summed by one program, over the same output rows in the same
+    # order: the gradient is bitwise the same for every band, so on every GPU.
     from lad_triton.kernels import backward as kb
-    from lad_triton.kernels import upsample
 
     gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(2, 5, 9, 6, generator=gen)
-    target = torch.randint(0, 5, (2, 33, 20), generator=gen)
-    bands, grads = [], {}
-    chosen = upsample.backward_band
-    monkeypatch.setattr(kb, "backward_band", lambda *a: bands.append(chosen(*a)) or bands[-1])
-    for sms in (None, 1, 2, 132):  # the interpreter's band (every row), 3, 2 and 1 rows
-        monkeypatch.setattr(kb, "multiprocessors", lambda tensor, sms=sms: sms)
-        for reduction in ("mean", "none"):
+    logits = torch.randn(4, 5, 9, 6, generator=gen).to(DEVICE)
+    target = torch.randint(0, 5, (4, 33, 20), generator=gen).to(DEVICE)
+    grads = {}
+    for band in (1, 2, 3, 4, 9):  # 9: one band of every input row
+        monkeypatch.setattr(kb, "backward_band", lambda *args, band=band: band)
+        for reduction in ("mean", "none"):  # the mean's gradient formed in parts of 2 images
             x = logits.clone().requires_grad_(True)
             loss = locally_adaptive_loss(x, target, kernel_size=5, upsample="bilinear",
                                          reduction=reduction, backend="triton")
             grads.setdefault(reduction, []).append(torch.autograd.grad(loss.sum(), x)[0])
-    assert sorted(set(bands)) == [1, 2, 3, 17]
     for reduction, each in grads.items():
         assert all(torch.equal(g, each[0]) for g in each[1:]), reduction
+
+
+def test_the_band_follows_the_gpus_size():
+    # More SMs, smaller bands (more programs); a handful of SMs, bands of several rows; a
+    # grid that fills every scheduler twice over at the benchmarks' sizes (132 SMs).
+    from lad_triton.kernels.upsample import backward_band
+
+    plan = type("Plan", (), {"band": 8})()
+    assert backward_band(plan, 4, 65, 19, None) == 8  # the interpreter keeps the plan's
+    bands = [backward_band(plan, 4, 65, 19, sms) for sms in (1, 16, 132, 1024)]
+    assert bands == sorted(bands, reverse=True) and bands[0] > bands[-1] == 1
+    for batch, h_in, tiles in ((4, 65, 19), (4, 128, 37)):  # DeepLab-, SegFormer-like halves
+        band = backward_band(plan, batch, h_in, tiles, 132)
+        programs = batch * -(-h_in // band) * tiles
+        assert band > 1 and -(-(-(-programs // 132)) // 4) >= 2  # warps, busiest scheduler
 
 
 def test_interpolating_plans_apply_where_they_were_compiled():
