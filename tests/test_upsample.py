@@ -334,12 +334,12 @@ def test_the_gradient_is_the_same_for_every_band(monkeypatch):
     from lad_triton.kernels import backward as kb
 
     gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(4, 5, 9, 6, generator=gen).to(DEVICE)
-    target = torch.randint(0, 5, (4, 33, 20), generator=gen).to(DEVICE)
+    logits = torch.randn(2, 5, 7, 6, generator=gen).to(DEVICE)
+    target = torch.randint(0, 5, (2, 20, 20), generator=gen).to(DEVICE)
     grads = {}
-    for band in (1, 2, 3, 4, 9):  # 9: one band of every input row
+    for band in (1, 2, 3, 7):  # 2 and 3: a last band cut short; 7: one band of every input row
         monkeypatch.setattr(kb, "backward_band", lambda *args, band=band: band)
-        for reduction in ("mean", "none"):  # the mean's gradient formed in parts of 2 images
+        for reduction in ("mean", "none"):  # the mean's gradient formed image by image
             x = logits.clone().requires_grad_(True)
             loss = locally_adaptive_loss(x, target, kernel_size=5, upsample="bilinear",
                                          reduction=reduction, backend="triton")
