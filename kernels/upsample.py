@@ -21,7 +21,7 @@ import struct
 
 import torch
 
-from .config import TILE_W, accumulation_dtype
+from .config import TILE_W, accumulation_dtype, cdiv
 
 # Low-resolution rows per backward program under the interpreter, in units of the upsampling
 # factor: a program owns BAND_ROWS full-resolution rows' worth of low-resolution rows and
@@ -46,8 +46,8 @@ def backward_band(plan, batch, h_in, tiles, sms):
         return plan.band
 
     def work(band):
-        programs = batch * -(-h_in // band) * tiles
-        return max(2, -(-(-(-programs // sms)) // SCHEDULERS)) * (band + 1), -band
+        programs = batch * cdiv(h_in, band) * tiles
+        return max(2, cdiv(cdiv(programs, sms), SCHEDULERS)) * (band + 1), -band
 
     return min(range(1, h_in + 1), key=work)
 

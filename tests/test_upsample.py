@@ -351,6 +351,7 @@ def test_the_gradient_is_the_same_for_every_band(monkeypatch):
 def test_the_band_follows_the_gpus_size():
     # More SMs, smaller bands (more programs); a handful of SMs, bands of several rows; a
     # grid that fills every scheduler twice over at the benchmarks' sizes (132 SMs).
+    from lad_triton.kernels.config import cdiv
     from lad_triton.kernels.upsample import backward_band
 
     plan = type("Plan", (), {"band": 8})()
@@ -359,8 +360,8 @@ def test_the_band_follows_the_gpus_size():
     assert bands == sorted(bands, reverse=True) and bands[0] > bands[-1] == 1
     for batch, h_in, tiles in ((4, 65, 19), (4, 128, 37)):  # DeepLab-, SegFormer-like halves
         band = backward_band(plan, batch, h_in, tiles, 132)
-        programs = batch * -(-h_in // band) * tiles
-        assert band > 1 and -(-(-(-programs // 132)) // 4) >= 2  # warps, busiest scheduler
+        programs = batch * cdiv(h_in, band) * tiles
+        assert band > 1 and cdiv(cdiv(programs, 132), 4) >= 2  # warps, busiest scheduler
 
 
 def test_interpolating_plans_apply_where_they_were_compiled():
