@@ -65,7 +65,7 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 KERNELS = {"_zscore_stats_kernel": ks, "_forward_kernel": kf, "_combine_kernel": kc,
            "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
            "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb,
-           "_halo_upsample_backward_kernel": kh, "_upsample_edges_kernel": kh}
+           "_halo_upsample_backward_kernel": kh, "_upsample_columns_kernel": kh}
 
 
 class Recorder:
@@ -316,9 +316,9 @@ STREAMED = {
     "_halo_forward_kernel": ("x_ptr", "y_ptr", "P_ptr", "L_ptr", "part_ptr"),
     "_halo_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr"),
     "_tile_scales_kernel": ("tile_max_ptr", "scale_ptr"),
-    "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "dx_ptr",
-                                       "edge_ptr"),
-    "_upsample_edges_kernel": ("edge_ptr", "dx_ptr"),
+    "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "stage_ptr",
+                                       "above_ptr"),
+    "_upsample_columns_kernel": ("stage_ptr", "above_ptr", "dx_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -337,17 +337,17 @@ def loop_trips(name, values):
     if name == "_zscore_stats_kernel":
         return [values["chunks"]]
     if name == "_halo_upsample_backward_kernel":
-        # In program order: a band's output rows (its input rows' and one more's); inside,
-        # the tile's input columns of a finished input row (band times over the rows: a share
-        # per row), the window rows unless unrolled; after, the last rows' columns (one row's,
-        # as a rule).
+        # In program order: the band's output rows, ROWS per step; in each step the input rows
+        # finished before its first row and between its rows (band - 1 a band, shared by the
+        # step's rows: loops of one trip or none), and the window rows that reach both; after,
+        # a row that ends a band early (align_corners=True rounding: none as a rule).
         band = min(values["band"], values["H_in"])
-        rows = values["H"] * (band + 1) / values["H_in"]
-        lanes = kernel_config.TILE_W - 2 * values["RADIUS"]
-        columns = lanes * values["W_in"] / values["W"] + 1
-        window = [] if values["UNROLL"] else [1 + 2 * values["RADIUS"]]
-        return [rows, columns * band / rows] + window + [columns, columns]
-    if name == "_upsample_edges_kernel":  # no loops
+        step = values["ROWS"]
+        steps = values["H"] * band / values["H_in"] / step
+        flushes = (band - 1) / step / steps
+        window = 2 * values["RADIUS"] + 1 - min(step - 1, 2 * values["RADIUS"] + 1)
+        return [steps, flushes, window] + [flushes] * (step - 1) + [0]
+    if name == "_upsample_columns_kernel":  # no loops
         return []
     if name in ("_halo_forward_kernel", "_halo_backward_kernel"):
         # depth offsets; the window rows that reach every centre row (the others and the

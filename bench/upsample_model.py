@@ -50,10 +50,23 @@ class Upsampling:
         return self.batch * self.classes * self.low[0] * self.high[1] * 4
 
     @property
-    def edges(self):
-        """The backward's edge buffer: four float32 column sums per input row, tile of 28
-        output columns (K = 5) and class, for the input columns neighbouring tiles share."""
-        return self.batch * self.low[0] * -(-self.high[1] // 28) * 4 * self.classes * 4
+    def span(self):
+        """Input columns a tile of 28 output columns (K = 5) touches, at most (the buffers'
+        width: kernels/upsample.py's Plan.span)."""
+        return -(-28 * self.low[1] // self.high[1]) + 2
+
+    @property
+    def stage(self):
+        """The backward's staging buffer: each input row's float32 share at every tile's input
+        columns, per class (kernels/halo.py's _upsample_columns_kernel sums it)."""
+        return int(self.batch * self.low[0] * -(-self.high[1] // 28) * self.span
+                   * self.classes * 4)
+
+    @property
+    def above(self):
+        """The band above's shares of each band's first row (kernels/upsample.py's BAND = 2
+        input rows), staged apart."""
+        return self.stage * -(-self.low[0] // 2) // self.low[0]
 
 
 WORKLOADS = (
@@ -87,13 +100,13 @@ def traffic(w):
         # low-resolution logits and writes them interpolated along the columns; the forward
         # kernel reads those and the labels and writes the part's P (the label's size, the
         # logits' dtype); the backward's kernel reads P, the columns and the labels and writes
-        # the low-resolution gradient G (float32) and the edge buffer, which the edge sums read.
-        # The autograd backward reads G and writes the logits' gradient. Alive at the peak: one
-        # part's columns, P and edge buffer, and G.
+        # its tiles' float32 shares of the low-resolution gradient (staged), which the column
+        # sums read to write G (float32). The autograd backward reads G and writes the logits'
+        # gradient. Alive at the peak: one part's columns, P and staged shares, and G.
         "fused upsampling": (
             (low + w.columns) + (w.columns + y + high)
-            + (high + w.columns + y + low + 2 * w.edges) + 2 * low,
-            (w.columns + high + w.edges) * part // w.batch + low),
+            + (high + w.columns + y + 2 * (w.stage + w.above) + low) + 2 * low,
+            (w.columns + high + w.stage + w.above) * part // w.batch + low),
     }
 
 

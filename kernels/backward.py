@@ -34,11 +34,11 @@ import triton
 import triton.language as tl
 
 from . import halo
-from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, multiprocessors,
-                     needs_wide_index, span, split_scalar, target_of, tile_grid)
+from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide_index, span,
+                     split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .upsample import backward_band, columns_interpolated, upsample_tables
+from .upsample import BAND, columns_interpolated, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, finite_centres, image_of_P,
                      lane_offsets, minkowski_share, omega_at, omega_of, scalar,
                      tile_coordinates, tile_scale_factors)
@@ -433,10 +433,6 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     return dx
 
 
-# Tile boundaries per program of the edge sums: a row's, at any width up to 28 x 32 columns.
-EDGE_BOUNDARIES = 32
-
-
 def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
                        weighted, grad, scalars, power, align_corners, out, columns):
     dx = torch.empty_like(logits) if out is None else out
@@ -459,22 +455,24 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
     tiles = cdiv(width, TILE_W - (kernel_size - 1))
-    band = backward_band(up, batch, h_in, tiles, multiprocessors(logits))
+    band = min(BAND, h_in)
     bands = cdiv(h_in, band)
-    # the column sums tiles share (none at equal widths): four slots per tile and input row
-    shared = tiles > 1 and w_in < width
-    edges = logits.new_empty((batch, h_in, tiles, 4, classes) if shared else (0,), dtype=acc)
+    # every input row at each tile's columns, and each band's first row as the band above owes
+    # it: shares in the accumulation dtype that _upsample_columns_kernel sums in a fixed order
+    stage = logits.new_empty((batch, h_in, tiles, classes, up.span), dtype=acc)
+    above = logits.new_empty((batch, bands, tiles, classes, up.span) if bands > 1 else (0,),
+                             dtype=acc)
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
-        columns, target, P, s, grad if mean else s, scalars if mean else s, dx, edges, index,
-        weight, height, width, h_in, w_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), band, *columns.stride(), sy[0], *sy[2:], *dx.stride(),
+        columns, target, P, s, grad if mean else s, scalars if mean else s, stage, above, index,
+        weight, height, width, h_in, bands, tiles, cdiv(height, forward_rows),
+        cdiv(width, forward_cols), band, *columns.stride(), sy[0], *sy[2:],
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
-        ZSCORE=zscore, MEAN=mean, WIDE=wide, UNROLL=cfg.unrolled,
+        ZSCORE=zscore, MEAN=mean, WIDE=wide, ROWS=cfg.backward_rows, STEPS=up.steps,
+        SPAN=up.span,
         **cfg.backward_launch)
-    if shared:
-        halo._upsample_edges_kernel[(batch * h_in * cdiv(tiles - 1, EDGE_BOUNDARIES),)](
-            edges, index, dx, height, width, h_in, tiles, *dx.stride(), C=classes,
-            CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, BOUNDARIES=EDGE_BOUNDARIES,
-            num_warps=1)
+    halo._upsample_columns_kernel[(batch * h_in * cdiv(w_in, TILE_W),)](
+        stage, above, index, dx, height, width, h_in, w_in, bands, tiles, band, *dx.stride(),
+        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, SPAN=up.span,
+        num_warps=1)
     return dx

@@ -131,23 +131,6 @@ def _cuda_arch(index):
     return 10 * major + minor
 
 
-# SMs of the GPU bench/kernel_report.py plans for, by architecture: an A100's, an H100's or H200's.
-PLANNED_SMS = {80: 108, 90: 132}
-
-
-def multiprocessors(tensor):
-    """SMs of the GPU the kernels run on: the tensor's CUDA device, PLANNED_SMS where
-    bench/kernel_report.py plans for a GPU, None under the interpreter (no SMs to fill)."""
-    if tensor.is_cuda:
-        return _cuda_sms(tensor.get_device())
-    return None if TARGET_ARCH is None else PLANNED_SMS.get(TARGET_ARCH, 132)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def target_of(tensor):
     """launch_config's arch and interpreted arguments for kernels launched on ``tensor``: CPU
     tensors run under Triton's interpreter unless bench/kernel_report.py plans for a GPU."""
@@ -186,20 +169,31 @@ HALO_ROWS = 2
 HALO_REGISTERS = ((23, 128, 136), (26, 144, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
-# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward
-# cap, backward cap, and the largest K whose backward unrolls its window's centre rows (their
-# loads issue together, at the cost of holding them all; 0: none). The forward keeps HALO_ROWS:
-# four rows (fewer loads of the dearer interpolated rows per centre) model 15% faster but
-# spilled at some C, K and label dtype at every cap tried (200, 232, 255). The backward holds
-# two rows of the low-resolution gradient on top of G. Chosen by the calibrated model (python
-# -m bench.upsample_model --calibrated) among the plans that compile without spills under
-# Triton 3.6 and 3.9 for every C and K = 3, 5, 7 (python -m bench.kernel_report --all-classes;
-# ptxas is not monotonic in C); no GPU has timed them yet. Since the forward's edge window rows
-# are unrolled (2026-12-05) its caps rose where ptxas spilled (C = 19-20 and 22-24: 168 -> 192;
-# 27-32: 216 -> 232).
-HALO_UPSAMPLE_PLANS = ((17, 168, 255, 7), (18, 168, 255, 0), (20, 192, 255, 7),
-                       (21, 168, 255, 5), (24, 192, 255, 0), (26, 200, 255, 0),
-                       (32, 232, 255, 0))
+# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward cap,
+# backward caps (K = 3, 5, 7), and the largest K whose backward steps two output rows at a time on
+# sm_90 (they share the centre rows they gather; beyond it, and elsewhere, one row: two spill at
+# every cap there, and on sm_80 at C = 21, K = 3). The forward keeps HALO_ROWS: four rows (fewer
+# loads of the dearer interpolated rows per centre) model 15% faster but spilled at some C, K and
+# label dtype at every cap tried (200, 232, 255); since its edge window rows are unrolled
+# (2026-12-05) its caps rose where ptxas spilled (C = 19-20 and 22-24: 168 -> 192; 27-32: 216 ->
+# 232). The backward's caps are the lowest of 184, 192, 208, 232 and 255 (or one between) under
+# which it compiles without spills for both Triton 3.6 and 3.9 (ptxas is not monotonic in the cap
+# nor in C): its grids fill the GPU, and with fewer registers more warps hide its loads (the
+# calibrated model, python -m bench.upsample_model --calibrated, finds it latency-bound). Checked
+# with bench/kernel_report.py for every C and K = 3, 5, 7 at its --all-classes sizes (16 x 16 -> 64
+# x 64) and by its default report at the benchmarks' (65 x 65 -> 513 x 513, 128 x 256 -> 512 x
+# 1024); the binary depends on the upsampling's width scale (_halo_upsample_backward_kernel's STEPS
+# and SPAN), so other scales may differ. No GPU has timed them yet.
+HALO_UPSAMPLE_PLANS = ((2, 168, (184, 184, 232), 7), (3, 168, (184, 184, 184), 7),
+                       (4, 168, (184, 192, 184), 7), (15, 168, (184, 184, 184), 7),
+                       (16, 168, (184, 208, 184), 5), (18, 168, (184, 184, 184), 7),
+                       (19, 192, (255, 192, 208), 7), (20, 192, (192, 208, 208), 7),
+                       (21, 168, (200, 208, 232), 7), (22, 192, (208, 232, 232), 7),
+                       (23, 192, (232, 232, 232), 7), (24, 192, (232, 232, 255), 7),
+                       (25, 200, (240, 255, 255), 7), (26, 200, (255, 255, 184), 5),
+                       (27, 232, (255, 255, 184), 5), (28, 232, (216, 208, 208), 0),
+                       (29, 232, (224, 208, 208), 0), (30, 232, (232, 208, 208), 0),
+                       (31, 232, (208, 232, 232), 0), (32, 232, (208, 224, 208), 0))
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -232,8 +226,8 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
     and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
     one; the window-row kernels HALO_ROWS everywhere), and on ``upsample`` (the kernels
-    interpolate: the caps and unrolling of HALO_UPSAMPLE_PLANS on sm_90, elsewhere no
-    unrolling; the tiles are the same), never on B, D, H or W.
+    interpolate: the caps of HALO_UPSAMPLE_PLANS on sm_90, and its backward's rows are the output
+    rows it steps at a time; the tiles are the same), never on B, D, H or W.
     Under the interpreter (``interpreted``), which pays per operation and program, not per
     element, and has no registers to run out of: 4 rows per lane and class chunks
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
@@ -244,18 +238,20 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
             and classes <= min(CLASS_TILE, HALO_FLOAT64_CLASSES if wide else CLASS_TILE)):
         rows, unrolled = HALO_ROWS, True
         caps = next(c[1:] for c in HALO_REGISTERS if classes <= c[0])
+        step_rows = None  # interpolating: the output rows the backward steps at a time
         if upsample:
             plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
-            caps, unrolled = plan[1:3], kernel_size <= plan[3] and arch == 90  # compiled there
-        if wide:  # registers twice as wide
-            rows, unrolled = HALO_ROWS, False
+            k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
+            # two rows where compiled without spills: sm_90, registers not twice as wide
+            two = kernel_size <= plan[3] and arch == 90 and not wide
+            caps, step_rows = (plan[1], plan[2][k]), 1 + two
         if interpreted:
             rows = HALO_ROWS_INTERPRETED
-        if interpreted or arch != 90 or wide:
+        if interpreted or arch != 90 or wide:  # wide: registers twice as wide
             caps = (MAX_REGISTERS, MAX_REGISTERS)
-        # unrolled: the interpolating backward's centre rows (the plain kernels' are a loop)
-        return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, rows, unrolled,
-                            forward_registers=caps[0], backward_registers=caps[1], halo=True)
+        return LaunchConfig(classes, next_power_of_2(max(classes, 2)), rows, step_rows or rows,
+                            unrolled, forward_registers=caps[0], backward_registers=caps[1],
+                            halo=True)
     chunked = classes > CLASS_TILE
     if chunked:
         class_tile = CHUNK_TILE if kernel_size <= 5 else CHUNK_TILE // 2

@@ -27,9 +27,10 @@ and labels and writes P (C*E) and L (4 B, reduction="none" only); the backward r
 logits and the labels and writes the gradient (C*E); window rows and halo come from L1/L2.
 Interpolating (upsample="bilinear"), both read the low-resolution logits interpolated along
 the columns instead (upsample.columns_interpolated: the logits' height, the target's width) and
-blend two of their rows per output row; the backward writes the low-resolution logits' gradient
-and, for the input columns neighbouring column tiles share, an edge buffer that
-_upsample_edges_kernel sums (bench/upsample_model.py counts it all).
+blend two of their rows per output row; the backward stages each tile's share of every input
+row of the low-resolution logits' gradient (and of each band's first row, the band above's
+share apart), which _upsample_columns_kernel sums into the gradient (bench/upsample_model.py
+counts it all).
 """
 
 import triton
@@ -84,6 +85,12 @@ def _shift_rows(v, DV: tl.constexpr):
     if DV == 0:
         return v
     return tl.gather(v, tl.broadcast_to(_source(DV)[None, :], v.shape), 1)
+
+
+@triton.jit
+def _shift3(v, DV: tl.constexpr):
+    """Per-row and class lane values [N, CLASS_TILE, 32] moved by DV lanes."""
+    return tl.gather(v, tl.broadcast_to(_source(DV)[None, None, :], v.shape), 2)
 
 
 @triton.jit
@@ -407,16 +414,13 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
 def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, cols, y_q, D, H,
             W, ftiles_h, ftiles_w, syd, syh, syw, radius_d, base, inv_base, cls, cmask,
             C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
-            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
-            UNROLL: tl.constexpr = False):
+            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
     """G [ROWS, CLASS_TILE, 32] of the pixels q of rows row0 .. row0 + ROWS - 1 (labels y_q, -2
     where not an output pixel): the sum over the centres p whose window holds q, with y_p == y_q,
     of omega * dL_p * P_p, gathered from the centre rows, each loaded once. MEAN: dL_p = grad * a
     * (t / max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times
-    the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img. UNROLL: the
-    centre rows unrolled, so that their loads issue together (the interpolating backward, whose
-    one output row per step would otherwise wait on each centre row in turn); else only those
-    that reach some output rows but not all (see _halo_forward_kernel)."""
+    the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img. The centre rows
+    that reach some output rows but not all are unrolled (see _halo_forward_kernel)."""
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
     for dd in range(-radius_d, radius_d + 1):
@@ -426,9 +430,9 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
         far = tl.abs(dd)
         tile_plane = (image * D + pdc) * ftiles_h
         # As the forward's window rows (_halo_forward_kernel): the centre rows that reach every
-        # output row are a run-time loop, the others unrolled (all of them with UNROLL).
-        A: tl.constexpr = ROWS + 2 * RADIUS if UNROLL else min(ROWS - 1, 2 * RADIUS + 1)
-        B: tl.constexpr = ROWS + 2 * RADIUS if UNROLL else 2 * RADIUS + 1
+        # output row are a run-time loop, the others unrolled.
+        A: tl.constexpr = min(ROWS - 1, 2 * RADIUS + 1)
+        B: tl.constexpr = 2 * RADIUS + 1
         for t in tl.static_range(0, A):
             G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
                             far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
@@ -531,34 +535,46 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dx_img, edge_row, row, acc, cls, cmask, jlo, jhi, left_end, right_start, w0, w1, l0,
-           l1, sdh, sdw, C: tl.constexpr):
-    """Store a finished low-resolution row of the gradient: acc ([1, CLASS_TILE, 32]: the layout
-    _gather's rows have, so that adding a row converts nothing) holds what its output rows owe
-    it at the tile's output columns. Each input column jlo .. jhi the tile touches gathers the
-    lanes whose stencil holds it, with their weights (the transposed interpolation). A column
-    whose stencil lies in this tile is stored; one it shares with the tile to the left (below
-    left_end) or right (from right_start; at most two each side) goes to the tile's edge slots,
-    which _upsample_edges_kernel adds to the neighbour's in a fixed order."""
-    dx_row = dx_img + row.to(tl.int64) * sdh
-    # A loop, not unrolled: each column's sums sit in every lane (32 registers), and unrolled
-    # the tile's columns would be live at once.
-    for k in range(0, jhi - jlo + 1):
-        j = jlo + k
-        weight = tl.where(w0 == j, l0, 0.0) + tl.where(w1 == j, l1, 0.0)
-        # a where, not a product with 0: a NaN elsewhere in the row stays out of this column
-        part = tl.where(((w0 == j) | (w1 == j))[None, None, :], acc * weight[None, None, :], 0.0)
-        total = tl.sum(tl.sum(part, axis=2), axis=0)
-        if j < left_end:
-            tl.store(edge_row + (j - jlo) * C + cls, total, mask=cmask)
-        elif j >= right_start:
-            tl.store(edge_row + (2 + jhi - j) * C + cls, total, mask=cmask)
-        else:
-            tl.store(dx_row + j.to(tl.int64) * sdw, total.to(dx_img.dtype.element_ty),
-                     mask=cmask)
+def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
+           STEPS: tl.constexpr, TAIL: tl.constexpr):
+    """Stage a finished low-resolution row of the gradient at ``dst`` (its tile's input columns,
+    [CLASS_TILE, SPAN] in the accumulation dtype, for _upsample_columns_kernel): acc ([1,
+    CLASS_TILE, 32]: the layout _gather's rows have, so that adding a row converts nothing) holds
+    what its output rows owe it at the tile's output columns; each input column the tile touches
+    sums the lanes whose stencil holds it, with their weights (the transposed interpolation). A
+    lane's stencil starts at input column ``key`` (runs of lanes, at most 2^STEPS long), weight
+    ``wa`` there and ``wb`` at the next column where ``nxt``. Segmented sums of acc * wa towards
+    each run's first lane and of acc * wb towards its last (STEPS shuffle-adds each, in a fixed
+    order) leave a column's total at its run's first lane: its own run's first sum plus the run
+    before's last (``store`` lanes, at column ``k`` of the tile's). The last run's second sum, owed
+    to the column after it, is stored by the lane after it, or with TAIL (no lane after: K = 1) by
+    the ``tail`` lane itself."""
+    lane = tl.arange(0, LANES)
+    cls = tl.arange(0, acc.shape[1])
+    # wheres, not products with 0: a NaN stays in its stencil's columns, as PyTorch's; and on
+    # the classes, so that the class tile's padding stays a constant 0 the compiler drops
+    real = cmask[None, :, None]
+    # the second sums first, then the run before's joins each run's first lane before the first
+    # sums: two values per class live, not three
+    last = tl.where(real & nxt[None, None, :], acc * wb[None, None, :], 0.0)
+    for s in tl.static_range(STEPS):
+        behind = (lane >= (1 << s)) & (_shift(key, -(1 << s)) == key)
+        last = tl.where(real & behind[None, None, :], last + _shift3(last, -(1 << s)), last)
+    if TAIL:
+        tl.store(_class_ptrs3(dst, k[None, :] + 1, cls * SPAN), last,
+                 mask=real & tail[None, None, :])
+    lead = (lane > 0) & (_shift(key, -1) != key)
+    total = tl.where(real, acc * wa[None, None, :], 0.0)
+    total = tl.where(real & lead[None, None, :], total + _shift3(last, -1), total)
+    for s in tl.static_range(STEPS):
+        ahead = (lane + (1 << s) < LANES) & (_shift(key, 1 << s) == key)
+        total = tl.where(real & ahead[None, None, :], total + _shift3(total, 1 << s), total)
+    # the class offsets (SPAN apart) are immediates of one address per lane
+    tl.store(_class_ptrs3(dst, k[None, :], cls * SPAN), total,
+             mask=real & store[None, None, :])
 
 
-@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "tiles", "band", "ftiles_h",
+@triton.jit(do_not_specialize=["H", "W", "H_in", "bands", "tiles", "band", "ftiles_h",
                                "ftiles_w"])
 def _halo_upsample_backward_kernel(
     x_ptr,       # low-resolution logits interpolated along the columns (B, C, H_in, W), any
@@ -568,27 +584,31 @@ def _halo_upsample_backward_kernel(
     s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's)
     grad_ptr,
     scal_ptr,
-    dx_ptr,      # out (B, C, H_in, W_in), logits dtype, strides sdb/sdc/sdh/sdw
-    edge_ptr,    # out (B, H_in, tiles, 4, C) ACC: the columns tiles share
+    stage_ptr,   # out (B, H_in, tiles, C, SPAN) ACC: each input row at its tiles' columns
+    above_ptr,   # out (B, bands, tiles, C, SPAN) ACC: each band's first row, as the band
+                 # above owes it (b > 0)
     idx_ptr,     # int32 and ACC tables of kernels/upsample.py
     lam_ptr,
-    H, W, H_in, W_in, bands, tiles, ftiles_h, ftiles_w,
-    band,        # input rows per program (kernels/upsample.py's Plan)
+    H, W, H_in, bands, tiles, ftiles_h, ftiles_w,
+    band,        # input rows per program (kernels/upsample.py's BAND)
     sxb, sxc, sxh, sxw,
     syb, syh, syw,
-    sdb, sdc, sdh, sdw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, FROWS: tl.constexpr,
-    ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UNROLL: tl.constexpr,
+    ZSCORE: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
+    STEPS: tl.constexpr,  # log2 of the most output columns whose stencils start at one column
+    SPAN: tl.constexpr,   # the most input columns a tile touches (kernels/upsample.py's Plan)
 ):
-    """dx of a band of input rows, at the input columns a tile of 32 - 2r output columns touches,
-    deterministic and without atomics: the program walks down the output rows whose stencils
-    hold the band (one input row above it too), forms each row's gradient at its output columns
-    in registers (_gather, _jacobian at the interpolated logits) and adds it, weighted, to the
-    two input rows of the row's stencil (A, B). Output rows map to input rows in order, one step
-    at a time (upsampling), so when the stencil moves down, A's row has all it is owed: _flush
-    stores it. Tiles do not overlap; the input columns two tiles share go through the edge
-    buffer."""
+    """The gradient of a band of input rows at the input columns a tile of 32 - 2r output
+    columns touches, staged for _upsample_columns_kernel, deterministic and without atomics: the
+    program walks down the output rows whose stencil's first row is in the band, ROWS at a time
+    (their gradients at the output columns formed in registers: _gather, then _jacobian at the
+    interpolated logits, row by row), and adds each row's, weighted, to the two input rows of
+    its stencil (A, B). Output rows map to input rows in order, one step at a time
+    (upsampling), so when the stencil moves down, A's row has all it is owed: _flush stages it.
+    Every output row is formed once: the band above's last output rows owe the band's first
+    row too, and stage that share apart. Tiles do not overlap; two tiles stage the input
+    columns they share, each its own share."""
     ACC: tl.constexpr = s_ptr.dtype.element_ty
     TW: tl.constexpr = LANES - 2 * RADIUS
     eps, base, inv_base, grad, unit, power1 = _backward_scalars(
@@ -597,24 +617,17 @@ def _halo_upsample_backward_kernel(
     tile = pid % tiles
     rest = pid // tiles
     image = rest // bands
-    i0 = ((rest % bands) * band).to(tl.int32)
+    b = rest % bands
+    i0 = (b * band).to(tl.int32)
     i_end = tl.minimum(i0 + band, H_in)
     c_first = (tile * TW).to(tl.int32)
     c_last = tl.minimum(c_first + TW - 1, W - 1)
-    inv = idx_ptr + 2 * H + 2 * W  # first and last output row of each input row, then columns
-    inv_w = inv + 2 * H_in
-    q_start = tl.load(inv + i0)
+    inv = idx_ptr + 2 * H + 2 * W  # first and last output row of each input row
+    # The output rows whose stencil starts in the band: those after the last that holds the row
+    # above it, to the last that holds its last row (first rows are non-decreasing).
+    q_start = tl.where(i0 > 0, tl.load(inv + H_in + tl.maximum(i0 - 1, 0)) + 1, 0)
     q_stop = tl.load(inv + H_in + i_end - 1)
-    jlo = tl.load(idx_ptr + 2 * H + c_first)      # i0 of the tile's first output column
-    jhi = tl.load(idx_ptr + 2 * H + W + c_last)   # i1 of its last
-    # The columns the tile shares: a prefix whose stencils start left of it, a suffix whose end
-    # right of it (first and last output columns are non-decreasing), at most two each.
-    left_end = (jlo + (tl.load(inv_w + jlo) < c_first).to(tl.int32)
-                + ((tl.load(inv_w + tl.minimum(jlo + 1, jhi)) < c_first)
-                   & (jlo < jhi)).to(tl.int32))
-    right_start = (jhi + 1 - (tl.load(inv_w + W_in + jhi) > c_last).to(tl.int32)
-                   - ((tl.load(inv_w + W_in + tl.maximum(jhi - 1, jlo)) > c_last)
-                      & (jlo < jhi)).to(tl.int32))
+    jlo = tl.load(idx_ptr + 2 * H + c_first)  # i0 of the tile's first output column
     lane = tl.arange(0, LANES)
     cols = c_first - RADIUS + lane
     if WIDE:  # the output rows and columns index the target and P: int64 offsets from them
@@ -622,90 +635,140 @@ def _halo_upsample_backward_kernel(
         cols = cols.to(tl.int64)
     out_lane = (lane >= RADIUS) & (lane < LANES - RADIUS) & (cols <= c_last)
     colc = clamp(cols, W - 1)
+    # The transposed interpolation's lanes (_flush): each output lane's stencil starts at input
+    # column w0 (key: runs of lanes, a distinct key per halo lane), weight wa there and wb at
+    # w0 + 1 (nxt: the stencil reaches it; at the last input column both weights are w0's).
     w0 = tl.load(idx_ptr + 2 * H + colc)
     w1 = tl.load(idx_ptr + 2 * H + W + colc)
     lw = tl.load(lam_ptr + H + colc).to(ACC)
-    l0 = tl.where(out_lane, 1.0 - lw, 0.0)
-    l1 = tl.where(out_lane, lw, 0.0)
+    nxt = out_lane & (w1 != w0)
+    wa = tl.where(out_lane, tl.where(nxt, 1.0 - lw, 1.0), 0.0)
+    wb = tl.where(nxt, lw, 0.0)
+    key = tl.where(out_lane, w0, -1 - lane)
+    # Stores: a run's first lane, at its column's place among the tile's (k); the column after
+    # the last output lane's, where its stencil reaches it (tail), by the lane after it (a halo
+    # lane), or without one (K = 1) by the last lane itself in a second store (_flush's TAIL).
+    store = out_lane & ((lane == 0) | (_shift(key, -1) != key))
+    tail = nxt & ((lane == LANES - 1) | (_shift(out_lane.to(tl.int32), 1) == 0))
+    k = w0 - jlo
+    if RADIUS > 0:
+        store = store | (_shift(tail.to(tl.int32), -1) > 0)
+        k = tl.where(out_lane, k, _shift(k, -1) + 1)
     cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
     y_img = y_ptr + image * syb
     P_img, plane = image_of_P(P_ptr, image, tl.full([], 1, tl.int32), H, W, C, LANES, WIDE)
     x_plane = x_ptr + image * sxb
-    dx_img = dx_ptr + image * sdb + cls * sdc
-    edges = edge_ptr + (image * H_in * tiles + tile) * (4 * C)  # + row * edge_step
-    edge_step = tiles.to(tl.int64) * (4 * C)
+    # input row i of this tile: staged at stage + i * step; the next band's first row, as this
+    # band owes it, at below
+    stage = stage_ptr + (image * H_in * tiles + tile) * (C * SPAN)
+    step = tiles.to(tl.int64) * (C * SPAN)
+    below = above_ptr + ((image * bands + b + 1) * tiles + tile) * (C * SPAN)
 
     A = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
     B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
-    a = tl.load(idx_ptr + q_start)  # A's input row; B's is a + 1
-    for q in range(q_start, q_stop + 1):
-        h0 = tl.load(idx_ptr + q)
-        h1 = tl.load(idx_ptr + H + q)
-        lh = tl.load(lam_ptr + q).to(ACC)
-        if h0 != a:  # h0 == a + 1: A's row is owed nothing more
-            if a >= i0:
-                _flush(dx_img, edges + a * edge_step, a, A, cls, cmask, jlo, jhi, left_end,
-                       right_start, w0, w1, l0, l1, sdh, sdw, C)
+    a = i0  # A's input row (the first output row's stencil starts there); B's is a + 1
+    for q0 in range(q_start, q_stop + 1, ROWS):
+        # The first row's stencil, before the gather: a flush then holds no G. Where it moved
+        # down (h0 == a + 1), A's row is owed nothing more. (A loop over the rows passed, one
+        # or none, not an if: so bench/kernel_report.py can count it by how often it runs.)
+        h0 = tl.load(idx_ptr + q0)
+        for _ in range(a, h0):
+            _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+                   RADIUS == 0)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
-            a = h0
-        y_q = tl.load(y_img + q * syh + colc * syw, mask=out_lane, other=0).to(tl.int32)
-        y_q = tl.where(out_lane, y_q, -2)[None, :]
+            a += 1
+        q = q0 + tl.arange(0, ROWS)
+        y_q = tl.load(y_img + _outer(tl.minimum(q, q_stop) * syh, colc * syw),
+                      mask=out_lane[None, :] & (q <= q_stop)[:, None], other=0).to(tl.int32)
+        y_q = tl.where(out_lane[None, :] & (q <= q_stop)[:, None], y_q, -2)
         G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, 0,
-                    q, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
-                    cls, cmask, C, CLASS_TILE, RADIUS, 1, FROWS, MEAN, ACC, UNROLL)
-        x = G
-        if ZSCORE:
-            x = _interpolated(x_plane, cls, cmask, q, cols, out_lane, H, W, sxc, sxh, sxw,
-                              idx_ptr, lam_ptr, ACC)[None, :, :]
-        dx = tl.where(out_lane[None, None, :], _jacobian(x, G, cmask, eps, C, ZSCORE), 0.0)
-        top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
-        # wheres on the classes: the class tile's padding stays a constant 0 that the compiler
-        # drops (a product with 0 it must keep), instead of registers and sums nobody stores
-        A = tl.where(cmask[None, :, None], A + top * dx, 0.0)
-        B = tl.where(cmask[None, :, None], B + (1.0 - top) * dx, 0.0)
-    # The last output row's i0 is i_end - 1, or i_end - 2 where i_end - 1 is only ever an i1
-    # (align_corners=True, whose scale can round below (n - 1) / (m - 1)), or below i0 in a
-    # one-row band of such a last row: flush what is the band's.
-    if a >= i0:
-        _flush(dx_img, edges + a * edge_step, a, A, cls, cmask, jlo, jhi, left_end,
-               right_start, w0, w1, l0, l1, sdh, sdw, C)
-    if a + 1 < i_end:
-        _flush(dx_img, edges + (a + 1) * edge_step, a + 1, B, cls, cmask, jlo, jhi,
-               left_end, right_start, w0, w1, l0, l1, sdh, sdw, C)
+                    q0, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
+                    cls, cmask, C, CLASS_TILE, RADIUS, ROWS, FROWS, MEAN, ACC)
+        # one output row at a time: its stencil's rows decide where its gradient goes (a row
+        # past the band's last, in its last step, adds zeros)
+        for r in tl.static_range(ROWS):
+            qr = tl.minimum(q0 + r, q_stop)
+            h0 = tl.load(idx_ptr + qr)
+            h1 = tl.load(idx_ptr + H + qr)
+            lh = tl.load(lam_ptr + qr).to(ACC)
+            if r > 0:
+                for _ in range(a, h0):
+                    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN,
+                           STEPS, RADIUS == 0)
+                    A = B
+                    B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
+                    a += 1
+            # row r of G: a sum with -0.0 over the rows, which folds to a register pick
+            Gr = tl.sum(tl.where((tl.arange(0, ROWS) == r)[:, None, None], G, -0.0), axis=0)
+            x = Gr
+            if ZSCORE:
+                x = _interpolated(x_plane, cls, cmask, qr, cols, out_lane, H, W, sxc, sxh, sxw,
+                                  idx_ptr, lam_ptr, ACC)
+            dx = tl.where(out_lane[None, None, :] & (q0 + r <= q_stop),
+                          _jacobian(x[None, :, :], Gr[None, :, :], cmask, eps, C, ZSCORE), 0.0)
+            top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
+            # wheres on the classes: the class tile's padding stays a constant 0 that the
+            # compiler drops (a product with 0 it must keep), instead of registers and sums
+            # nobody stores
+            A = tl.where(cmask[None, :, None], A + top * dx, 0.0)
+            B = tl.where(cmask[None, :, None], B + (1.0 - top) * dx, 0.0)
+    # The last output row's stencil starts at i_end - 1, or at i_end - 2 where i_end - 1 is
+    # only ever a stencil's second row (align_corners=True, whose scale can round below
+    # (n - 1) / (m - 1)): then B's row is the band's last (the loop's one trip). A band with no
+    # output rows (such a last row alone) stores zeros.
+    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+           RADIUS == 0)
+    for _ in range(a + 1, i_end):
+        a += 1
+        _flush(stage + a * step, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+               RADIUS == 0)
+        B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
+    if i_end < H_in:  # the next band's first row: this band's share (zeros if it owes none)
+        _flush(below, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS, RADIUS == 0)
 
 
-@triton.jit(do_not_specialize=["H", "W", "H_in", "tiles"])
-def _upsample_edges_kernel(
-    edge_ptr,    # (B, H_in, tiles, 4, C) ACC, _halo_upsample_backward_kernel's
+@triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "tiles", "band"])
+def _upsample_columns_kernel(
+    stage_ptr,   # (B, H_in, tiles, C, SPAN) ACC, _halo_upsample_backward_kernel's
+    above_ptr,   # (B, bands, tiles, C, SPAN) ACC, its band-above shares
     idx_ptr,     # int32 tables of kernels/upsample.py
-    dx_ptr,      # (B, C, H_in, W_in), strides sdb/sdc/sdh/sdw
-    H, W, H_in, tiles,
+    dx_ptr,      # out (B, C, H_in, W_in), logits dtype, strides sdb/sdc/sdh/sdw
+    H, W, H_in, W_in, bands, tiles, band,
     sdb, sdc, sdh, sdw,
-    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, BOUNDARIES: tl.constexpr,
+    C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, SPAN: tl.constexpr,
 ):
-    """The input columns neighbouring column tiles share, in one input row, for BOUNDARIES tile
-    boundaries: tile t's right edge slots plus tile t + 1's left ones, in that order. Two tiles
-    share one or two columns when upsampling, none at equal widths: i0 of t + 1's first output
-    column to i1 of t's last."""
+    """32 input columns of one input row of the gradient from what the backward staged: the
+    share of the tile whose output columns start the column's stencils, then, where the column
+    is shared, the next tile's; in the first row of a band after the first, then the band
+    above's shares, in the same order. Every column is summed in that fixed order."""
     TW: tl.constexpr = LANES - 2 * RADIUS
     pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(tiles - 1, BOUNDARIES)
+    blocks = tl.cdiv(W_in, LANES)
     rest = pid // blocks
     row = rest % H_in
     image = rest // H_in
-    t = (pid % blocks) * BOUNDARIES + tl.arange(0, BOUNDARIES)
-    shared = t < tiles - 1
-    jhi = tl.load(idx_ptr + 2 * H + W + (t + 1) * TW - 1, mask=shared, other=0)
-    jlo = tl.load(idx_ptr + 2 * H + (t + 1) * TW, mask=shared, other=0)
+    j = (pid % blocks).to(tl.int32) * LANES + tl.arange(0, LANES)
+    jm = j < W_in
+    jc = tl.minimum(j, W_in - 1)
+    inv_w = idx_ptr + 2 * H + 2 * W + 2 * H_in  # first and last output column of each input one
+    t1 = tl.load(inv_w + jc) // TW
+    t2 = tl.load(inv_w + W_in + jc) // TW
+    k1 = j - tl.load(idx_ptr + 2 * H + t1 * TW)
+    k2 = j - tl.load(idx_ptr + 2 * H + t2 * TW)
     cls = tl.arange(0, CLASS_TILE)
-    cmask = cls < C
-    slots = edge_ptr + (((image * H_in + row) * tiles + t) * (4 * C))[:, None] + cls[None, :]
-    out = dx_ptr + image * sdb + row * sdh + cls.to(tl.int64)[None, :] * sdc
-    for k in tl.static_range(2):
-        j = jlo + k
-        m = (shared & (j <= jhi))[:, None] & cmask[None, :]
-        right = tl.load(slots + ((2 + jhi - j) * C)[:, None], mask=m, other=0.0)
-        left = tl.load(slots + ((4 + j - jlo) * C)[:, None], mask=m, other=0.0)
-        tl.store(out + (j.to(tl.int64) * sdw)[:, None], (right + left).to(dx_ptr.dtype.element_ty),
-                 mask=m)
+    m = (cls < C)[:, None] & jm[None, :]
+    two = m & (t2 != t1)[None, :]
+    offs1 = (t1 * (C * SPAN) + k1)[None, :] + (cls * SPAN)[:, None]
+    offs2 = (t2 * (C * SPAN) + k2)[None, :] + (cls * SPAN)[:, None]
+    staged = stage_ptr + (image * H_in + row) * tiles * (C * SPAN)
+    total = (tl.load(staged + offs1, mask=m, other=0.0)
+             + tl.load(staged + offs2, mask=two, other=0.0))
+    b = row // band
+    if (row == b * band) & (row > 0):
+        above = above_ptr + (image * bands + b) * tiles * (C * SPAN)
+        total += (tl.load(above + offs1, mask=m, other=0.0)
+                  + tl.load(above + offs2, mask=two, other=0.0))
+    out = dx_ptr + image * sdb + row * sdh
+    tl.store(out + (cls.to(tl.int64) * sdc)[:, None] + (j.to(tl.int64) * sdw)[None, :],
+             total.to(dx_ptr.dtype.element_ty), mask=m)

@@ -15,41 +15,21 @@ and src are computed in PyTorch's own precision for the logits' dtype (float32, 
 float64 logits), in its order of operations, so the kernels read the weights F.interpolate uses.
 """
 
+import collections
 import functools
 import math
 import struct
 
 import torch
 
-from .config import TILE_W, accumulation_dtype, cdiv
+from .config import TILE_W, accumulation_dtype
 
-# Low-resolution rows per backward program under the interpreter, in units of the upsampling
-# factor: a program owns BAND_ROWS full-resolution rows' worth of low-resolution rows and
-# recomputes the gradient of one more low-resolution row (the stencil's overlap with the band
-# above): (n + 1) / n of the work. On a GPU backward_band sizes the bands to its SMs.
-BAND_ROWS = 64
-SCHEDULERS = 4  # warp schedulers per SM (sm_70 to sm_90)
-
-
-def backward_band(plan, batch, h_in, tiles, sms):
-    """Input rows per program of the interpolating backward on a GPU of ``sms`` SMs (None: the
-    interpreter, plan.band). A program's work grows with band + 1 input rows; its one-warp
-    programs fill the SMs, and their warps an SM's schedulers, in whole units, so a grid of a few
-    programs per SM leaves some schedulers a warp more than the average (684 programs on 132
-    SMs: 2 warps on some, 1.3 on average). The band that gives the busiest scheduler the least
-    work, counting a lone warp as two (it idles through each of its round trips to memory, which
-    take about as long as its instructions per output row: the calibrated model's latency term),
-    the larger of equals (fewer rows computed twice). The calibrated model's best band at both
-    upsampling workloads. The gradient does not depend on it: every input row is summed by one
-    program over the same output rows in the same order."""
-    if sms is None:
-        return plan.band
-
-    def work(band):
-        programs = batch * cdiv(h_in, band) * tiles
-        return max(2, cdiv(cdiv(programs, sms), SCHEDULERS)) * (band + 1), -band
-
-    return min(range(1, h_in + 1), key=work)
+# The interpolating backward's input rows per program (a band). Every output row is formed once
+# (a band's first row is summed from the band above's share and its own), so a band's size only
+# sets the grid: two rows model fastest at both benchmark workloads (a half batch's backward,
+# DeepLab-like 65 -> 513 rows: 152 us; 1, 3 and 4 rows: 156, 181, 181; SegFormer-like 128 -> 512:
+# 254 us; 266, 271, 248). It does not depend on the GPU, so neither does the gradient.
+BAND = 2
 
 
 def _round32(value):
@@ -91,9 +71,11 @@ def _footprint(i0, i1, n):
 
 class Plan:
     """How the kernels interpolate one problem: ``rows`` and ``cols``, the tables of each axis
-    ((i0, i1, l) per output index, then (first, last) per input index); ``band``: input rows per
-    backward program; ``fits``: every input column's stencils span at most a warp's output
-    lanes, so that at most two of the backward's column tiles share a column."""
+    ((i0, i1, l) per output index, then (first, last) per input index); ``fits``: every input
+    column's stencils span at most a warp's output lanes, so that at most two of the backward's
+    column tiles share a column; ``span``: the most input columns one tile's output columns
+    touch; ``steps``: log2 of the most output columns whose stencils start at one input column
+    (rounded up), the backward's shuffle-adds per column sum."""
 
     def __init__(self, size_in, size_out, align_corners, wide, lanes):
         (h_in, w_in), (h, w) = size_in, size_out
@@ -103,7 +85,9 @@ class Plan:
         self.cols += _footprint(*self.cols[:2], w_in)
         first, last = self.cols[3:]
         self.fits = max(b - a + 1 for a, b in zip(first, last)) <= lanes
-        self.band = max(1, BAND_ROWS * h_in // h)
+        i0, i1 = self.cols[:2]
+        self.span = max(i1[min(c + lanes, w) - 1] - i0[c] + 1 for c in range(0, w, lanes))
+        self.steps = (max(collections.Counter(i0).values()) - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=64)

@@ -262,8 +262,8 @@ def in_kernels(shape, size_out, options, seed, dtype, interpolations, **extra):
 def register_problems(draw):
     """Upsampling on both axes by integer factors (1 to 4, and 10: one input column's stencils
     almost a warp wide, so input columns shared by column tiles) or any larger size (non-integer
-    scales), both conventions, the options the window-row kernels take, and bands of one input
-    row or of many."""
+    scales), both conventions, the options the window-row kernels take, and the backward's
+    bands of one input row or more (each band's first row summed from two programs' shares)."""
     size_in, size_out = [], []
     for _ in range(2):
         n = draw(st.integers(1, 5))
@@ -281,118 +281,107 @@ def register_problems(draw):
                    zscore=draw(st.booleans()),
                    normalizer=draw(st.sampled_from(["count", "weight"])))
     return (shape, tuple(size_out), options, draw(st.integers(0, 2**31 - 1)),
-            draw(st.sampled_from([1, None])))
+            draw(st.sampled_from([1, 2, 3])))
 
 
 @settings(max_examples=max(8, settings().max_examples // 25))
 @given(register_problems(), st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
 def test_the_kernels_interpolate_in_registers(problem, dtype):
-    shape, size_out, options, seed, band_rows = problem
-    from lad_triton.kernels import upsample
+    shape, size_out, options, seed, band = problem
+    from lad_triton.kernels import backward
 
     with pytest.MonkeyPatch.context() as patch:
         calls = []
         original = F.interpolate
         patch.setattr(F, "interpolate", lambda *a, **k: calls.append(k) or original(*a, **k))
-        if band_rows is not None:  # a program per input row: every band boundary is crossed
-            patch.setattr(upsample, "BAND_ROWS", band_rows)
-        upsample._plan.cache_clear()
-        try:
-            in_kernels(shape, size_out, options, seed, dtype, calls)
-        finally:
-            upsample._plan.cache_clear()
+        patch.setattr(backward, "BAND", band)
+        in_kernels(shape, size_out, options, seed, dtype, calls)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_class_and_pixel_weights_and_many_tiles_in_registers(align_corners, interpolations):
     # 8 -> 90 columns: four tiles of 28 output columns, sharing input columns at each edge
-    # (one or two, through the edge buffer), stencils up to a tile wide; 3 -> 7 rows, a
+    # (one or two, each tile's share staged), stencils up to a tile wide; 3 -> 7 rows, a
     # non-integer scale.
     in_kernels((2, 5, 3, 8), (7, 90), dict(kernel_size=5, align_corners=align_corners), 11,
                torch.float32, interpolations, pixel_weight=True, weight=True)
 
 
-@pytest.mark.parametrize("rows, unrolled", [(1, True), (2, False), (4, True), (4, False)])
-def test_the_gpus_plans_in_registers(rows, unrolled, interpolations, monkeypatch):
+@pytest.mark.parametrize("rows, step", [(1, 1), (2, 2), (4, 1), (4, 2)])
+def test_the_gpus_plans_in_registers(rows, step, interpolations, monkeypatch):
     # The interpreter runs HALO_ROWS_INTERPRETED centre rows per forward tile (4); a GPU runs
-    # HALO_ROWS (2; 1 and 4 keep the rows a parameter), and the backward unrolls its window's
-    # centre rows or loops over them (config.HALO_UPSAMPLE_PLANS): each, with the forward's
-    # tiles (rows) the backward reads the tile scales by.
+    # HALO_ROWS (2; 1 and 4 keep the rows a parameter), and the backward steps two output rows
+    # at a time, or one where config.HALO_UPSAMPLE_PLANS says two spill: each, with the
+    # forward's tiles (rows) the backward reads the tile scales by.
     from lad_triton.kernels import config
 
     monkeypatch.setattr(config, "HALO_ROWS_INTERPRETED", rows)
-    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS", ((32, 255, 255, 7 * unrolled),))
+    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS", ((32, 255, (255,) * 3, 7 * (step == 2)),))
     in_kernels((2, 6, 4, 5), (13, 31), dict(kernel_size=5, align_corners=rows == 2), 7 + rows,
                torch.float32, interpolations, weight=True)
 
 
-def test_the_gradient_is_the_same_for_every_band(monkeypatch):
-    # On a GPU the interpolating backward sizes its bands of input rows to the SM count
-    # (upsample.backward_band: 1 row for grids this small, 5 and 19 at the benchmarks' sizes).
-    # Every input row is still summed by one program, over the same output rows in the same
-    # order: the gradient is bitwise the same for every band, so on every GPU.
+@pytest.mark.parametrize("band, reduction", [(1, "none"), (3, "mean"), (7, "none")])
+def test_every_band_and_the_rows_two_bands_share(band, reduction, monkeypatch):
+    # The interpolating backward's programs take bands of input rows (upsample.BAND: 2); the
+    # first row of every band after the first is owed by both programs, which stage their
+    # shares apart for _upsample_columns_kernel to add, as two column tiles do where they share
+    # a column (40 output columns: two tiles). One input row per band (every row shared), 3 (a
+    # last band cut short) and 7 (one band of every input row), against the float64 oracle,
+    # and bitwise repeatable.
     from lad_triton.kernels import backward as kb
 
-    gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(2, 5, 7, 6, generator=gen).to(DEVICE)
-    target = torch.randint(0, 5, (2, 20, 20), generator=gen).to(DEVICE)
-    grads = {}
-    for band in (1, 2, 3, 7):  # 2 and 3: a last band cut short; 7: one band of every input row
-        monkeypatch.setattr(kb, "backward_band", lambda *args, band=band: band)
-        for reduction in ("mean", "none"):  # the mean's gradient formed image by image
-            x = logits.clone().requires_grad_(True)
-            loss = locally_adaptive_loss(x, target, kernel_size=5, upsample="bilinear",
-                                         reduction=reduction, backend="triton")
-            grads.setdefault(reduction, []).append(torch.autograd.grad(loss.sum(), x)[0])
-    for reduction, each in grads.items():
-        assert all(torch.equal(g, each[0]) for g in each[1:]), reduction
-
-
-def test_the_band_follows_the_gpus_size():
-    # More SMs, smaller bands (more programs); a handful of SMs, bands of several rows; a
-    # grid that fills every scheduler twice over at the benchmarks' sizes (132 SMs).
-    from lad_triton.kernels.config import cdiv
-    from lad_triton.kernels.upsample import backward_band
-
-    plan = type("Plan", (), {"band": 8})()
-    assert backward_band(plan, 4, 65, 19, None) == 8  # the interpreter keeps the plan's
-    bands = [backward_band(plan, 4, 65, 19, sms) for sms in (1, 16, 132, 1024)]
-    assert bands == sorted(bands, reverse=True) and bands[0] > bands[-1] == 1
-    for batch, h_in, tiles in ((4, 65, 19), (4, 128, 37)):  # DeepLab-, SegFormer-like halves
-        band = backward_band(plan, batch, h_in, tiles, 132)
-        programs = batch * cdiv(h_in, band) * tiles
-        assert band > 1 and cdiv(cdiv(programs, 132), 4) >= 2  # warps, busiest scheduler
+    monkeypatch.setattr(kb, "BAND", band)
+    options = dict(kernel_size=5, upsample="bilinear", align_corners=band == 3, power=3.0,
+                   reduction=reduction)
+    _, grad = check_upsampled((1, 5, 7, 6), (18, 40), options, 5 + band, backend="triton",
+                              dtype=torch.float32)
+    logits = make_logits((1, 5, 7, 6), seed=5 + band, device=DEVICE).requires_grad_(True)
+    target = make_labels(1, [18, 40], 5, dtype=torch.uint8, seed=5 + band, device=DEVICE)
+    again = [torch.autograd.grad(locally_adaptive_loss(logits, target, backend="triton",
+                                                       **options).sum(), logits)[0]
+             for _ in range(2)]
+    assert torch.equal(again[0], again[1])
 
 
 def test_interpolating_plans_apply_where_they_were_compiled():
-    # config.HALO_UPSAMPLE_PLANS holds sm_90's caps and unrolling (compiled without spills
-    # there): elsewhere, and in float64 (registers twice as wide), a looped backward. The
-    # forward's tiles are the plain ones everywhere, which tile_plan (not told of upsample)
-    # and the forward's check of it rely on.
+    # config.HALO_UPSAMPLE_PLANS holds sm_90's caps (compiled without spills there): elsewhere, and
+    # in float64 (registers twice as wide), none. Its backward steps two output rows up to the
+    # plan's K on sm_90, else one (and elsewhere, and in float64). The forward's tiles are the plain
+    # ones everywhere, which tile_plan (not told of upsample) and the forward's check of it rely on.
     from lad_triton.kernels import config
 
-    for classes in (2, 17, 18, 21, 24, 32):
+    for classes in (2, 16, 17, 18, 21, 24, 32):
         plan = next(p for p in config.HALO_UPSAMPLE_PLANS if classes <= p[0])
         for k in (3, 5, 7):
             cfg = config.launch_config(classes, 1, k, torch.float32, arch=90, upsample=True)
-            assert (cfg.forward_rows, cfg.forward_registers, cfg.backward_registers,
-                    cfg.unrolled) == (config.HALO_ROWS, plan[1], plan[2], k <= plan[3])
+            assert (cfg.forward_rows, cfg.backward_rows, cfg.forward_registers,
+                    cfg.backward_registers) == (config.HALO_ROWS, 1 + (k <= plan[3]), plan[1],
+                                                plan[2][(k - 3) // 2])
             for arch, acc in ((80, torch.float32), (100, torch.float32), (90, torch.float64)):
                 if acc == torch.float64 and classes > config.HALO_FLOAT64_CLASSES:
                     continue
                 cfg = config.launch_config(classes, 1, k, acc, arch=arch, upsample=True)
-                assert (cfg.halo, cfg.forward_rows, cfg.unrolled) == (True, config.HALO_ROWS, False)
+                assert (cfg.halo, cfg.forward_rows) == (True, config.HALO_ROWS)
+                assert cfg.backward_rows == 1
                 assert cfg.forward_registers == cfg.backward_registers == config.MAX_REGISTERS
             for extra in (dict(arch=90), dict(arch=80), dict(interpreted=True)):
                 tiles = [config.launch_config(classes, 1, k, torch.float32, upsample=up,
                                               **extra).forward_rows for up in (False, True)]
                 assert tiles[0] == tiles[1]
-    assert {p[3] for p in config.HALO_UPSAMPLE_PLANS} >= {0, 7}  # both backwards planned
 
 
-def test_rows_wider_than_one_edge_program_in_registers(interpolations):
-    # 90 -> 1000 columns: 34 column tiles of 30, 33 boundaries, more than one program of the edge
-    # sums per input row (32 boundaries each).
+def test_k_1_whose_last_lane_stores_the_column_after_it(interpolations):
+    # K = 1: no halo lanes, so a tile's last output lane (lane 31) stages the share it owes the
+    # input column after its stencil's first itself (_flush's TAIL); 8 -> 90 columns: three
+    # tiles of 32, the first two ending inside a stencil.
+    in_kernels((2, 4, 3, 8), (7, 90), dict(kernel_size=1, align_corners=False), 3,
+               torch.float32, interpolations)
+
+
+def test_rows_wider_than_one_column_program_in_registers(interpolations):
+    # 90 -> 1000 columns: 34 column tiles of 30, 33 boundaries, three programs of the column
+    # sums per input row (32 input columns each).
     in_kernels((1, 3, 2, 90), (5, 1000), dict(kernel_size=3, align_corners=False), 5,
                torch.float32, interpolations)
 
@@ -504,10 +493,11 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     # Forward + backward on 1/4-resolution logits: the fused mean forms the gradient in the
     # forward, half the batch at a time, so its peak is P (the target's size in the logits'
     # dtype) of one half, that half's logits interpolated along the columns (the rows the
-    # kernels blend: 1/4 of the target's size) and edge buffer, and the low-resolution gradient;
-    # F.interpolate + F.cross_entropy keeps the upsampled logits' log-probabilities, their
-    # gradient and the logits' gradient (3x). A design that kept P for the whole batch, or
-    # materialised the upsampled logits or their gradient, would reach 1x or 2x.
+    # kernels blend: 1/4 of the target's size) and staged shares of the low-resolution
+    # gradient, and the low-resolution gradient; F.interpolate + F.cross_entropy keeps the
+    # upsampled logits' log-probabilities, their gradient and the logits' gradient (3x). A
+    # design that kept P for the whole batch, or materialised the upsampled logits or their
+    # gradient, would reach 1x or 2x.
     # CPU: allocation events; CUDA: max_memory_allocated.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from workloads import peak_memory_mib
@@ -531,15 +521,18 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     size = logits.element_size() / 2**20
     full = 2 * 21 * high[0] * high[1] * size
     ours, theirs = (peak_memory_mib(run, torch.device(DEVICE)) for run in (fused, cross_entropy))
-    # one part's P (padded to blocks of 32 pixels), columns (float32) and edge buffer (four
-    # float32 column sums per input row, column tile of 28 and class), the float32 gradient G
-    # kept for the backward, and a little more
+    # one part's P (padded to blocks of 32 pixels), columns (float32) and staged shares of
+    # the low-resolution gradient (float32, per input row, column tile of 28, input column a
+    # tile touches (at most 9 at both sizes: 28 output columns reach 7 input columns and a
+    # part of 2 more) and class, and again per band of two input rows: the band above's
+    # share), the float32 gradient G kept for the backward, and a little more
     images = math.ceil(2 / GRADIENT_PARTS)
     assert images == 1
+    h_in, tiles = logits.shape[2], math.ceil(high[1] / 28)
     padded = images * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
-    edges = images * logits.shape[2] * math.ceil(high[1] / 28) * 4 * 21 * 4 / 2**20
-    columns = images * 21 * logits.shape[2] * high[1] * 4 / 2**20
-    expected = padded + columns + logits.numel() * 4 / 2**20 + edges
+    staged = images * (h_in + math.ceil(h_in / 2)) * tiles * 9 * 21 * 4 / 2**20
+    columns = images * 21 * h_in * high[1] * 4 / 2**20
+    expected = padded + columns + logits.numel() * 4 / 2**20 + staged
     assert expected <= ours <= 1.03 * expected and theirs >= 2.9 * full, (ours, expected, theirs)
     assert ours <= theirs / 3
 
@@ -662,23 +655,18 @@ def test_any_layout_in_registers(layout, width, interpolations):
     assert interpolations == []
 
 
-@pytest.mark.parametrize("band_rows", [None, 1])
+@pytest.mark.parametrize("band", [1, 2, 3])
 @pytest.mark.parametrize("rows", [(4, 38), (2, 83), (8, 24)])
-def test_a_last_input_row_that_is_only_ever_an_i1(rows, band_rows, interpolations,
-                                                  monkeypatch):
+def test_a_last_input_row_that_is_only_ever_an_i1(rows, band, interpolations, monkeypatch):
     # align_corners=True's float32 scale can round below (n - 1) / (m - 1): the last output row
     # then has i0 = n - 2, and input row n - 1 is only ever an i1. The backward must still
-    # store it, and, in a band of its own (band_rows=1), nothing of the band above.
-    from lad_triton.kernels import upsample
+    # store it: in a band of its own (band 1; 3 at n = 4) only the band above's share,
+    # the band itself forming no output row; else as its band's last row.
+    from lad_triton.kernels import backward, upsample
 
     n, m = rows
     assert upsample._axis(n, m, True, False)[0][-1] == n - 2  # the case this test is for
-    if band_rows is not None:
-        monkeypatch.setattr(upsample, "BAND_ROWS", band_rows)
-    upsample._plan.cache_clear()
-    try:
-        in_kernels((2, 4, n, 3), (m, 7), dict(kernel_size=3, align_corners=True, power=3.0,
-                                               stride=1, reduction="mean"),
-                   n + m, torch.float32, interpolations)
-    finally:
-        upsample._plan.cache_clear()
+    monkeypatch.setattr(backward, "BAND", band)
+    in_kernels((2, 4, n, 3), (m, 7), dict(kernel_size=3, align_corners=True, power=3.0,
+                                           stride=1, reduction="mean"),
+               n + m, torch.float32, interpolations)
