@@ -57,6 +57,7 @@ from lad_triton.kernels import forward as kf  # noqa: E402
 from lad_triton.kernels import halo as kh  # noqa: E402
 from lad_triton.kernels import labels as kl  # noqa: E402
 from lad_triton.kernels import stats as ks  # noqa: E402
+from lad_triton.kernels import upsample as ku  # noqa: E402
 
 ARCHS = (80, 90)
 TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
@@ -65,7 +66,8 @@ TYPE_CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 KERNELS = {"_zscore_stats_kernel": ks, "_forward_kernel": kf, "_combine_kernel": kc,
            "_backward_kernel": kb, "_count_bad_labels_kernel": kl,
            "_halo_forward_kernel": kh, "_halo_backward_kernel": kh, "_tile_scales_kernel": kb,
-           "_halo_upsample_backward_kernel": kh, "_upsample_columns_kernel": kh}
+           "_halo_upsample_backward_kernel": kh, "_upsample_columns_kernel": kh,
+           "_column_pass_kernel": ku}
 
 
 class Recorder:
@@ -129,7 +131,8 @@ def record_launches(classes, dtype, kernel_size, shape=(8, 513, 513), arch=90,
                                                 "zscore")}
     with recording(arch) as launches:
         backward_options["plan"] = kf.tile_plan(logits, kernel_size=options["kernel_size"],
-                                                stride=options["stride"], weighted=weighted)
+                                                stride=options["stride"], weighted=weighted,
+                                                upsample=bool(low))
         kl.count_bad_labels(target, classes, options["ignore_index"])
         L, partials, ticket, P = kf.forward(logits, target, weight, need_grad=need_grad,
                                             mean=mean, **upsample, **options)
@@ -223,7 +226,7 @@ def describe(name, args, kwargs):
 def configs(quick, all_classes=False):
     """(label, C, dtype, K, option overrides, is a dispatcher default). The defaults take the
     edges of config.ROW_PLANS (C = 21, 24, 28, 32); ``all_classes``: every C from 2 to 32 (ptxas
-    is not monotonic in C), also interpolating (config.HALO_UPSAMPLE_PLANS)."""
+    is not monotonic in C), also interpolating (config.HALO_UPSAMPLE_PLANS) at two sizes."""
     classes = (21, 150) if quick else (19, 21, 24, 28, 32, 150, 1024)
     sizes = (5,) if quick else (3, 5, 7)
     for c in range(2, 33) if all_classes else classes:
@@ -235,6 +238,10 @@ def configs(quick, all_classes=False):
             for k in sizes:
                 yield (f"C={c} fp32 K={k} (16, 16) -> (64, 64)", c, torch.float32, k,
                        dict(low=(16, 16), shape=(2, 64, 64), align_corners=False), False)
+                # another binary: 8x (the backward's STEPS and SPAN), odd strides, int64 labels
+                yield (f"C={c} fp32 K={k} (65, 65) -> (513, 513) i64", c, torch.float32, k,
+                       dict(low=(65, 65), shape=(2, 513, 513), align_corners=True,
+                            labels=torch.int64), False)
         return
     for c, low, shape, corners in ((21, (65, 65), (8, 513, 513), True),
                                    (19, (128, 256), (8, 512, 1024), False),
@@ -319,6 +326,7 @@ STREAMED = {
     "_halo_upsample_backward_kernel": ("x_ptr", "y_ptr", "P_ptr", "s_ptr", "stage_ptr",
                                        "above_ptr"),
     "_upsample_columns_kernel": ("stage_ptr", "above_ptr", "dx_ptr"),
+    "_column_pass_kernel": ("x_ptr", "out_ptr"),
 }
 # Operators that move no data (or a handful of bytes on the host's side of the launch).
 _NO_TRAFFIC = re.compile(r"^(empty|empty_like|empty_strided|new_empty|new_empty_strided|view|"
@@ -347,13 +355,13 @@ def loop_trips(name, values):
         flushes = (band - 1) / step / steps
         window = 2 * values["RADIUS"] + 1 - min(step - 1, 2 * values["RADIUS"] + 1)
         return [steps, flushes, window] + [flushes] * (step - 1) + [0]
-    if name == "_upsample_columns_kernel":  # no loops
+    if name in ("_upsample_columns_kernel", "_column_pass_kernel"):  # no loops
         return []
     if name in ("_halo_forward_kernel", "_halo_backward_kernel"):
         # depth offsets; the window rows that reach every centre row (the others and the
-        # columns are unrolled)
-        return [2 * values["radius_d"] + 1,
-                2 * values["RADIUS"] + 2 - min(values["ROWS"], 2 * values["RADIUS"] + 2)]
+        # columns are unrolled; none where the centre rows outnumber the window's: no loop)
+        window = 2 * values["RADIUS"] + 2 - min(values["ROWS"], 2 * values["RADIUS"] + 2)
+        return [2 * values["radius_d"] + 1] + ([window] if window else [])
     if name == "_forward_kernel" and values["UNROLL"]:
         # depth offsets, window rows (the columns are unrolled)
         window = [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["radius"]]

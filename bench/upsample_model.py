@@ -45,9 +45,10 @@ class Upsampling:
 
     @property
     def columns(self):
-        """The low-resolution logits interpolated along the columns, float32 (B, C, h, W): the
-        rows the fused kernels blend (kernels/upsample.py's columns_interpolated)."""
-        return self.batch * self.classes * self.low[0] * self.high[1] * 4
+        """The low-resolution logits interpolated along the columns, float32, in blocks of 32
+        columns (B, h, cdiv(W, 32), C, 32): the rows the fused kernels blend
+        (kernels/upsample.py's columns_interpolated)."""
+        return self.batch * self.classes * self.low[0] * -(-self.high[1] // 32) * 32 * 4
 
     @property
     def span(self):
@@ -96,7 +97,7 @@ def traffic(w):
             low + high + (high + y + high) + (high + high + y + high) + (high + 2 * low),
             # the logits (kept by the loss), P and the logits' gradient
             3 * high),
-        # Part by part of the batch, in the forward: the column pass reads the part's
+        # Part by part of the batch, in the forward: the column pass kernel reads the part's
         # low-resolution logits and writes them interpolated along the columns; the forward
         # kernel reads those and the labels and writes the part's P (the label's size, the
         # logits' dtype); the backward's kernel reads P, the columns and the labels and writes
@@ -187,15 +188,12 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                     lines.append(f"| {w.name} | {way} | {launch['name']} | "
                                  f"{launch['registers']} | {launch['programs']} | "
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
-                if low:  # at their DRAM floor, as F.interpolate: the column pass (aten's
-                    # upsample_linear1d) before each part's kernels reads the logits and writes
-                    # the columns; the autograd backward reads G and writes the logits' gradient
-                    for op, nbytes in (("column pass", w.logits(w.low) + w.columns),
-                                       ("G scaled by each part's factor", 2 * w.logits(w.low))):
-                        op_us = nbytes / bandwidth * 1e6
-                        total += op_us
-                        lines.append(f"| {w.name} | {way} | {op} (PyTorch), DRAM floor | - | - "
-                                     f"| {op_us:.0f} | DRAM |")
+                if low:  # at its DRAM floor, as F.interpolate: the autograd backward reads G
+                    # and writes the logits' gradient
+                    op_us = 2 * w.logits(w.low) / bandwidth * 1e6
+                    total += op_us
+                    lines.append(f"| {w.name} | {way} | G scaled by each part's factor "
+                                 f"(PyTorch), DRAM floor | - | - | {op_us:.0f} | DRAM |")
                 sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high

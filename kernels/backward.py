@@ -441,7 +441,8 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
     if columns is None:  # the Jacobian blends two rows of these per output row, as the forward
         # (without the z-score the kernel reads none: any tensor stands in)
-        columns = columns_interpolated(logits, width, align_corners) if zscore else logits
+        columns = (columns_interpolated(logits, (height, width), align_corners, kernel_size)
+                   if zscore else logits.new_empty((1, 1)))
     mean = grad is not None
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,
@@ -465,7 +466,7 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
         columns, target, P, s, grad if mean else s, scalars if mean else s, stage, above, index,
         weight, height, width, h_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), band, *columns.stride(), sy[0], *sy[2:],
+        cdiv(width, forward_cols), band, columns.stride(0), columns.stride(1), sy[0], *sy[2:],
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, ROWS=cfg.backward_rows, STEPS=up.steps,

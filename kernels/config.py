@@ -169,31 +169,55 @@ HALO_ROWS = 2
 HALO_REGISTERS = ((23, 128, 136), (26, 144, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
-# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: forward cap,
-# backward caps (K = 3, 5, 7), and the largest K whose backward steps two output rows at a time on
-# sm_90 (they share the centre rows they gather; beyond it, and elsewhere, one row: two spill at
-# every cap there, and on sm_80 at C = 21, K = 3). The forward keeps HALO_ROWS: four rows (fewer
-# loads of the dearer interpolated rows per centre) model 15% faster but spilled at some C, K and
-# label dtype at every cap tried (200, 232, 255); since its edge window rows are unrolled
-# (2026-12-05) its caps rose where ptxas spilled (C = 19-20 and 22-24: 168 -> 192; 27-32: 216 ->
-# 232). The backward's caps are the lowest of 184, 192, 208, 232 and 255 (or one between) under
-# which it compiles without spills for both Triton 3.6 and 3.9 (ptxas is not monotonic in the cap
-# nor in C): its grids fill the GPU, and with fewer registers more warps hide its loads (the
-# calibrated model, python -m bench.upsample_model --calibrated, finds it latency-bound). Checked
-# with bench/kernel_report.py for every C and K = 3, 5, 7 at its --all-classes sizes (16 x 16 -> 64
-# x 64) and by its default report at the benchmarks' (65 x 65 -> 513 x 513, 128 x 256 -> 512 x
-# 1024); the binary depends on the upsampling's width scale (_halo_upsample_backward_kernel's STEPS
-# and SPAN), so other scales may differ. No GPU has timed them yet.
-HALO_UPSAMPLE_PLANS = ((2, 168, (184, 184, 232), 7), (3, 168, (184, 184, 184), 7),
-                       (4, 168, (184, 192, 184), 7), (15, 168, (184, 184, 184), 7),
-                       (16, 168, (184, 208, 184), 5), (18, 168, (184, 184, 184), 7),
-                       (19, 192, (255, 192, 208), 7), (20, 192, (192, 208, 208), 7),
-                       (21, 168, (200, 208, 232), 7), (22, 192, (208, 232, 232), 7),
-                       (23, 192, (232, 232, 232), 7), (24, 192, (232, 232, 255), 7),
-                       (25, 200, (240, 255, 255), 7), (26, 200, (255, 255, 184), 5),
-                       (27, 232, (255, 255, 184), 5), (28, 232, (216, 208, 208), 0),
-                       (29, 232, (224, 208, 208), 0), (30, 232, (232, 208, 208), 0),
-                       (31, 232, (208, 232, 232), 0), (32, 232, (208, 224, 208), 0))
+# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: the
+# forward's centre rows per tile and its caps, the backward's caps (each by K = 3, 5, 7), and the
+# largest K whose backward steps two output rows at a time on sm_90 (they share the centre rows
+# they gather; beyond it, and elsewhere, one row: two spill at every cap there, and on sm_80 at
+# C = 21, K = 3). The forward takes four centre rows where they compile without spills (eight
+# loaded rows per four centre rows instead of twelve: 10-30% less time in the calibrated model at
+# every C and K, still issue-bound at 232 registers), else two. Each cap is the lowest in steps of
+# 8 (128-255 forward, 152-255 backward) under which the kernel compiles without spills for both
+# Triton 3.6 and 3.9, float32 logits with uint8 and int64 labels and bfloat16 logits (ptxas is not
+# monotonic in the cap nor in C, so found by bisection, then checked): the backward's grids fill
+# the GPU, and with fewer registers more warps hide its loads (python -m
+# bench.upsample_model --calibrated finds it latency-bound). Found at 16 x 16 -> 64 x 64, and
+# checked with bench/kernel_report.py --all-classes there and at 65 x 65 -> 513 x 513 (int64
+# labels; odd strides, 8x) for every C and K, and by its default report at the benchmarks' sizes;
+# the binary depends on the upsampling's width scale (_halo_upsample_backward_kernel's STEPS and
+# SPAN) and on which strides are multiples of 16, so other sizes may differ. No GPU has timed
+# them yet.
+HALO_UPSAMPLE_PLANS = (
+    (2, (4, 4, 4), (128, 128, 128), (152, 152, 224), 7),
+    (3, (4, 4, 4), (128, 128, 168), (152, 176, 152), 7),
+    (4, (4, 4, 4), (168, 128, 128), (152, 192, 152), 7),
+    (6, (4, 4, 4), (168, 128, 168), (152, 152, 152), 7),
+    (7, (4, 4, 4), (192, 128, 168), (152, 152, 152), 7),
+    (8, (4, 4, 4), (168, 128, 168), (152, 152, 176), 7),
+    (9, (4, 4, 4), (192, 128, 168), (152, 152, 152), 7),
+    (10, (4, 4, 4), (192, 168, 192), (152, 152, 152), 7),
+    (11, (4, 4, 4), (232, 168, 192), (152, 152, 152), 7),
+    (12, (4, 4, 4), (232, 232, 232), (152, 152, 152), 7),
+    (13, (4, 4, 4), (255, 232, 232), (160, 152, 152), 7),
+    (14, (4, 4, 4), (232, 232, 232), (160, 152, 152), 7),
+    (15, (2, 4, 4), (128, 232, 232), (152, 152, 152), 7),
+    (16, (2, 4, 4), (128, 232, 232), (200, 200, 152), 5),
+    (17, (2, 4, 2), (128, 232, 128), (168, 152, 152), 7),
+    (18, (2, 4, 4), (128, 232, 232), (160, 160, 160), 7),
+    (19, (2, 4, 2), (128, 232, 128), (184, 168, 168), 7),
+    (20, (2, 2, 2), (128, 128, 128), (192, 176, 168), 7),
+    (21, (2, 4, 2), (128, 232, 128), (192, 176, 176), 7),
+    (22, (2, 4, 4), (128, 232, 255), (184, 184, 184), 7),
+    (23, (2, 4, 4), (128, 255, 255), (192, 192, 192), 7),
+    (24, (2, 2, 2), (128, 128, 128), (200, 200, 200), 7),
+    (25, (2, 2, 2), (128, 128, 144), (208, 208, 208), 7),
+    (26, (2, 2, 2), (128, 128, 144), (216, 216, 168), 5),
+    (27, (2, 2, 2), (144, 144, 144), (224, 224, 176), 5),
+    (28, (2, 2, 2), (144, 144, 144), (184, 176, 184), 0),
+    (29, (2, 2, 2), (144, 144, 144), (200, 176, 176), 0),
+    (30, (2, 2, 2), (144, 144, 192), (192, 184, 184), 0),
+    (31, (2, 2, 2), (168, 168, 168), (216, 192, 192), 0),
+    (32, (2, 2, 2), (168, 168, 168), (192, 184, 184), 0),
+)
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -242,9 +266,10 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         if upsample:
             plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
             k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
-            # two rows where compiled without spills: sm_90, registers not twice as wide
-            two = kernel_size <= plan[3] and arch == 90 and not wide
-            caps, step_rows = (plan[1], plan[2][k]), 1 + two
+            # where compiled without spills: sm_90, registers not twice as wide
+            planned = arch == 90 and not wide
+            caps, step_rows = (plan[2][k], plan[3][k]), 1 + (planned and kernel_size <= plan[4])
+            rows = plan[1][k] if planned else rows
         if interpreted:
             rows = HALO_ROWS_INTERPRETED
         if interpreted or arch != 90 or wide:  # wide: registers twice as wide

@@ -551,14 +551,15 @@ def _merge(acc, xi, cmask, cls, y_cls, m_run, s_run, f_y):
     return m_new, s_run, f_y + fy_chunk
 
 
-def tile_plan(logits, *, kernel_size, stride, weighted=False):
+def tile_plan(logits, *, kernel_size, stride, weighted=False, upsample=False):
     """The forward's tiles as "ROWSxCOLUMNS" centres: the one part of the launch plan that shapes
     an output (the per-tile partials). The custom operator takes it as an argument, so that a
     traced graph records it: Inductor's FX graph cache keys on the graph, and a plan that changed
-    (another lad_triton or Triton) must not replay shapes traced under the old one."""
+    (another lad_triton or Triton) must not replay shapes traced under the old one.
+    ``upsample``: the kernels interpolate (their tiles' rows are config.HALO_UPSAMPLE_PLANS')."""
     classes = int(logits.shape[1])  # int(): under dynamic shapes C specialises, as the kernel's
     cfg = launch_config(classes, stride, kernel_size, accumulation_dtype(logits.dtype),
-                        weighted, **target_of(logits))
+                        weighted, upsample=upsample, **target_of(logits))
     return f"{cfg.forward_rows}x{cfg.tile_w - (kernel_size - 1 if cfg.halo else 0)}"
 
 
@@ -614,12 +615,16 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     if upsample:  # the kernel blends rows of the logits interpolated along the columns
         size = tuple(target.shape[-2:])
         _, up_index, up_weight = upsample_tables(logits, size, align_corners, kernel_size)
-        x = columns_interpolated(logits, size[1], align_corners) if columns is None else columns
-    (batch, classes, depth, height, width), sx = as_volume(x, 4)
+        if columns is None:
+            columns = columns_interpolated(logits, size, align_corners, kernel_size)
+        x = columns
+    (batch, classes, depth, height, width), sx = as_volume(logits, 4)
     y_shape, sy = as_volume(target, 3)
     x_span = span((classes, depth, height, width), sx[1:])
-    if upsample:
-        height, width = size
+    if upsample:  # the kernel reads blocks of columns (B, H_in, blocks, C, 32): image and row
+        height, width = size  # strides only
+        sx = (x.stride(0), 0, 0, x.stride(1), 0)
+        x_span = span(x.shape[1:], x.stride()[1:])
     acc = accumulation_dtype(logits.dtype)
     cfg = launch_config(classes, stride, kernel_size, acc, weight is not None,
                         upsample=bool(upsample), **target_of(logits))

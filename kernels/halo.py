@@ -128,24 +128,24 @@ def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.
 
 
 @triton.jit
-def _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxc, sxh, sxw, idx_ptr, lam_ptr,
-                  ACC: tl.constexpr):
+def _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxh, idx_ptr, lam_ptr,
+                  ACC: tl.constexpr, C: tl.constexpr):
     """The logits [CLASS_TILE, 32] of output row qi at the lanes' columns, bilinearly interpolated:
-    the plane holds the low-resolution rows already interpolated along the columns (W wide,
-    upsample.columns_interpolated), so two loads per class from L1/L2 and the rows' blend with
-    the weights of kernels/upsample.py's tables (rows' i0, i1 and l first), PyTorch's
-    h0 * (one row's column blend) + h1 * (the next row's). _outer's hint only fixes the layout
-    (one element per lane, no vector loads), as for the clamped columns of _row_logits."""
+    the plane holds the low-resolution rows already interpolated along the columns (W wide, in
+    blocks of 32 columns: upsample.columns_interpolated, rows sxh apart), so two loads per class
+    from L1/L2, each class at a compile-time offset from the lane's address, and the rows' blend
+    with the weights of kernels/upsample.py's tables (rows' i0, i1 and l first), PyTorch's
+    h0 * (one row's column blend) + h1 * (the next row's)."""
     qic = clamp(qi, H - 1)
-    r0 = tl.load(idx_ptr + qic).to(cols.dtype) * sxh
-    r1 = tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh
-    lh = tl.load(lam_ptr + qic).to(ACC)
+    q = clamp(cols, W - 1)
+    lanes = (q >> 5) * (C * LANES) + (q & (LANES - 1))
     m = cmask[:, None] & ok[None, :]
-    c = cls * sxc
-    q = clamp(cols, W - 1) * sxw
-    x0 = tl.load(x_plane + _outer(c, r0 + q), mask=m, other=0.0).to(ACC)
-    x1 = tl.load(x_plane + _outer(c, r1 + q), mask=m, other=0.0).to(ACC)
-    return (1.0 - lh) * x0 + lh * x1
+    lh = tl.load(lam_ptr + qic).to(ACC)
+    x0 = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + qic).to(cols.dtype) * sxh, lanes,
+                             cls * LANES), mask=m, other=0.0)
+    x1 = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh, lanes,
+                             cls * LANES), mask=m, other=0.0)
+    return (1.0 - lh) * x0.to(ACC) + lh * x1.to(ACC)
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
     are interpolated from low-resolution logits (_interpolated)."""
     ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
     if UPSAMPLE:
-        x = _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxc, sxh, sxw, idx_ptr,
-                          lam_ptr, ACC)
+        x = _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxh, idx_ptr, lam_ptr, ACC,
+                          C)
     else:
         qic = clamp(qi, H - 1)
         qjc = clamp(cols, W - 1)
@@ -233,7 +233,7 @@ def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, 
 @triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "radius_d", "ignore_index"])
 def _halo_forward_kernel(
     x_ptr,        # logits (B, C, D, H, W), any strides; UPSAMPLE: the low-resolution logits
-                  # interpolated along the columns (B, C, H_in, W)
+                  # interpolated along the columns (B, H_in, cdiv(W, 32), C, 32)
     y_ptr,        # target (B, D, H, W), any integer dtype, any strides
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     P_ptr,        # out (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
@@ -243,7 +243,7 @@ def _halo_forward_kernel(
     idx_ptr,      # int32 and ACC tables of kernels/upsample.py (read only if UPSAMPLE)
     lam_ptr,
     D, H, W, tiles_h, tiles_w,
-    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W (UPSAMPLE: of the columns)
+    sxb, sxc, sxd, sxh, sxw,  # logits strides of B, C, D, H, W (UPSAMPLE: the columns' B, H)
     syb, syd, syh, syw,       # target strides of B, D, H, W
     radius_d, ignore_index,
     eps_hi, eps_lo, power_hi, power_lo, base_hi, base_lo,  # as split_scalar()
@@ -577,8 +577,8 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
 @triton.jit(do_not_specialize=["H", "W", "H_in", "bands", "tiles", "band", "ftiles_h",
                                "ftiles_w"])
 def _halo_upsample_backward_kernel(
-    x_ptr,       # low-resolution logits interpolated along the columns (B, C, H_in, W), any
-                 # strides (upsample.columns_interpolated)
+    x_ptr,       # low-resolution logits interpolated along the columns, blocks of 32 columns
+                 # (B, H_in, cdiv(W, 32), C, 32) (upsample.columns_interpolated)
     y_ptr,       # target (B, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32) over the target's pixels, as _halo_backward_kernel's
     s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's)
@@ -591,7 +591,7 @@ def _halo_upsample_backward_kernel(
     lam_ptr,
     H, W, H_in, bands, tiles, ftiles_h, ftiles_w,
     band,        # input rows per program (kernels/upsample.py's BAND)
-    sxb, sxc, sxh, sxw,
+    sxb, sxh,    # the columns' image and row strides
     syb, syh, syw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, FROWS: tl.constexpr,
@@ -703,8 +703,8 @@ def _halo_upsample_backward_kernel(
             Gr = tl.sum(tl.where((tl.arange(0, ROWS) == r)[:, None, None], G, -0.0), axis=0)
             x = Gr
             if ZSCORE:
-                x = _interpolated(x_plane, cls, cmask, qr, cols, out_lane, H, W, sxc, sxh, sxw,
-                                  idx_ptr, lam_ptr, ACC)
+                x = _interpolated(x_plane, cls, cmask, qr, cols, out_lane, H, W, sxh, idx_ptr,
+                                  lam_ptr, ACC, C)
             dx = tl.where(out_lane[None, None, :] & (q0 + r <= q_stop),
                           _jacobian(x[None, :, :], Gr[None, :, :], cmask, eps, C, ZSCORE), 0.0)
             top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights

@@ -1,8 +1,9 @@
 """What the window-row kernels need to score low-resolution logits (``upsample="bilinear"``)
 without materialising their interpolation: PyTorch's source indices and weights per output row
-and column, the inverse map the backward tiles by, and which problems take that path. Pure
-PyTorch, computed once per (sizes, convention, dtype, device) and cached: the tables are a few
-kilobytes, and rebuilding them would cost host time on every call.
+and column, the inverse map the backward tiles by, which problems take that path, and the column
+pass (the logits interpolated along the columns only, which the kernels blend two rows of). The
+tables are plain Python, computed once per (sizes, convention, dtype, device) and cached: they
+are a few kilobytes, and rebuilding them would cost host time on every call.
 
 Linear interpolation along one axis maps output index q to source coordinate
 
@@ -21,8 +22,10 @@ import math
 import struct
 
 import torch
+import triton
+import triton.language as tl
 
-from .config import TILE_W, accumulation_dtype
+from .config import TILE_W, accumulation_dtype, cdiv
 
 # The interpolating backward's input rows per program (a band). Every output row is formed once
 # (a band's first row is summed from the band above's share and its own), so a band's size only
@@ -119,20 +122,57 @@ def upsample_tables(logits, size, align_corners, kernel_size):
     return (plan, *_tables(plan, accumulation_dtype(logits.dtype), logits.device))
 
 
-def columns_interpolated(logits, width, align_corners):
-    """The logits' rows interpolated along the columns to ``width``: (B, C, H_in, width) in the
-    accumulation dtype, F.interpolate's linear mode, whose column weights are its bilinear mode's
-    (one rounding, as PyTorch's bilinear kernels blend a row). The forward then blends two of
-    these rows per output row: half the loads and a third of the arithmetic of blending four
-    low-resolution pixels per class and pixel, for a buffer 1 / (H / H_in) the target's size."""
+LANES = tl.constexpr(TILE_W)
+
+
+@triton.jit(do_not_specialize=["H", "H_in", "W", "blocks"])
+def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sxb, sxc, sxh, sxw,
+                        C: tl.constexpr, SAME: tl.constexpr):
+    """32 output columns of one input row, class by class: PyTorch's linear blend of the two input
+    columns of each stencil (SAME: the widths are equal, and the row is copied, as F.interpolate
+    copies it), stored as a block of C x 32 values. One value per lane and class: no padded
+    classes to load, and no layout for Triton to convert between the loads and the store."""
+    ACC: tl.constexpr = out_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    rest = pid // blocks  # image * H_in + row
+    j = (pid % blocks).to(tl.int32) * LANES + tl.arange(0, LANES)
+    ok = j < W
+    jc = tl.minimum(j, W - 1)
+    row = x_ptr + (rest // H_in) * sxb + (rest % H_in) * sxh
+    p0 = row + tl.load(idx_ptr + 2 * H + jc) * sxw
+    p1 = row + tl.load(idx_ptr + 2 * H + W + jc) * sxw
+    lw = tl.load(lam_ptr + H + jc).to(ACC)
+    out = out_ptr + pid * (C * LANES) + tl.arange(0, LANES)
+    for c in tl.static_range(C):  # pointers stepped by the class stride: 64-bit sums
+        x0 = tl.load(p0, mask=ok, other=0.0).to(ACC)
+        if SAME:
+            value = x0
+        else:
+            value = (1.0 - lw) * x0 + lw * tl.load(p1, mask=ok, other=0.0).to(ACC)
+        tl.store(out + c * LANES, value, mask=ok)
+        p0 += sxc
+        p1 += sxc
+
+
+def columns_interpolated(logits, size, align_corners, kernel_size):
+    """The logits' rows interpolated along the columns to the target's width ``size[1]``, in the
+    accumulation dtype, F.interpolate's column weights (one rounding, as PyTorch's bilinear
+    kernels blend a row), laid out in blocks of 32 columns: (B, H_in, cdiv(W, 32), C, 32), so
+    that the kernels reach every class of a lane's column at a compile-time offset from one
+    address (the last block's columns past W are never written nor read). The forward then
+    blends two of these rows per output row: half the loads and a third of the arithmetic of
+    blending four low-resolution pixels per class and pixel, for a buffer 1 / (H / H_in) the
+    target's size."""
     batch, classes, h_in, w_in = logits.shape
-    x = logits.to(accumulation_dtype(logits.dtype))
-    if w_in == width:
-        return x
-    # aten's op, as F.interpolate(mode="linear") calls it (F.interpolate itself would be one more
-    # Python call per forward)
-    return torch.ops.aten.upsample_linear1d(x.reshape(batch * classes * h_in, 1, w_in), [width],
-                                            align_corners).view(batch, classes, h_in, width)
+    height, width = size
+    _, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
+    blocks = cdiv(width, TILE_W)
+    out = logits.new_empty((batch, h_in, blocks, classes, TILE_W),
+                           dtype=accumulation_dtype(logits.dtype))
+    _column_pass_kernel[(batch * h_in * blocks,)](
+        logits, index, weight, out, height, h_in, width, blocks, *logits.stride(),
+        C=classes, SAME=w_in == width, num_warps=1)
+    return out
 
 
 def fusable(logits, size_out, mode, halo):

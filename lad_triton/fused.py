@@ -229,7 +229,8 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
     with _on_device(logits):
         for i, b in enumerate(range(0, batch, size)):
             part = slice(b, b + size)
-            columns = columns_interpolated(logits[part], target.shape[-1], align_corners)
+            columns = columns_interpolated(logits[part], tuple(target.shape[-2:]), align_corners,
+                                           kernel_size)
             _, part_partials, ticket, P = kernels_forward.forward(
                 logits[part], target[part], weight, kernel_size=kernel_size, power=power,
                 stride=stride, ignore_index=ignore_index, eps=eps, weight_base=weight_base,
@@ -267,10 +268,10 @@ def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, wei
             logits.new_empty((cdiv(batch, cdiv(batch, parts)), 3), dtype=torch.float64))
 
 
-def plan_of(logits, kernel_size, stride, weight=None):
-    """The forward's tiles, as fused_costs takes them."""
+def plan_of(logits, kernel_size, stride, weight=None, upsample=None):
+    """The forward's tiles, as fused_costs takes them (``upsample``: as costs')."""
     return kernels_forward.tile_plan(logits, kernel_size=kernel_size, stride=stride,
-                                     weighted=weight is not None)
+                                     weighted=weight is not None, upsample=upsample is not None)
 
 
 def _input_grads(dx, op):
@@ -283,7 +284,7 @@ def costs(logits, target, weight, options, power, need_grad, mean, plan=None, up
     arguments. ``plan``: plan_of's, computed here unless given. ``upsample``: None, or
     (mode, align_corners) for low-resolution logits the kernels interpolate."""
     if plan is None:
-        plan = plan_of(logits, options.kernel_size, options.stride, weight)
+        plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
     return _eager(fused_costs)(
         logits, target, weight, float(power), options.kernel_size, options.stride,
         options.ignore_index, float(options.eps), float(options.weight_base),
@@ -349,7 +350,7 @@ class FusedGradientMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, options, power, group, upsample):
-        plan = plan_of(logits, options.kernel_size, options.stride, weight)
+        plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
         partials, ticket, G, part_scalars = _eager(fused_mean_gradient)(
             logits, target, weight, float(power), options.kernel_size, options.stride,
             options.ignore_index, float(options.eps), float(options.weight_base),

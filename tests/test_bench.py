@@ -207,10 +207,10 @@ def test_upsample_model_orders_the_three_ways():
     # python -m bench.upsample_model: per workload the fused design moves the least and keeps
     # the least; interpolate + LAD saves cross-entropy's extra log-probabilities pass (one
     # full-resolution tensor) and keeps as much; the fused design's peak is one half of the
-    # batch's columns (the logits interpolated along the columns), P (the label's size) and
-    # staged shares of the low-resolution gradient (float32, per input row, tile of 28 output
-    # columns, input column the tile touches and class, and the band above's share of every
-    # second row), and the low-resolution gradient.
+    # batch's columns (the logits interpolated along the columns, in blocks of 32 columns), P
+    # (the label's size) and staged shares of the low-resolution gradient (float32, per input
+    # row, tile of 28 output columns, input column the tile touches and class, and the band
+    # above's share of every second row), and the low-resolution gradient.
     import upsample_model as model
 
     from lad_triton.fused import GRADIENT_PARTS
@@ -226,7 +226,7 @@ def test_upsample_model_orders_the_three_ways():
         span = math.ceil(28 * w.low[1] / w.high[1]) + 2  # the most input columns a tile's reach
         stage = int(w.batch * w.low[0] * math.ceil(w.high[1] / 28) * span * w.classes * 4)
         above = stage * math.ceil(w.low[0] / 2) // w.low[0]
-        columns = w.batch * w.classes * w.low[0] * w.high[1] * 4
+        columns = w.batch * w.classes * w.low[0] * math.ceil(w.high[1] / 32) * 32 * 4
         assert fused[1] == (columns + high + stage + above) // 2 + low
         assert lad[1] == ce[1] == 3 * high
         assert fused[1] < ce[1] / 3

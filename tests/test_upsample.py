@@ -237,9 +237,9 @@ def test_under_torch_compile():
 @pytest.fixture
 def interpolations(monkeypatch):
     """The F.interpolate calls the loss makes (the oracle interpolates by index loops). The fused
-    kernels' column pass (kernels/upsample.py's columns_interpolated) calls aten's linear
-    interpolation itself, to a buffer of the logits' height: never the target's size, which the
-    peak memory test checks."""
+    kernels' column pass (kernels/upsample.py's columns_interpolated) is a kernel of its own, to
+    a buffer of the logits' height: never the target's size, which the peak memory test
+    checks."""
     calls = []
     original = F.interpolate
 
@@ -310,13 +310,14 @@ def test_class_and_pixel_weights_and_many_tiles_in_registers(align_corners, inte
 @pytest.mark.parametrize("rows, step", [(1, 1), (2, 2), (4, 1), (4, 2)])
 def test_the_gpus_plans_in_registers(rows, step, interpolations, monkeypatch):
     # The interpreter runs HALO_ROWS_INTERPRETED centre rows per forward tile (4); a GPU runs
-    # HALO_ROWS (2; 1 and 4 keep the rows a parameter), and the backward steps two output rows
-    # at a time, or one where config.HALO_UPSAMPLE_PLANS says two spill: each, with the
-    # forward's tiles (rows) the backward reads the tile scales by.
+    # config.HALO_UPSAMPLE_PLANS' (2 or 4; 1 keeps the rows a parameter), and the backward steps
+    # two output rows at a time, or one where the plans say two spill: each, with the forward's
+    # tiles (rows) the backward reads the tile scales by.
     from lad_triton.kernels import config
 
     monkeypatch.setattr(config, "HALO_ROWS_INTERPRETED", rows)
-    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS", ((32, 255, (255,) * 3, 7 * (step == 2)),))
+    monkeypatch.setattr(config, "HALO_UPSAMPLE_PLANS",
+                        ((32, (rows,) * 3, (255,) * 3, (255,) * 3, 7 * (step == 2)),))
     in_kernels((2, 6, 4, 5), (13, 31), dict(kernel_size=5, align_corners=rows == 2), 7 + rows,
                torch.float32, interpolations, weight=True)
 
@@ -344,20 +345,23 @@ def test_every_band_and_the_rows_two_bands_share(band, reduction, monkeypatch):
     assert torch.equal(again[0], again[1])
 
 
-def test_interpolating_plans_apply_where_they_were_compiled():
-    # config.HALO_UPSAMPLE_PLANS holds sm_90's caps (compiled without spills there): elsewhere, and
-    # in float64 (registers twice as wide), none. Its backward steps two output rows up to the
-    # plan's K on sm_90, else one (and elsewhere, and in float64). The forward's tiles are the plain
-    # ones everywhere, which tile_plan (not told of upsample) and the forward's check of it rely on.
+def test_interpolating_plans_apply_where_they_were_compiled(monkeypatch):
+    # config.HALO_UPSAMPLE_PLANS holds sm_90's forward rows and caps (compiled without spills
+    # there): elsewhere, and in float64 (registers twice as wide), the plain kernels' rows and no
+    # caps. Its backward steps two output rows up to the plan's K on sm_90, else one. tile_plan,
+    # told of upsample, gives the forward's tiles, which the forward checks against its own.
     from lad_triton.kernels import config
+    from lad_triton.kernels.forward import tile_plan
 
     for classes in (2, 16, 17, 18, 21, 24, 32):
         plan = next(p for p in config.HALO_UPSAMPLE_PLANS if classes <= p[0])
         for k in (3, 5, 7):
+            i = (k - 3) // 2
             cfg = config.launch_config(classes, 1, k, torch.float32, arch=90, upsample=True)
             assert (cfg.forward_rows, cfg.backward_rows, cfg.forward_registers,
-                    cfg.backward_registers) == (config.HALO_ROWS, 1 + (k <= plan[3]), plan[1],
-                                                plan[2][(k - 3) // 2])
+                    cfg.backward_registers) == (plan[1][i], 1 + (k <= plan[4]), plan[2][i],
+                                                plan[3][i])
+            assert cfg.forward_rows in (2, 4)
             for arch, acc in ((80, torch.float32), (100, torch.float32), (90, torch.float64)):
                 if acc == torch.float64 and classes > config.HALO_FLOAT64_CLASSES:
                     continue
@@ -365,10 +369,16 @@ def test_interpolating_plans_apply_where_they_were_compiled():
                 assert (cfg.halo, cfg.forward_rows) == (True, config.HALO_ROWS)
                 assert cfg.backward_rows == 1
                 assert cfg.forward_registers == cfg.backward_registers == config.MAX_REGISTERS
-            for extra in (dict(arch=90), dict(arch=80), dict(interpreted=True)):
-                tiles = [config.launch_config(classes, 1, k, torch.float32, upsample=up,
-                                              **extra).forward_rows for up in (False, True)]
-                assert tiles[0] == tiles[1]
+            cfg = config.launch_config(classes, 1, k, torch.float32, upsample=True,
+                                       interpreted=True)
+            assert cfg.forward_rows == config.HALO_ROWS_INTERPRETED
+            logits = torch.empty((1, classes, 4, 4), device="meta")
+            for arch, up in ((90, False), (90, True), (80, True), (None, True)):
+                monkeypatch.setattr(config, "TARGET_ARCH", arch)  # None: the interpreter's
+                rows = (plan[1][i] if (arch, up) == (90, True) else config.HALO_ROWS
+                        if arch else config.HALO_ROWS_INTERPRETED)
+                assert tile_plan(logits, kernel_size=k, stride=1,
+                                 upsample=up) == f"{rows}x{32 - (k - 1)}"
 
 
 def test_k_1_whose_last_lane_stores_the_column_after_it(interpolations):
@@ -521,7 +531,8 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     size = logits.element_size() / 2**20
     full = 2 * 21 * high[0] * high[1] * size
     ours, theirs = (peak_memory_mib(run, torch.device(DEVICE)) for run in (fused, cross_entropy))
-    # one part's P (padded to blocks of 32 pixels), columns (float32) and staged shares of
+    # one part's P (padded to blocks of 32 pixels), columns (float32, in blocks of 32 columns:
+    # 33 -> 64 here) and staged shares of
     # the low-resolution gradient (float32, per input row, column tile of 28, input column a
     # tile touches (at most 9 at both sizes: 28 output columns reach 7 input columns and a
     # part of 2 more) and class, and again per band of two input rows: the band above's
@@ -531,7 +542,7 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     h_in, tiles = logits.shape[2], math.ceil(high[1] / 28)
     padded = images * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
     staged = images * (h_in + math.ceil(h_in / 2)) * tiles * 9 * 21 * 4 / 2**20
-    columns = images * 21 * h_in * high[1] * 4 / 2**20
+    columns = images * 21 * h_in * math.ceil(high[1] / 32) * 32 * 4 / 2**20  # blocks of 32
     expected = padded + columns + logits.numel() * 4 / 2**20 + staged
     assert expected <= ours <= 1.03 * expected and theirs >= 2.9 * full, (ours, expected, theirs)
     assert ours <= theirs / 3
@@ -606,9 +617,10 @@ def test_the_gradient_formed_in_the_forward_is_kept_once_and_differentiable_once
 def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolations,
                                                              monkeypatch):
     # Views into an 8 GiB float32 storage (virtual: only the touched pages are allocated) of
-    # logits as wide as the target (rows upsampled only): the column pass is the logits
-    # themselves, which the kernels read with int64 offsets (the wide flag each launch chose is
-    # recorded), forward and interpolating backward: bitwise the dense result.
+    # logits as wide as the target (rows upsampled only): the column pass reads them through
+    # their strides with int64 offsets and copies them into its compact blocks, which the
+    # kernels then read with 32-bit ones (the wide flag each launch chose is recorded), forward
+    # and interpolating backward: bitwise the dense result.
     from lad_triton.kernels import backward as kernels_backward
     from lad_triton.kernels import forward as kernels_forward
 
@@ -630,7 +642,7 @@ def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolat
         loss = locally_adaptive_loss(x, target, kernel_size=3, backend="triton",
                                      upsample="bilinear", align_corners=True)
         results.append((loss, torch.autograd.grad(loss, x)[0]))
-    assert wide == [True, True, False, False]  # forward, backward; strided, then dense
+    assert wide == [False] * 4  # forward, backward; strided, then dense
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert interpolations == []
@@ -639,7 +651,7 @@ def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolat
 @pytest.mark.parametrize("width", [10, 3])
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_any_layout_in_registers(layout, width, interpolations):
-    # The logits are read through their strides (by the column pass, or by the kernels where
+    # The logits are read through their strides (by the column pass, which copies them where
     # the target is as wide as they are) and their gradient written in their memory format.
     logits = make_logits((2, 5, 4, 3), layout=layout, seed=4, device=DEVICE)
     target = make_labels(2, [11, width], 5, dtype=torch.int16, seed=4, device=DEVICE)
