@@ -172,20 +172,21 @@ HALO_ROWS_INTERPRETED = 4
 # Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: the
 # forward's centre rows per tile and its caps, the backward's caps (each by K = 3, 5, 7), and the
 # largest K whose backward steps two output rows at a time on sm_90 (they share the centre rows
-# they gather; beyond it, and elsewhere, one row: two spill at every cap there, and on sm_80 at
-# C = 21, K = 3). The forward takes four centre rows where they compile without spills (eight
-# loaded rows per four centre rows instead of twelve: 10-30% less time in the calibrated model at
-# every C and K, still issue-bound at 232 registers), else two. Each cap is the lowest in steps of
-# 8 (128-255 forward, 152-255 backward) under which the kernel compiles without spills for both
-# Triton 3.6 and 3.9, float32 logits with uint8 and int64 labels and bfloat16 logits (ptxas is not
-# monotonic in the cap nor in C, so found by bisection, then checked): the backward's grids fill
-# the GPU, and with fewer registers more warps hide its loads (python -m
-# bench.upsample_model --calibrated finds it latency-bound). Found at 16 x 16 -> 64 x 64, and
-# checked with bench/kernel_report.py --all-classes there and at 65 x 65 -> 513 x 513 (int64
-# labels; odd strides, 8x) for every C and K, and by its default report at the benchmarks' sizes;
-# the binary depends on the upsampling's width scale (_halo_upsample_backward_kernel's STEPS and
-# SPAN) and on which strides are multiples of 16, so other sizes may differ. No GPU has timed
-# them yet.
+# they gather; beyond it, and elsewhere, one row: two spill at every cap there, and on sm_80 at C
+# = 21, K = 3). The forward takes four centre rows where they compile without spills (eight loaded
+# rows per four centre rows instead of twelve: 10-30% less time in the calibrated model at every C
+# and K, still issue-bound at 232 registers), else two. Each cap is the larger of the lowest
+# spill-free caps (steps of 8: 128-255 forward, 152-255 backward) that a search found under Triton
+# 3.6 and under 3.9 at 16 x 16 -> 64 x 64 for float32 logits with uint8 and int64 labels and
+# bfloat16 logits; then checked under both at those sizes and at 65 x 65 -> 513 x 513 (int64
+# labels, odd strides, 8x), through bench/kernel_report.py's compile path, for every C and K
+# (ptxas is not monotonic in the cap nor in C: at K = 3, C = 21, 26, 27 and 29 spilled bfloat16
+# under 3.9 at 176, 216, 224 and 184 and take 192, 224, 232 and 200; C = 32, K = 5 spilled at 184
+# at 65 x 65 -> 513 x 513 with align_corners=False, the default report's, and takes 192). The
+# backward's grids fill the GPU, and with fewer registers more warps hide its loads (python -m
+# bench.upsample_model --calibrated finds it latency-bound). The binary depends on the
+# upsampling's width scale (the backward's STEPS and SPAN) and on which strides are multiples of
+# 16, so other sizes may differ. No GPU has timed them yet.
 HALO_UPSAMPLE_PLANS = (
     (2, (4, 4, 4), (128, 128, 128), (152, 152, 224), 7),
     (3, (4, 4, 4), (128, 128, 168), (152, 176, 152), 7),
@@ -210,13 +211,13 @@ HALO_UPSAMPLE_PLANS = (
     (23, (2, 4, 4), (128, 255, 255), (192, 192, 192), 7),
     (24, (2, 2, 2), (128, 128, 128), (200, 200, 200), 7),
     (25, (2, 2, 2), (128, 128, 144), (208, 208, 208), 7),
-    (26, (2, 2, 2), (128, 128, 144), (216, 216, 168), 5),
-    (27, (2, 2, 2), (144, 144, 144), (224, 224, 176), 5),
+    (26, (2, 2, 2), (128, 128, 144), (224, 216, 168), 5),
+    (27, (2, 2, 2), (144, 144, 144), (232, 224, 176), 5),
     (28, (2, 2, 2), (144, 144, 144), (184, 176, 184), 0),
     (29, (2, 2, 2), (144, 144, 144), (200, 176, 176), 0),
     (30, (2, 2, 2), (144, 144, 192), (192, 184, 184), 0),
     (31, (2, 2, 2), (168, 168, 168), (216, 192, 192), 0),
-    (32, (2, 2, 2), (168, 168, 168), (192, 184, 184), 0),
+    (32, (2, 2, 2), (168, 168, 168), (192, 192, 184), 0),
 )
 
 
