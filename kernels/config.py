@@ -251,8 +251,9 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
     the forward's tiles). Depends on C, K, the stride, the accumulation dtype, the architecture
     and Triton's ptxas (ROW_PLANS; sm_80 holds half the rows of sm_90, rounded down, at least
     one; the window-row kernels HALO_ROWS everywhere), and on ``upsample`` (the kernels
-    interpolate: the caps of HALO_UPSAMPLE_PLANS on sm_90, and its backward's rows are the output
-    rows it steps at a time; the tiles are the same), never on B, D, H or W.
+    interpolate: on sm_90 the forward's rows and both caps of HALO_UPSAMPLE_PLANS, K = 1 taking
+    K = 3's, so the forward's tiles differ (tile_plan is told); the backward's rows are the
+    output rows it steps at a time), never on B, D, H or W.
     Under the interpreter (``interpreted``), which pays per operation and program, not per
     element, and has no registers to run out of: 4 rows per lane and class chunks
     INTERPRETER_CHUNK_SCALE times wider, the same code with fewer programs and trips
@@ -271,6 +272,8 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
             planned = arch == 90 and not wide
             caps, step_rows = (plan[2][k], plan[3][k]), 1 + (planned and kernel_size <= plan[4])
             rows = plan[1][k] if planned else rows
+            if kernel_size < 3:  # K = 3's rows; its forward caps spill here under Triton 3.6
+                caps = (MAX_REGISTERS, caps[1])
         if interpreted:
             rows = HALO_ROWS_INTERPRETED
         if interpreted or arch != 90 or wide:  # wide: registers twice as wide

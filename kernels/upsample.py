@@ -139,11 +139,11 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
     ok = j < W
     jc = tl.minimum(j, W - 1)
     row = x_ptr + (rest // H_in) * sxb + (rest % H_in) * sxh
-    p0 = row + tl.load(idx_ptr + 2 * H + jc) * sxw
-    p1 = row + tl.load(idx_ptr + 2 * H + W + jc) * sxw
+    p0 = row + tl.load(idx_ptr + 2 * H + jc).to(tl.int64) * sxw  # any stride: 64-bit
+    p1 = row + tl.load(idx_ptr + 2 * H + W + jc).to(tl.int64) * sxw
     lw = tl.load(lam_ptr + H + jc).to(ACC)
     out = out_ptr + pid * (C * LANES) + tl.arange(0, LANES)
-    for c in tl.static_range(C):  # pointers stepped by the class stride: 64-bit sums
+    for c in tl.static_range(C):  # pointers stepped by the class stride
         x0 = tl.load(p0, mask=ok, other=0.0).to(ACC)
         if SAME:
             value = x0

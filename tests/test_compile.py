@@ -146,7 +146,8 @@ def fused_cases():
         (low, wide, None) + common + ("count", True, True, False),
     ]
     # the last: logits at a head's resolution, which the kernels interpolate to the target's
-    return [case + (plan_of(case[0], case[4], case[5], case[2]),)
+    return [case + (plan_of(case[0], case[4], case[5], case[2],
+                            ("bilinear", True) if case[0] is low else None),)
             + (("bilinear", True) if case[0] is low else ("", False)) for case in cases]
 
 

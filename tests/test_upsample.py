@@ -613,7 +613,8 @@ def test_the_gradient_formed_in_the_forward_is_kept_once_and_differentiable_once
             penalty.backward()
 
 
-@pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 9, 1), (2**32, 1, 2**30 + 1, 3)])
+@pytest.mark.parametrize("strides", [(3 * (2**30 + 1), 2**30 + 1, 9, 1), (2**32, 1, 2**30 + 1, 3),
+                                     (1, 3, 9, 2**28)])
 def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolations,
                                                              monkeypatch):
     # Views into an 8 GiB float32 storage (virtual: only the touched pages are allocated) of
