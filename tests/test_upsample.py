@@ -621,15 +621,16 @@ def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolat
     # logits as wide as the target (rows upsampled only): the column pass reads them through
     # their strides with int64 offsets and copies them into its compact blocks, which the
     # kernels then read with 32-bit ones (the wide flag each launch chose is recorded), forward
-    # and interpolating backward: bitwise the dense result.
+    # and interpolating backward: bitwise the dense result. Their int64 offsets (a column buffer
+    # past 2^30 elements per image) are forced on the dense logits: bitwise the same again.
     from lad_triton.kernels import backward as kernels_backward
     from lad_triton.kernels import forward as kernels_forward
 
-    wide = []
+    wide, forced = [], []
     for module in (kernels_forward, kernels_backward):
         def spy(*spans, original=module.needs_wide_index):
             wide.append(original(*spans))
-            return wide[-1]
+            return wide[-1] or bool(forced)
 
         monkeypatch.setattr(module, "needs_wide_index", spy)
     shape = (1, 3, 3, 9)
@@ -644,8 +645,13 @@ def test_low_resolution_logits_past_2_to_the_31_in_registers(strides, interpolat
                                      upsample="bilinear", align_corners=True)
         results.append((loss, torch.autograd.grad(loss, x)[0]))
     assert wide == [False] * 4  # forward, backward; strided, then dense
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    forced.append(True)
+    x = dense.detach().requires_grad_(True)
+    loss = locally_adaptive_loss(x, target, kernel_size=3, backend="triton",
+                                 upsample="bilinear", align_corners=True)
+    results.append((loss, torch.autograd.grad(loss, x)[0]))
+    for loss, grad in results[:1] + results[2:]:
+        assert torch.equal(loss, results[1][0]) and torch.equal(grad, results[1][1])
     assert interpolations == []
 
 
