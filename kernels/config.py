@@ -169,56 +169,104 @@ HALO_ROWS = 2
 HALO_REGISTERS = ((23, 128, 136), (26, 144, 136), (32, 168, 168))
 HALO_FLOAT64_CLASSES = 16
 HALO_ROWS_INTERPRETED = 4
-# Where they interpolate low-resolution logits (upsample="bilinear"), by the largest C: the
-# forward's centre rows per tile and its caps, the backward's caps (each by K = 3, 5, 7), and the
-# largest K whose backward steps two output rows at a time on sm_90 (they share the centre rows
-# they gather; beyond it, and elsewhere, one row: two spill at every cap there, and on sm_80 at C
-# = 21, K = 3). The forward takes four centre rows where they compile without spills (eight loaded
-# rows per four centre rows instead of twelve: 10-30% less time in the calibrated model at every C
-# and K, still issue-bound at 232 registers), else two. Each cap is the larger of the lowest
-# spill-free caps (steps of 8: 128-255 forward, 152-255 backward) that a search found under Triton
-# 3.6 and under 3.9 at 16 x 16 -> 64 x 64 for float32 logits with uint8 and int64 labels and
-# bfloat16 logits; then checked under both at those sizes and at 65 x 65 -> 513 x 513 (int64
-# labels, odd strides, 8x), through bench/kernel_report.py's compile path, for every C and K
-# (ptxas is not monotonic in the cap nor in C: at K = 3, C = 21, 26, 27 and 29 spilled bfloat16
-# under 3.9 at 176, 216, 224 and 184 and take 192, 224, 232 and 200; C = 32, K = 5 spilled at 184
-# at 65 x 65 -> 513 x 513 with align_corners=False, the default report's, and takes 192). The
-# backward's grids fill the GPU, and with fewer registers more warps hide its loads (python -m
-# bench.upsample_model --calibrated finds it latency-bound). The binary depends on the
-# upsampling's width scale (the backward's STEPS and SPAN) and on which strides are multiples of
-# 16, so other sizes may differ. No GPU has timed them yet.
-HALO_UPSAMPLE_PLANS = (
-    (2, (4, 4, 4), (128, 128, 128), (152, 152, 224), 7),
-    (3, (4, 4, 4), (128, 128, 168), (152, 176, 152), 7),
-    (4, (4, 4, 4), (168, 128, 128), (152, 192, 152), 7),
-    (6, (4, 4, 4), (168, 128, 168), (152, 152, 152), 7),
-    (7, (4, 4, 4), (192, 128, 168), (152, 152, 152), 7),
-    (8, (4, 4, 4), (168, 128, 168), (152, 152, 176), 7),
-    (9, (4, 4, 4), (192, 128, 168), (152, 152, 152), 7),
-    (10, (4, 4, 4), (192, 168, 192), (152, 152, 152), 7),
-    (11, (4, 4, 4), (232, 168, 192), (152, 152, 152), 7),
-    (12, (4, 4, 4), (232, 232, 232), (152, 152, 152), 7),
-    (13, (4, 4, 4), (255, 232, 232), (160, 152, 152), 7),
-    (14, (4, 4, 4), (232, 232, 232), (160, 152, 152), 7),
-    (15, (2, 4, 4), (128, 232, 232), (152, 152, 152), 7),
-    (16, (2, 4, 4), (128, 232, 232), (200, 200, 152), 5),
-    (17, (2, 4, 2), (128, 232, 128), (168, 152, 152), 7),
-    (18, (2, 4, 4), (128, 232, 232), (160, 160, 160), 7),
-    (19, (2, 4, 2), (128, 232, 128), (184, 168, 168), 7),
-    (20, (2, 2, 2), (128, 128, 128), (192, 176, 168), 7),
-    (21, (2, 4, 2), (128, 232, 128), (192, 176, 176), 7),
-    (22, (2, 4, 4), (128, 232, 255), (184, 184, 184), 7),
-    (23, (2, 4, 4), (128, 255, 255), (192, 192, 192), 7),
-    (24, (2, 2, 2), (128, 128, 128), (200, 200, 200), 7),
-    (25, (2, 2, 2), (128, 128, 144), (208, 208, 208), 7),
-    (26, (2, 2, 2), (128, 128, 144), (224, 216, 168), 5),
-    (27, (2, 2, 2), (144, 144, 144), (232, 224, 176), 5),
-    (28, (2, 2, 2), (144, 144, 144), (184, 176, 184), 0),
-    (29, (2, 2, 2), (144, 144, 144), (200, 176, 176), 0),
-    (30, (2, 2, 2), (144, 144, 192), (192, 184, 184), 0),
-    (31, (2, 2, 2), (168, 168, 168), (216, 192, 192), 0),
-    (32, (2, 2, 2), (168, 168, 168), (192, 192, 184), 0),
-)
+# Where they interpolate low-resolution logits (upsample="bilinear"), one table per Triton (3.6,
+# the GPU's; 3.9 and later, whose ptxas spills elsewhere), by the largest C: the forward's centre
+# rows per tile and its caps, the backward's caps and the output rows it steps at a time (each by
+# K = 3, 5, 7), on sm_90; elsewhere the plain kernels' rows, one step row and no caps. The
+# backward steps four output rows where that compiles without spills at 255 registers (a step's
+# rows gather from the same K + 3 centre rows: two loaded per output row at K = 5, where two
+# steps load three; 15% less modelled time at DeepLab-like sizes at 8 warps per SM instead of
+# 11-12), else two, else one. The forward takes four centre rows where they compile without
+# spills (eight loaded rows per four centre rows instead of twelve: 10-30% less modelled time,
+# still issue-bound at 216-255 registers), else two. The caps before the centred column pass
+# (2026-12-05) were the lowest spill-free ones (steps of 8) that a search found under each
+# Triton at 16 x 16 -> 64 x 64 for float32 logits with uint8 and int64 labels and bfloat16
+# logits, the two versions' maxima. Since then each version's plans were checked again under
+# it, through bench/kernel_report.py's compile path, for every C and K: at 65 x 65 -> 513 x 513
+# (float32, int64 labels, odd strides, 8x) and 16 x 16 -> 64 x 64 in bfloat16, and for C = 16-24
+# also at 16 x 16 -> 64 x 64 in float32 (uint8 labels, and for most of them int64); four-row
+# steps tried at 255 (not at K = 3, where they spilled at every C tried), a spilling cap raised
+# by 8 until none spilled, two forward rows where four spilled at 255. ptxas is monotonic
+# neither in the cap nor in C: four forward rows at C = 21, K = 5 spill 8 bytes under 3.9 at 232
+# (at 65 x 65 -> 513 x 513) and take 240, and none under 3.6; four-row backward steps at K = 5
+# compile without spills up to C = 21 under 3.9 but not at C = 8, 12, 16 and 20 under 3.6. The
+# binary depends on the upsampling's width scale (the backward's STEPS and SPAN) and on which
+# strides are multiples of 16, so other sizes may differ. No GPU has timed them yet.
+HALO_UPSAMPLE_PLANS = {
+    "3.6": (
+        (2, (4, 4, 4), (128, 128, 128), (152, 255, 255), (2, 4, 4)),
+        (3, (4, 4, 4), (128, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (4, (4, 4, 4), (168, 128, 128), (152, 255, 255), (2, 4, 4)),
+        (5, (4, 4, 4), (168, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (6, (4, 4, 4), (168, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (7, (4, 4, 4), (192, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (8, (4, 4, 4), (168, 128, 168), (152, 152, 176), (2, 2, 2)),
+        (9, (4, 4, 4), (192, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (10, (4, 4, 4), (192, 168, 192), (152, 255, 255), (2, 4, 4)),
+        (11, (4, 4, 4), (232, 168, 192), (152, 255, 255), (2, 4, 4)),
+        (12, (4, 4, 4), (232, 232, 232), (152, 152, 152), (2, 2, 2)),
+        (13, (4, 4, 4), (255, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (14, (4, 4, 4), (232, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (15, (2, 4, 4), (128, 232, 232), (152, 255, 255), (2, 4, 4)),
+        (16, (2, 4, 4), (128, 232, 232), (200, 200, 152), (2, 2, 1)),
+        (17, (2, 4, 2), (128, 232, 128), (168, 255, 255), (2, 4, 4)),
+        (18, (2, 4, 4), (128, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (19, (2, 4, 4), (128, 232, 232), (184, 255, 255), (2, 4, 4)),
+        (20, (2, 2, 2), (128, 128, 128), (192, 176, 168), (2, 2, 2)),
+        (21, (2, 4, 2), (128, 232, 128), (192, 255, 255), (2, 4, 4)),
+        (22, (2, 4, 2), (128, 240, 128), (184, 255, 184), (2, 4, 2)),
+        (23, (2, 4, 2), (128, 255, 136), (192, 192, 192), (2, 2, 2)),
+        (24, (2, 2, 2), (128, 128, 136), (200, 200, 200), (2, 2, 2)),
+        (25, (2, 2, 2), (128, 128, 144), (208, 208, 208), (2, 2, 2)),
+        (26, (2, 2, 2), (136, 136, 144), (224, 216, 168), (2, 2, 1)),
+        (27, (2, 2, 2), (144, 144, 144), (232, 224, 176), (2, 2, 1)),
+        (28, (2, 2, 2), (144, 144, 144), (184, 176, 184), (1, 1, 1)),
+        (29, (2, 2, 2), (144, 144, 144), (200, 176, 176), (1, 1, 1)),
+        (30, (2, 2, 2), (144, 152, 192), (200, 184, 184), (1, 1, 1)),
+        (31, (2, 2, 2), (168, 168, 168), (216, 192, 192), (1, 1, 1)),
+        (32, (2, 2, 2), (168, 168, 168), (192, 192, 184), (1, 1, 1)),
+    ),
+    "3.9": (
+        (2, (4, 4, 4), (128, 128, 128), (152, 255, 255), (2, 4, 4)),
+        (3, (4, 4, 4), (128, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (4, (4, 4, 4), (168, 128, 128), (152, 255, 255), (2, 4, 4)),
+        (5, (4, 4, 4), (168, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (6, (4, 4, 4), (168, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (7, (4, 4, 4), (192, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (8, (4, 4, 4), (168, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (9, (4, 4, 4), (192, 128, 168), (152, 255, 255), (2, 4, 4)),
+        (10, (4, 4, 4), (192, 168, 192), (152, 255, 255), (2, 4, 4)),
+        (11, (4, 4, 4), (232, 168, 192), (152, 255, 255), (2, 4, 4)),
+        (12, (4, 4, 4), (232, 232, 232), (152, 255, 255), (2, 4, 4)),
+        (13, (4, 4, 4), (255, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (14, (4, 4, 4), (232, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (15, (2, 4, 4), (128, 232, 232), (152, 255, 255), (2, 4, 4)),
+        (16, (2, 4, 4), (128, 232, 232), (200, 255, 255), (2, 4, 4)),
+        (17, (2, 4, 2), (128, 232, 128), (168, 255, 255), (2, 4, 4)),
+        (18, (2, 4, 4), (128, 232, 232), (160, 255, 255), (2, 4, 4)),
+        (19, (2, 4, 2), (128, 232, 128), (184, 255, 255), (2, 4, 4)),
+        (20, (2, 2, 2), (128, 128, 128), (192, 255, 255), (2, 4, 4)),
+        (21, (2, 4, 2), (128, 240, 128), (200, 255, 255), (2, 4, 4)),
+        (22, (2, 4, 4), (128, 232, 255), (184, 184, 184), (2, 2, 2)),
+        (23, (2, 4, 4), (128, 255, 255), (192, 192, 192), (2, 2, 2)),
+        (24, (2, 2, 2), (128, 128, 128), (200, 200, 200), (2, 2, 2)),
+        (25, (2, 2, 2), (128, 128, 144), (208, 208, 208), (2, 2, 2)),
+        (26, (2, 2, 2), (128, 128, 144), (224, 216, 168), (2, 2, 1)),
+        (27, (2, 2, 2), (144, 144, 144), (232, 224, 176), (2, 2, 1)),
+        (28, (2, 2, 2), (144, 144, 144), (184, 184, 184), (1, 1, 1)),
+        (29, (2, 2, 2), (144, 144, 144), (208, 184, 176), (1, 1, 1)),
+        (30, (2, 2, 2), (144, 144, 192), (192, 192, 184), (1, 1, 1)),
+        (31, (2, 2, 2), (168, 168, 168), (216, 192, 192), (1, 1, 1)),
+        (32, (2, 2, 2), (168, 168, 168), (192, 192, 184), (1, 1, 1)),
+    ),
+}
+
+
+def upsample_plan(classes, new_ptxas=None):
+    """The HALO_UPSAMPLE_PLANS entry of ``classes`` for the installed Triton's ptxas."""
+    plans = HALO_UPSAMPLE_PLANS["3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas)
+                                else "3.6"]
+    return next(p for p in plans if classes <= p[0])
 
 
 def _plan(classes, kernel_size, new_ptxas):
@@ -266,11 +314,11 @@ def launch_config(classes, stride=1, kernel_size=5, acc_dtype=torch.float32, wei
         caps = next(c[1:] for c in HALO_REGISTERS if classes <= c[0])
         step_rows = None  # interpolating: the output rows the backward steps at a time
         if upsample:
-            plan = next(p for p in HALO_UPSAMPLE_PLANS if classes <= p[0])
+            plan = upsample_plan(classes)
             k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
             # where compiled without spills: sm_90, registers not twice as wide
             planned = arch == 90 and not wide
-            caps, step_rows = (plan[2][k], plan[3][k]), 1 + (planned and kernel_size <= plan[4])
+            caps, step_rows = (plan[2][k], plan[3][k]), plan[4][k] if planned else 1
             rows = plan[1][k] if planned else rows
             if kernel_size < 3:  # K = 3's rows; its forward caps spill here under Triton 3.6
                 caps = (MAX_REGISTERS, caps[1])

@@ -26,11 +26,12 @@ DRAM traffic per pixel (C classes of E bytes, labels of Y bytes): the forward re
 and labels and writes P (C*E) and L (4 B, reduction="none" only); the backward reads P, the
 logits and the labels and writes the gradient (C*E); window rows and halo come from L1/L2.
 Interpolating (upsample="bilinear"), both read the low-resolution logits interpolated along
-the columns instead (upsample.columns_interpolated: the logits' height, the target's width) and
-blend two of their rows per output row; the backward stages each tile's share of every input
-row of the low-resolution logits' gradient (and of each band's first row, the band above's
-share apart), which _upsample_columns_kernel sums into the gradient (bench/upsample_model.py
-counts it all).
+the columns instead (upsample.columns_interpolated: the logits' height, the target's width, each
+pixel's classes centred, so that the z-score needs no mean and the forward pools x with 1 / std
+in each coefficient) and blend two of their rows per output row; the backward stages each
+tile's share of every input row of the low-resolution logits' gradient (and of each band's
+first row, the band above's share apart), which _upsample_columns_kernel sums into the gradient
+(bench/upsample_model.py counts it all).
 """
 
 import triton
@@ -153,10 +154,13 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
                 ACC: tl.constexpr, C: tl.constexpr, ZSCORE: tl.constexpr,
                 UPSAMPLE: tl.constexpr):
     """One loaded row of pixels (row qi, the lanes' columns): (z [CLASS_TILE, 32], ok: in the
-    image [32], nan: 1 where the pixel is finite, NaN where not). z is 0 where the pixel is
-    outside the image or not finite, so that a pixel that takes part nowhere contributes exact
-    zeros and one that takes part carries its NaN through its coefficient. UPSAMPLE: the pixels
-    are interpolated from low-resolution logits (_interpolated)."""
+    image [32], nan: 1 where the pixel is finite, NaN where not, scale: the factor of z in each
+    coefficient [32]). z is 0 where the pixel is outside the image or not finite, so that a
+    pixel that takes part nowhere contributes exact zeros and one that takes part carries its
+    NaN through its coefficient. UPSAMPLE: the pixels are interpolated from low-resolution
+    logits (_interpolated) whose classes the column pass centred, so the mean is 0 already; z is
+    the deviation and scale 1 / std (NaN where nan is): one multiply per pixel and window column
+    instead of one per class. Elsewhere scale is nan."""
     ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
     if UPSAMPLE:
         x = _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxh, idx_ptr, lam_ptr, ACC,
@@ -169,17 +173,23 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
     if ZSCORE:
         # sums over the padded classes add -0.0, which folds away at compile time (+0.0 does
         # not: x + 0.0 is not x for x = -0.0)
-        m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
-        dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
+        if UPSAMPLE:
+            dev = tl.where(cmask[:, None], x, 0.0)
+        else:
+            m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
+            dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C + eps)
         finite = rstd == rstd  # a NaN or infinite logit makes the pixel's variance NaN
-        z = dev * rstd[None, :]
+        z = dev if UPSAMPLE else dev * rstd[None, :]
     else:
         total = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0)
         finite = (total - total) == 0
         z = x
     z = tl.where((finite & ok)[None, :], z, 0.0)
-    return z, ok, tl.where(finite, 1.0, float("nan"))
+    nan = tl.where(finite, 1.0, float("nan"))
+    if UPSAMPLE and ZSCORE:
+        return z, ok, nan, tl.where(finite, rstd, float("nan"))
+    return z, ok, nan, nan
 
 
 @triton.jit
@@ -201,8 +211,8 @@ def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, 
     into the centre rows; STATIC: t is a compile-time constant, and only the centre rows it
     reaches are updated."""
     qi = tl.where(plane_ok, row0 - RADIUS + t, -1)  # a plane outside: no row inside
-    z, ok, fin = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr,
-                             lam_ptr, ACC, C, ZSCORE, UPSAMPLE)
+    z, ok, fin, scale = _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps,
+                                    idx_ptr, lam_ptr, ACC, C, ZSCORE, UPSAMPLE)
     y_q = _labels(y_plane, qi, cols, ok, H, W, syh, syw)
     # each centre row's distance to this window row (depth included)
     du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)                  # [ROWS]
@@ -213,18 +223,22 @@ def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, 
         omega = _omega(du, DV, RADIUS, base, inv_base, ROWS)                        # [ROWS]
         # a non-finite neighbour's coefficient is NaN (its z is 0): every class of the centre's
         # pooled vector turns NaN, and with the weight normaliser xi too
-        a = tl.where(same, omega[:, None] * _shift(fin, DV)[None, :], 0.0)
+        a = tl.where(same, omega[:, None] * _shift(scale, DV)[None, :], 0.0)
         update = acc + a[:, None, :] * _shift_rows(z, DV)[None, :, :]
+        if WEIGHT_NORM and UPSAMPLE and ZSCORE:  # a holds 1 / std too
+            weight = tl.where(same, omega[:, None] * _shift(fin, DV)[None, :], 0.0)
+        else:
+            weight = a
         if STATIC:
             acc = tl.where(rows_in[:, :, None], update, acc)
             if WEIGHT_NORM:
-                xi = tl.where(rows_in, xi + a, xi)
+                xi = tl.where(rows_in, xi + weight, xi)
             else:
                 count = tl.where(rows_in, count + same.to(tl.int32), count)
         else:
             acc = update
             if WEIGHT_NORM:
-                xi += a
+                xi += weight
             else:
                 count += same.to(tl.int32)
     return acc, xi, count
@@ -469,13 +483,17 @@ def _backward_scalars(grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, powe
 
 
 @triton.jit
-def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr):
+def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr,
+              CENTRED: tl.constexpr = False):
     """dx [ROWS, CLASS_TILE, 32] = rstd (G - mean_c G - z mean_c(G z)) of the pixels whose logits
-    are x (every class in the lane), G itself without the z-score."""
+    are x (every class in the lane; CENTRED: of mean 0 already), G itself without the z-score."""
     if ZSCORE:  # -0.0 for the padded classes: their terms fold away (see _row_logits)
         real = cmask[None, :, None]
-        m = tl.sum(tl.where(real, x, -0.0), axis=1) / C
-        dev = tl.where(real, x - m[:, None, :], 0.0)
+        if CENTRED:
+            dev = tl.where(real, x, 0.0)
+        else:
+            m = tl.sum(tl.where(real, x, -0.0), axis=1) / C
+            dev = tl.where(real, x - m[:, None, :], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.where(real, dev * dev, -0.0), axis=1) / C + eps)
         mean_G = tl.sum(tl.where(real, G, -0.0), axis=1) / C
         mean_Gz = tl.sum(tl.where(real, G * dev, -0.0), axis=1) * rstd / C
@@ -706,7 +724,8 @@ def _halo_upsample_backward_kernel(
                 x = _interpolated(x_plane, cls, cmask, qr, cols, out_lane, H, W, sxh, idx_ptr,
                                   lam_ptr, ACC, C)
             dx = tl.where(out_lane[None, None, :] & (q0 + r <= q_stop),
-                          _jacobian(x[None, :, :], Gr[None, :, :], cmask, eps, C, ZSCORE), 0.0)
+                          _jacobian(x[None, :, :], Gr[None, :, :], cmask, eps, C, ZSCORE,
+                                    True), 0.0)
             top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
             # wheres on the classes: the class tile's padding stays a constant 0 that the
             # compiler drops (a product with 0 it must keep), instead of registers and sums

@@ -125,13 +125,23 @@ def upsample_tables(logits, size, align_corners, kernel_size):
 LANES = tl.constexpr(TILE_W)
 
 
+@triton.jit
+def _blend(p0, p1, lw, ok, ACC: tl.constexpr, SAME: tl.constexpr):
+    """PyTorch's linear blend of the values at p0 and p1 (SAME: the value at p0, copied)."""
+    x0 = tl.load(p0, mask=ok, other=0.0).to(ACC)
+    if SAME:
+        return x0
+    return (1.0 - lw) * x0 + lw * tl.load(p1, mask=ok, other=0.0).to(ACC)
+
+
 @triton.jit(do_not_specialize=["H", "H_in", "W", "blocks"])
 def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sxb, sxc, sxh, sxw,
                         C: tl.constexpr, SAME: tl.constexpr):
     """32 output columns of one input row, class by class: PyTorch's linear blend of the two input
     columns of each stencil (SAME: the widths are equal, and the row is copied, as F.interpolate
-    copies it), stored as a block of C x 32 values. One value per lane and class: no padded
-    classes to load, and no layout for Triton to convert between the loads and the store."""
+    copies it) less the pixel's mean over the classes, stored as a block of C x 32 values. One
+    value per lane and class: no padded classes to load, and no layout for Triton to convert
+    between the loads and the store."""
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     rest = pid // blocks  # image * H_in + row
@@ -143,13 +153,19 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
     p1 = row + tl.load(idx_ptr + 2 * H + W + jc).to(tl.int64) * sxw
     lw = tl.load(lam_ptr + H + jc).to(ACC)
     out = out_ptr + pid * (C * LANES) + tl.arange(0, LANES)
-    for c in tl.static_range(C):  # pointers stepped by the class stride
-        x0 = tl.load(p0, mask=ok, other=0.0).to(ACC)
-        if SAME:
-            value = x0
-        else:
-            value = (1.0 - lw) * x0 + lw * tl.load(p1, mask=ok, other=0.0).to(ACC)
-        tl.store(out + c * LANES, value, mask=ok)
+    # The classes' mean of the blended values first, then each value less it (a second read,
+    # from L1): the rows' blend keeps the mean 0, so the kernels' z-score needs none, and the
+    # loss and its gradient are unchanged (a pixel's logits count only through differences
+    # between its classes, with or without the z-score).
+    total = tl.zeros([LANES], ACC)
+    q0, q1 = p0, p1
+    for c in tl.static_range(C):  # pointers stepped by the class stride (no 32-bit c * sxc)
+        total += _blend(q0, q1, lw, ok, ACC, SAME)
+        q0 += sxc
+        q1 += sxc
+    mean = total / C
+    for c in tl.static_range(C):
+        tl.store(out + c * LANES, _blend(p0, p1, lw, ok, ACC, SAME) - mean, mask=ok)
         p0 += sxc
         p1 += sxc
 
@@ -157,12 +173,13 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
 def columns_interpolated(logits, size, align_corners, kernel_size):
     """The logits' rows interpolated along the columns to the target's width ``size[1]``, in the
     accumulation dtype, F.interpolate's column weights (one rounding, as PyTorch's bilinear
-    kernels blend a row), laid out in blocks of 32 columns: (B, H_in, cdiv(W, 32), C, 32), so
-    that the kernels reach every class of a lane's column at a compile-time offset from one
-    address (the last block's columns past W are never written nor read). The forward then
-    blends two of these rows per output row: half the loads and a third of the arithmetic of
-    blending four low-resolution pixels per class and pixel, for a buffer 1 / (H / H_in) the
-    target's size."""
+    kernels blend a row) less each pixel's mean over the classes (which the loss and its
+    gradient do not depend on; the kernels' z-score then takes the mean for 0), laid out in
+    blocks of 32 columns: (B, H_in, cdiv(W, 32), C, 32), so that the kernels reach every class
+    of a lane's column at a compile-time offset from one address (the last block's columns past
+    W are never written nor read). The forward then blends two of these rows per output row:
+    half the loads and a third of the arithmetic of blending four low-resolution pixels per
+    class and pixel, for a buffer 1 / (H / H_in) the target's size."""
     batch, classes, h_in, w_in = logits.shape
     height, width = size
     _, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
