@@ -178,7 +178,7 @@ HALO_ROWS_INTERPRETED = 4
 # steps load three; 15% less modelled time at DeepLab-like sizes at 8 warps per SM instead of
 # 11-12), else two, else one. The forward takes four centre rows where they compile without
 # spills (eight loaded rows per four centre rows instead of twelve: 10-30% less modelled time,
-# still issue-bound at 216-255 registers), else two. The caps before the centred column pass
+# still issue-bound, at 232-240 registers at C = 21, K = 5), else two. The caps before the centred column pass
 # (2026-12-05) were the lowest spill-free ones (steps of 8) that a search found under each
 # Triton at 16 x 16 -> 64 x 64 for float32 logits with uint8 and int64 labels and bfloat16
 # logits, the two versions' maxima. Since then each version's plans were checked again under
@@ -265,16 +265,19 @@ HALO_UPSAMPLE_PLANS = {
 }
 
 
-def upsample_plan(classes, new_ptxas=None):
+def _ptxas(new_ptxas=None):
+    """The key of ROW_PLANS and HALO_UPSAMPLE_PLANS for a ptxas (None: the installed Triton's)."""
+    return "3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas) else "3.6"
+
+
+def upsample_plan(classes):
     """The HALO_UPSAMPLE_PLANS entry of ``classes`` for the installed Triton's ptxas."""
-    plans = HALO_UPSAMPLE_PLANS["3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas)
-                                else "3.6"]
-    return next(p for p in plans if classes <= p[0])
+    return next(p for p in HALO_UPSAMPLE_PLANS[_ptxas()] if classes <= p[0])
 
 
 def _plan(classes, kernel_size, new_ptxas):
     """(forward rows, backward rows, forward cap, backward cap) at stride 1 on sm_90."""
-    plans = ROW_PLANS["3.9" if (NEW_PTXAS if new_ptxas is None else new_ptxas) else "3.6"]
+    plans = ROW_PLANS[_ptxas(new_ptxas)]
     if kernel_size > MAX_UNROLLED_K:
         return 0, 1, MAX_REGISTERS, MAX_REGISTERS
     k = (kernel_size - 3) // 2 if kernel_size >= 3 else 0
