@@ -545,8 +545,9 @@ def test_the_column_pass_buffer_is_the_column_blend_less_its_class_mean(w_in, w_
                                                                           align_corners, dtype):
     # The kernels read the logits blended along the columns (PyTorch's column weights) with each
     # pixel's class mean taken out, in blocks of 32 columns: (B, h, cdiv(W, 32), C, 32). The loss
-    # cannot see the mean (it counts only differences between classes), so only this pins it:
-    # the z-score in the kernels takes it for 0.
+    # itself cannot see the mean (it counts only differences between classes); the kernels'
+    # z-score takes it for 0, so a buffer that kept it fails the loss tests too, and this test
+    # pins the buffer itself.
     from lad_triton.kernels.upsample import columns_interpolated
 
     batch, classes, h = 2, 7, 3
