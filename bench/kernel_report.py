@@ -358,10 +358,12 @@ def loop_trips(name, values):
     if name in ("_upsample_columns_kernel", "_column_pass_kernel"):  # no loops
         return []
     if name in ("_halo_forward_kernel", "_halo_backward_kernel"):
-        # depth offsets; the window rows that reach every centre row (the others and the
-        # columns are unrolled; none where the centre rows outnumber the window's: no loop)
+        # depth offsets (none interpolating: an image); the window rows that reach every
+        # centre row (the others and the columns are unrolled; none where the centre rows
+        # outnumber the window's: no loop)
         window = 2 * values["RADIUS"] + 2 - min(values["ROWS"], 2 * values["RADIUS"] + 2)
-        return [2 * values["radius_d"] + 1] + ([window] if window else [])
+        depth = [] if values.get("UPSAMPLE") else [2 * values["radius_d"] + 1]
+        return depth + ([window] if window else [])
     if name == "_forward_kernel" and values["UNROLL"]:
         # depth offsets, window rows (the columns are unrolled)
         window = [2 * values["radius_d"] + 1, values["ROWS"] + 2 * values["radius"]]

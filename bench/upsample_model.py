@@ -65,9 +65,10 @@ class Upsampling:
 
     @property
     def above(self):
-        """The band above's shares of each band's first row (kernels/upsample.py's BAND = 2
-        input rows), staged apart."""
-        return self.stage * -(-self.low[0] // 2) // self.low[0]
+        """The band above's shares of each band's first row (bands of kernels/upsample.py's
+        band_rows input rows: 2 at 8x, 4 at 4x), staged apart."""
+        band = min(max(1, round(16 * self.low[0] / self.high[0])), self.low[0])
+        return self.stage * -(-self.low[0] // band) // self.low[0]
 
 
 WORKLOADS = (

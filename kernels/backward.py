@@ -38,7 +38,7 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .upsample import BAND, columns_interpolated, upsample_tables
+from .upsample import BAND, band_rows, columns_interpolated, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, finite_centres, image_of_P,
                      lane_offsets, minkowski_share, omega_at, omega_of, scalar,
                      tile_coordinates, tile_scale_factors)
@@ -448,15 +448,16 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     cfg = launch_config(classes, 1, kernel_size, acc, weighted, upsample=True,
                         **target_of(logits))
     forward_rows, forward_cols = map(int, plan.split("x"))
-    if not mean:
-        s = s.to(acc).contiguous()
+    # with the mean the kernel takes each tile's share as one exp2 of log2 t (once per tile here
+    # where the kernel would take a log per lane and centre row)
+    s = s.log2() if mean else s.to(acc).contiguous()
     sy = as_volume(target, 3)[1]
     wide = needs_wide_index(span(columns.shape[1:], columns.stride()[1:]),
                             span(dx.shape[1:], dx.stride()[1:]),
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
     tiles = cdiv(width, TILE_W - (kernel_size - 1))
-    band = min(BAND, h_in)
+    band = min(BAND, h_in) if BAND else band_rows(h_in, height)
     bands = cdiv(h_in, band)
     # every input row at each tile's columns, and each band's first row as the band above owes
     # it: shares in the accumulation dtype that _upsample_columns_kernel sums in a fixed order

@@ -129,24 +129,26 @@ def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.
 
 
 @triton.jit
-def _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxh, idx_ptr, lam_ptr,
+def _interpolated(x_plane, cls, cmask, qi, cols, H, W, sxh, idx_ptr, lam_ptr,
                   ACC: tl.constexpr, C: tl.constexpr):
-    """The logits [CLASS_TILE, 32] of output row qi at the lanes' columns, bilinearly interpolated:
-    the plane holds the low-resolution rows already interpolated along the columns (W wide, in
-    blocks of 32 columns: upsample.columns_interpolated, rows sxh apart), so two loads per class
-    from L1/L2, each class at a compile-time offset from the lane's address, and the rows' blend
-    with the weights of kernels/upsample.py's tables (rows' i0, i1 and l first), PyTorch's
-    h0 * (one row's column blend) + h1 * (the next row's)."""
+    """(v [CLASS_TILE, 32], f: a scalar): the logits of output row qi at the lanes' columns,
+    bilinearly interpolated, are f * v. The plane holds the low-resolution rows already
+    interpolated along the columns (W wide, in blocks of 32 columns:
+    upsample.columns_interpolated, rows sxh apart), so two loads per class from L1/L2, each class
+    at a compile-time offset from the lane's address, and one multiply-add: v = x[ia] + rho x[ib]
+    (kernels/upsample.py's _factored, PyTorch's (1 - l) x[i0] + l x[i1] to a rounding). The
+    addresses are clamped into the image, so the loads need no mask (a masked load zeroes its
+    registers first: an instruction per class); the caller zeroes or discards what lies outside."""
     qic = clamp(qi, H - 1)
     q = clamp(cols, W - 1)
     lanes = (q >> 5) * (C * LANES) + (q & (LANES - 1))
-    m = cmask[:, None] & ok[None, :]
-    lh = tl.load(lam_ptr + qic).to(ACC)
-    x0 = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + qic).to(cols.dtype) * sxh, lanes,
-                             cls * LANES), mask=m, other=0.0)
-    x1 = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh, lanes,
-                             cls * LANES), mask=m, other=0.0)
-    return (1.0 - lh) * x0.to(ACC) + lh * x1.to(ACC)
+    m = cmask[:, None]
+    rho = tl.load(lam_ptr + H + W + qic).to(ACC)
+    xa = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + qic).to(cols.dtype) * sxh, lanes,
+                             cls * LANES), mask=m)
+    xb = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh, lanes,
+                             cls * LANES), mask=m)
+    return xa.to(ACC) + rho * xb.to(ACC), tl.load(lam_ptr + 2 * H + W + qic).to(ACC)
 
 
 @triton.jit
@@ -160,11 +162,11 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
     NaN through its coefficient. UPSAMPLE: the pixels are interpolated from low-resolution
     logits (_interpolated) whose classes the column pass centred, so the mean is 0 already; z is
     the deviation and scale 1 / std (NaN where nan is): one multiply per pixel and window column
-    instead of one per class. Elsewhere scale is nan."""
+    instead of one per class, and the interpolation's factor f (_interpolated): f * nan without
+    the z-score. Elsewhere scale is nan."""
     ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
     if UPSAMPLE:
-        x = _interpolated(x_plane, cls, cmask, qi, cols, ok, H, W, sxh, idx_ptr, lam_ptr, ACC,
-                          C)
+        x, f = _interpolated(x_plane, cls, cmask, qi, cols, H, W, sxh, idx_ptr, lam_ptr, ACC, C)
     else:
         qic = clamp(qi, H - 1)
         qjc = clamp(cols, W - 1)
@@ -178,7 +180,10 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
         else:
             m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
             dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C + eps)
+        var = tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C
+        if UPSAMPLE:  # the logits are f * x
+            var = var * (f * f)
+        rstd = 1.0 / tl.sqrt(var + eps)
         finite = rstd == rstd  # a NaN or infinite logit makes the pixel's variance NaN
         z = dev if UPSAMPLE else dev * rstd[None, :]
     else:
@@ -188,7 +193,9 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
     z = tl.where((finite & ok)[None, :], z, 0.0)
     nan = tl.where(finite, 1.0, float("nan"))
     if UPSAMPLE and ZSCORE:
-        return z, ok, nan, tl.where(finite, rstd, float("nan"))
+        return z, ok, nan, tl.where(finite, f * rstd, float("nan"))
+    if UPSAMPLE:
+        return z, ok, nan, f * nan
     return z, ok, nan, nan
 
 
@@ -225,7 +232,7 @@ def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, 
         # pooled vector turns NaN, and with the weight normaliser xi too
         a = tl.where(same, omega[:, None] * _shift(scale, DV)[None, :], 0.0)
         update = acc + a[:, None, :] * _shift_rows(z, DV)[None, :, :]
-        if WEIGHT_NORM and UPSAMPLE and ZSCORE:  # a holds 1 / std too
+        if WEIGHT_NORM and UPSAMPLE:  # a holds f (and 1 / std) too
             weight = tl.where(same, omega[:, None] * _shift(fin, DV)[None, :], 0.0)
         else:
             weight = a
@@ -241,6 +248,41 @@ def _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0, cols, 
                 xi += weight
             else:
                 count += same.to(tl.int32)
+    return acc, xi, count
+
+
+@triton.jit
+def _window_rows(acc, xi, count, pd, dd, far, D, x_img, y_img, sxd, syd, row0, cols, cls, cmask,
+                 y_c, H, W, sxc, sxh, sxw, syh, syw, eps, base, inv_base, idx_ptr, lam_ptr,
+                 ACC: tl.constexpr, C: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
+                 ZSCORE: tl.constexpr, UPSAMPLE: tl.constexpr, WEIGHT_NORM: tl.constexpr):
+    """The forward's sums plus every window row of plane pd + dd (depth distance far)."""
+    qd = pd + dd
+    plane_ok = (qd >= 0) & (qd < D)
+    qdc = clamp(qd, D - 1)
+    x_plane = x_img + qdc * sxd
+    y_plane = y_img + qdc * syd
+    # Window rows t in [ROWS - 1, 2r] reach every centre row: a run-time loop. The others,
+    # above and below, are unrolled: t is then a compile-time constant and so is each
+    # register's centre row, so the updates of the rows they cannot reach fold away (where
+    # multiply-adds by a zero weight would not: 0 * z is not 0 to the compiler).
+    A: tl.constexpr = min(ROWS - 1, 2 * RADIUS + 1)
+    B: tl.constexpr = 2 * RADIUS + 1
+    for t in tl.static_range(0, A):
+        acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0,
+                                     cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh, syw, eps,
+                                     base, inv_base, idx_ptr, lam_ptr, ACC, C, RADIUS, ROWS,
+                                     ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
+    for t in range(A, B):
+        acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0,
+                                     cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh, syw, eps,
+                                     base, inv_base, idx_ptr, lam_ptr, ACC, C, RADIUS, ROWS,
+                                     ZSCORE, UPSAMPLE, WEIGHT_NORM, False)
+    for t in tl.static_range(B, ROWS + 2 * RADIUS):
+        acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far, row0,
+                                     cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh, syw, eps,
+                                     base, inv_base, idx_ptr, lam_ptr, ACC, C, RADIUS, ROWS,
+                                     ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
     return acc, xi, count
 
 
@@ -287,38 +329,26 @@ def _halo_forward_kernel(
     valid = live & (y_c.to(tl.int64) != ignore_index)
     y_c = y_c.to(tl.int32)
     y_cls = tl.minimum(tl.maximum(y_c, 0), C - 1)  # in bounds whatever check_target allowed
+    if UPSAMPLE:
+        # An invalid centre pools nothing (-3 is no pixel's label, -1 marks those outside): its
+        # sums stay exact zeros, and with g = 0 below its P is e * 0 = 0 without a select per
+        # class. (The plain kernels keep the select: their launch plans were measured so.)
+        y_c = tl.where(valid, y_c, -3)
 
     acc = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     xi = tl.zeros([ROWS, LANES], dtype=ACC)
     count = tl.zeros([ROWS, LANES], dtype=tl.int32)  # without the weight normaliser: xi, counted
-    for dd in range(-radius_d, radius_d + 1):
-        qd = pd + dd
-        plane_ok = (qd >= 0) & (qd < D)
-        qdc = clamp(qd, D - 1)
-        x_plane = x_img + qdc * sxd
-        y_plane = y_img + qdc * syd
-        far = tl.abs(dd)
-        # Window rows t in [ROWS - 1, 2r] reach every centre row: a run-time loop. The others,
-        # above and below, are unrolled: t is then a compile-time constant and so is each
-        # register's centre row, so the updates of the rows they cannot reach fold away (where
-        # multiply-adds by a zero weight would not: 0 * z is not 0 to the compiler).
-        A: tl.constexpr = min(ROWS - 1, 2 * RADIUS + 1)
-        B: tl.constexpr = 2 * RADIUS + 1
-        for t in tl.static_range(0, A):
-            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
-                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
-                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
-                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
-        for t in range(A, B):
-            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
-                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
-                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
-                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, False)
-        for t in tl.static_range(B, ROWS + 2 * RADIUS):
-            acc, xi, count = _window_row(acc, xi, count, t, x_plane, y_plane, plane_ok, far,
-                                         row0, cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh,
-                                         syw, eps, base, inv_base, idx_ptr, lam_ptr, ACC, C,
-                                         RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM, True)
+    if UPSAMPLE:  # an image: its one plane at distance 0, a constant in every window row
+        acc, xi, count = _window_rows(acc, xi, count, pd, 0, 0, D, x_img, y_img, sxd, syd, row0,
+                                      cols, cls, cmask, y_c, H, W, sxc, sxh, sxw, syh, syw, eps,
+                                      base, inv_base, idx_ptr, lam_ptr, ACC, C, RADIUS, ROWS,
+                                      ZSCORE, UPSAMPLE, WEIGHT_NORM)
+    else:
+        for dd in range(-radius_d, radius_d + 1):
+            acc, xi, count = _window_rows(acc, xi, count, pd, dd, tl.abs(dd), D, x_img, y_img,
+                                          sxd, syd, row0, cols, cls, cmask, y_c, H, W, sxc, sxh,
+                                          sxw, syh, syw, eps, base, inv_base, idx_ptr, lam_ptr,
+                                          ACC, C, RADIUS, ROWS, ZSCORE, UPSAMPLE, WEIGHT_NORM)
     if not WEIGHT_NORM:
         xi = count.to(ACC)
 
@@ -360,7 +390,7 @@ def _halo_forward_kernel(
         g = w * r
     else:
         tl.store(L_ptr + image * plane + n, L, mask=live)
-        g = tl.full([ROWS, LANES], 1.0, ACC)
+        g = valid.to(ACC) if UPSAMPLE else tl.full([ROWS, LANES], 1.0, ACC)
     if NEED_P:
         scale = g / tl.where(xi > 0, xi, 1.0)
         share = scale / total
@@ -368,9 +398,14 @@ def _halo_forward_kernel(
         # label's class again from the same e_y (a second store to the same address by the same
         # lane, which lands last): the per-class comparison with y would otherwise stay live
         # across the exponentials, packed into registers bit by bit
-        P = tl.where(valid[:, None, :], e * share[:, None, :], 0.0)  # NaN at invalid centres out
-        e_y = tl.exp2((acc_y - top) * k)
-        P_y = tl.where(valid, e_y * share - scale, 0.0)
+        if UPSAMPLE:  # share and scale are 0 at invalid centres, whose e is finite
+            P = e * share[:, None, :]
+            P_y = tl.exp2((acc_y - top) * k) * share - scale
+        else:
+            # (a NaN at invalid centres out)
+            P = tl.where(valid[:, None, :], e * share[:, None, :], 0.0)
+            e_y = tl.exp2((acc_y - top) * k)
+            P_y = tl.where(valid, e_y * share - scale, 0.0)
         lanes = (n >> 5) * (C * LANES) + (n & 31)
         tl.store(_class_ptrs3(P_img, lanes, cls * LANES),
                  P.to(P_ptr.dtype.element_ty), mask=cmask[None, :, None] & live[:, None, :])
@@ -389,7 +424,7 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
                 tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh, syw, base,
                 inv_base, cls, cmask, C: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
                 FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
-                STATIC: tl.constexpr):
+                STATIC: tl.constexpr, UPSAMPLE: tl.constexpr):
     """G plus what centre row row0 - r + t (depth pdc) owes the rows' pixels (see _gather);
     STATIC: t is a compile-time constant, and only the rows it reaches are updated."""
     TW: tl.constexpr = LANES - 2 * RADIUS
@@ -401,12 +436,22 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
     n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
     if MEAN:
         t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
-        s = grad * minkowski_share(t_max, unit, power1)
+        if UPSAMPLE:  # log2 t, and unit is (k - 1) log2 max L: one exp2 (k = 1: 0^0 = 1)
+            s = grad * tl.where(power1 == 0, 1.0, tl.exp2(power1 * t_max - unit))
+        else:
+            s = grad * minkowski_share(t_max, unit, power1)
     else:
         s = tl.load(s_img + n)
     s = tl.where(ok, s, 0.0)
-    Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
-                 mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+    if UPSAMPLE and MEAN:
+        # The address is clamped into the image and s is 0 where not ok; a NaN in P there
+        # (a NaN cost) makes every gradient element NaN anyway. Unmasked, the load needs no
+        # zeroed registers first (an instruction per class).
+        Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
+                     mask=cmask[:, None]).to(ACC)
+    else:
+        Pr = tl.load(_class_ptrs(P_img, (n >> 5) * (C * LANES) + (n & 31), cls * LANES),
+                     mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
     if not MEAN:
         Pr, s = finite_centres(Pr, s, cls, 0)
     du = tl.maximum(tl.abs(t - RADIUS - tl.arange(0, ROWS)), far)
@@ -428,13 +473,16 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
 def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, cols, y_q, D, H,
             W, ftiles_h, ftiles_w, syd, syh, syw, radius_d, base, inv_base, cls, cmask,
             C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
-            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr):
+            FROWS: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
+            UPSAMPLE: tl.constexpr = False):
     """G [ROWS, CLASS_TILE, 32] of the pixels q of rows row0 .. row0 + ROWS - 1 (labels y_q, -2
     where not an output pixel): the sum over the centres p whose window holds q, with y_p == y_q,
     of omega * dL_p * P_p, gathered from the centre rows, each loaded once. MEAN: dL_p = grad * a
     * (t / max L)^(k-1), t the max L of p's forward tile (FROWS rows of 32 - 2r centres), times
     the factor w_p (L_p / t)^(k-1) already in P; else dL from the map at s_img. The centre rows
-    that reach some output rows but not all are unrolled (see _halo_forward_kernel)."""
+    that reach some output rows but not all are unrolled (see _halo_forward_kernel). UPSAMPLE
+    (the interpolating backward): with MEAN, s_ptr holds log2 t and unit is (k - 1) log2 max L
+    (_halo_upsample_backward_kernel), and P's loads are unmasked."""
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
     for dd in range(-radius_d, radius_d + 1):
@@ -451,17 +499,17 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
             G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
                             far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
                             syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
-                            True)
+                            True, UPSAMPLE)
         for t in range(A, B):
             G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
                             far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
                             syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
-                            False)
+                            False, UPSAMPLE)
         for t in tl.static_range(B, ROWS + 2 * RADIUS):
             G = _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane_ok,
                             far, tile_plane, row0, cols, col_in, y_q, H, W, ftiles_w, syd, syh,
                             syw, base, inv_base, cls, cmask, C, RADIUS, ROWS, FROWS, MEAN, ACC,
-                            True)
+                            True, UPSAMPLE)
     return tl.where(cmask[None, :, None], G, 0.0)
 
 
@@ -483,17 +531,13 @@ def _backward_scalars(grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, powe
 
 
 @triton.jit
-def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr,
-              CENTRED: tl.constexpr = False):
+def _jacobian(x, G, cmask, eps, C: tl.constexpr, ZSCORE: tl.constexpr):
     """dx [ROWS, CLASS_TILE, 32] = rstd (G - mean_c G - z mean_c(G z)) of the pixels whose logits
-    are x (every class in the lane; CENTRED: of mean 0 already), G itself without the z-score."""
+    are x (every class in the lane), G itself without the z-score."""
     if ZSCORE:  # -0.0 for the padded classes: their terms fold away (see _row_logits)
         real = cmask[None, :, None]
-        if CENTRED:
-            dev = tl.where(real, x, 0.0)
-        else:
-            m = tl.sum(tl.where(real, x, -0.0), axis=1) / C
-            dev = tl.where(real, x - m[:, None, :], 0.0)
+        m = tl.sum(tl.where(real, x, -0.0), axis=1) / C
+        dev = tl.where(real, x - m[:, None, :], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.where(real, dev * dev, -0.0), axis=1) / C + eps)
         mean_G = tl.sum(tl.where(real, G, -0.0), axis=1) / C
         mean_Gz = tl.sum(tl.where(real, G * dev, -0.0), axis=1) * rstd / C
@@ -553,7 +597,7 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
+def _flush(dst, acc, cmask, own, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
            STEPS: tl.constexpr, TAIL: tl.constexpr):
     """Stage a finished low-resolution row of the gradient at ``dst`` (its tile's input columns,
     [CLASS_TILE, SPAN] in the accumulation dtype, for _upsample_columns_kernel): acc ([1,
@@ -566,7 +610,8 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
     order) leave a column's total at its run's first lane: its own run's first sum plus the run
     before's last (``store`` lanes, at column ``k`` of the tile's). The last run's second sum, owed
     to the column after it, is stored by the lane after it, or with TAIL (no lane after: K = 1) by
-    the ``tail`` lane itself."""
+    the ``tail`` lane itself. Only the ``own`` lanes' (the output lanes') acc counts: elsewhere it
+    may hold a NaN of a pixel outside the tile, which a product with a weight of 0 would keep."""
     lane = tl.arange(0, LANES)
     cls = tl.arange(0, acc.shape[1])
     # wheres, not products with 0: a NaN stays in its stencil's columns, as PyTorch's; and on
@@ -582,7 +627,7 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
         tl.store(_class_ptrs3(dst, k[None, :] + 1, cls * SPAN), last,
                  mask=real & tail[None, None, :])
     lead = (lane > 0) & (_shift(key, -1) != key)
-    total = tl.where(real, acc * wa[None, None, :], 0.0)
+    total = tl.where(real & own[None, None, :], acc * wa[None, None, :], 0.0)
     total = tl.where(real & lead[None, None, :], total + _shift3(last, -1), total)
     for s in tl.static_range(STEPS):
         ahead = (lane + (1 << s) < LANES) & (_shift(key, 1 << s) == key)
@@ -599,7 +644,8 @@ def _halo_upsample_backward_kernel(
                  # (B, H_in, cdiv(W, 32), C, 32) (upsample.columns_interpolated)
     y_ptr,       # target (B, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32) over the target's pixels, as _halo_backward_kernel's
-    s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's)
+    s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's),
+                 # but with MEAN log2 of each forward tile's max L
     grad_ptr,
     scal_ptr,
     stage_ptr,   # out (B, H_in, tiles, C, SPAN) ACC: each input row at its tiles' columns
@@ -608,7 +654,7 @@ def _halo_upsample_backward_kernel(
     idx_ptr,     # int32 and ACC tables of kernels/upsample.py
     lam_ptr,
     H, W, H_in, bands, tiles, ftiles_h, ftiles_w,
-    band,        # input rows per program (kernels/upsample.py's BAND)
+    band,        # input rows per program (kernels/upsample.py's band_rows)
     sxb, sxh,    # the columns' image and row strides
     syb, syh, syw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
@@ -631,6 +677,9 @@ def _halo_upsample_backward_kernel(
     TW: tl.constexpr = LANES - 2 * RADIUS
     eps, base, inv_base, grad, unit, power1 = _backward_scalars(
         grad_ptr, scal_ptr, eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo, ACC, MEAN)
+    if MEAN:  # s_ptr holds log2 t: a tile's share (t / max L)^(k-1) is one exp2 (_gather)
+        max_l = tl.load(scal_ptr + 1)
+        unit = power1 * tl.log2(tl.where(max_l > 0, max_l, 1.0)).to(ACC)
     pid = tl.program_id(0).to(tl.int64)
     tile = pid % tiles
     rest = pid // tiles
@@ -689,10 +738,10 @@ def _halo_upsample_backward_kernel(
         # The first row's stencil, before the gather: a flush then holds no G. Where it moved
         # down (h0 == a + 1), A's row is owed nothing more. (A loop over the rows passed, one
         # or none, not an if: so bench/kernel_report.py can count it by how often it runs.)
-        h0 = tl.load(idx_ptr + q0)
+        h0 = tl.minimum(tl.load(idx_ptr + q0), tl.load(idx_ptr + H + q0))
         for _ in range(a, h0):
-            _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
-                   RADIUS == 0)
+            _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN,
+                   STEPS, RADIUS == 0)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
             a += 1
@@ -702,49 +751,65 @@ def _halo_upsample_backward_kernel(
         y_q = tl.where(out_lane[None, :] & (q <= q_stop)[:, None], y_q, -2)
         G = _gather(y_img, P_img, s_ptr, s_ptr + image * plane, grad, unit, power1, image, 0,
                     q0, cols, y_q, 1, H, W, ftiles_h, ftiles_w, 0, syh, syw, 0, base, inv_base,
-                    cls, cmask, C, CLASS_TILE, RADIUS, ROWS, FROWS, MEAN, ACC)
+                    cls, cmask, C, CLASS_TILE, RADIUS, ROWS, FROWS, MEAN, ACC, True)
         # one output row at a time: its stencil's rows decide where its gradient goes (a row
         # past the band's last, in its last step, adds zeros)
         for r in tl.static_range(ROWS):
             qr = tl.minimum(q0 + r, q_stop)
-            h0 = tl.load(idx_ptr + qr)
-            h1 = tl.load(idx_ptr + H + qr)
+            ia = tl.load(idx_ptr + qr)  # the stencil's rows, the larger weight's first
+            ib = tl.load(idx_ptr + H + qr)
+            h0 = tl.minimum(ia, ib)
+            h1 = tl.maximum(ia, ib)
             lh = tl.load(lam_ptr + qr).to(ACC)
             if r > 0:
                 for _ in range(a, h0):
-                    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN,
-                           STEPS, RADIUS == 0)
+                    _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k,
+                           tail, SPAN, STEPS, RADIUS == 0)
                     A = B
                     B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
                     a += 1
             # row r of G: a sum with -0.0 over the rows, which folds to a register pick
             Gr = tl.sum(tl.where((tl.arange(0, ROWS) == r)[:, None, None], G, -0.0), axis=0)
-            x = Gr
-            if ZSCORE:
-                x = _interpolated(x_plane, cls, cmask, qr, cols, out_lane, H, W, sxh, idx_ptr,
-                                  lam_ptr, ACC, C)
-            dx = tl.where(out_lane[None, None, :] & (q0 + r <= q_stop),
-                          _jacobian(x[None, :, :], Gr[None, :, :], cmask, eps, C, ZSCORE,
-                                    True), 0.0)
             top = tl.where(h1 == h0, 1.0, 1.0 - lh)  # the last input row takes both weights
+            # The row's gradient at the interpolated logits f * v (_interpolated) is rstd * u,
+            # u = G - v * c: the z-score's Jacobian without its - mean_c G, which is 0 up to P's
+            # rounding (P sums to 0 over the classes at every centre, the softmax's gradient, so
+            # G does at every pixel). rstd and the row's weights ride on one factor per lane and
+            # accumulator, 0 off the output lanes and rows (where u may be NaN from a pixel
+            # outside: _flush drops those lanes' sums).
+            keep = out_lane & (q0 + r <= q_stop)
+            u = Gr
+            wgt = tl.full([LANES], 1.0, ACC)
+            if ZSCORE:
+                v, f = _interpolated(x_plane, cls, cmask, qr, cols, H, W, sxh, idx_ptr, lam_ptr,
+                                     ACC, C)
+                v = tl.where(cmask[:, None], v, 0.0)
+                f2 = f * f
+                wgt = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], v * v, -0.0), axis=0)
+                                    * (f2 / C) + eps)
+                c = tl.sum(tl.where(cmask[:, None], Gr * v, -0.0), axis=0) * (wgt * wgt * (f2 / C))
+                u = Gr - v * c[None, :]
             # wheres on the classes: the class tile's padding stays a constant 0 that the
             # compiler drops (a product with 0 it must keep), instead of registers and sums
             # nobody stores
-            A = tl.where(cmask[None, :, None], A + top * dx, 0.0)
-            B = tl.where(cmask[None, :, None], B + (1.0 - top) * dx, 0.0)
+            ta = tl.where(keep, top * wgt, 0.0)
+            tb = tl.where(keep, (1.0 - top) * wgt, 0.0)
+            A = tl.where(cmask[None, :, None], A + ta[None, None, :] * u[None, :, :], 0.0)
+            B = tl.where(cmask[None, :, None], B + tb[None, None, :] * u[None, :, :], 0.0)
     # The last output row's stencil starts at i_end - 1, or at i_end - 2 where i_end - 1 is
     # only ever a stencil's second row (align_corners=True, whose scale can round below
     # (n - 1) / (m - 1)): then B's row is the band's last (the loop's one trip). A band with no
     # output rows (such a last row alone) stores zeros.
-    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+    _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
            RADIUS == 0)
     for _ in range(a + 1, i_end):
         a += 1
-        _flush(stage + a * step, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+        _flush(stage + a * step, B, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
                RADIUS == 0)
         B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
     if i_end < H_in:  # the next band's first row: this band's share (zeros if it owes none)
-        _flush(below, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS, RADIUS == 0)
+        _flush(below, B, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+               RADIUS == 0)
 
 
 @triton.jit(do_not_specialize=["H", "W", "H_in", "W_in", "bands", "tiles", "band"])

@@ -29,10 +29,18 @@ from .config import TILE_W, accumulation_dtype, cdiv
 
 # The interpolating backward's input rows per program (a band). Every output row is formed once
 # (a band's first row is summed from the band above's share and its own), so a band's size only
-# sets the grid: two rows model fastest at both benchmark workloads (a half batch's backward,
-# DeepLab-like 65 -> 513 rows: 152 us; 1, 3 and 4 rows: 156, 181, 181; SegFormer-like 128 -> 512:
-# 254 us; 266, 271, 248). It does not depend on the GPU, so neither does the gradient.
-BAND = 2
+# sets the grid and how often a program stages a row: bands of about BAND_OUTPUT_ROWS output rows
+# model fastest at both benchmark workloads (a half batch's backward, DeepLab-like 65 -> 513 rows,
+# 8x: 2 input rows, 85 us; 3 and 4: 100, 100; SegFormer-like 128 -> 512, 4x: 4 rows, 153 us; 2, 3,
+# 6 and 8: 158, 167, 176, 166). BAND, where set, overrides band_rows (the tests take every size).
+# Neither depends on the GPU, so neither does the gradient.
+BAND = None
+BAND_OUTPUT_ROWS = 16
+
+
+def band_rows(h_in, h):
+    """The interpolating backward's input rows per program for h_in input and h output rows."""
+    return min(max(1, round(BAND_OUTPUT_ROWS * h_in / h)), h_in)
 
 
 def _round32(value):
@@ -105,15 +113,36 @@ def plan_of(logits, size, align_corners, kernel_size):
                  bool(align_corners), logits.dtype == torch.float64, TILE_W - (kernel_size - 1))
 
 
+def _factored(i0, i1, lam, wide):
+    """Each output row's blend (1 - l) x[i0] + l x[i1] as f (x[ia] + rho x[ib]), ia the input row
+    of the larger weight f and rho = the other weight / f in [0, 1]: the kernels blend a class
+    with one multiply-add, and f rides on the z-score's per-pixel factor (one multiply per
+    pixel instead of one per class). (ia, ib, rho, f) as lists, 1 - l rounded as PyTorch's."""
+    r = (lambda v: v) if wide else _round32
+    ia, ib, rho, f = [], [], [], []
+    for a, b, l in zip(i0, i1, lam):
+        h0 = r(1.0 - l)
+        if l > h0:
+            a, b, h0, l = b, a, l, h0
+        ia.append(a)
+        ib.append(b)
+        rho.append(r(l / h0))
+        f.append(h0)
+    return ia, ib, rho, f
+
+
 @functools.lru_cache(maxsize=64)
 def _tables(plan, dtype, device):
-    """``plan``'s tables on ``device``: int32 i0, i1 of every output row (H each) and column (W
-    each), then first and last output row of every input row (H_in each) and output column of
-    every input column (W_in each); l of every output row, then column, in ``dtype``."""
-    index = torch.tensor(plan.rows[0] + plan.rows[1] + plan.cols[0] + plan.cols[1]
+    """``plan``'s tables on ``device``: int32 ia, ib of every output row (H each: _factored's; i0 =
+    min(ia, ib), i1 = max(ia, ib)) and i0, i1 of every column (W each), then first and last
+    output row of every input row (H_in each) and output column of every input column (W_in
+    each); in ``dtype``: l of every output row, then column, then rho and f of every row."""
+    ia, ib, rho, f = _factored(*plan.rows[:3], dtype == torch.float64)
+    index = torch.tensor(ia + ib + plan.cols[0] + plan.cols[1]
                          + plan.rows[3] + plan.rows[4] + plan.cols[3] + plan.cols[4],
                          dtype=torch.int32)
-    return index.to(device), torch.tensor(plan.rows[2] + plan.cols[2], dtype=dtype).to(device)
+    weight = torch.tensor(plan.rows[2] + plan.cols[2] + rho + f, dtype=dtype)
+    return index.to(device), weight.to(device)
 
 
 def upsample_tables(logits, size, align_corners, kernel_size):

@@ -238,7 +238,7 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                 upsample=upsample, align_corners=align_corners, columns=columns)
             if not zscore:  # the backward reads them only for the z-score's Jacobian
                 columns = None
-            tile_max = part_partials[:, 0].contiguous()
+            tile_max = part_partials[:, 0]
             # the combine's max L: NaN tiles left out (their NaN reaches the loss and a)
             scalars[i, 1] = tile_max.nan_to_num(0.0, math.inf).amax()
             kernels_backward.backward(tile_max, logits[part], target[part], P,

@@ -538,6 +538,81 @@ def test_the_kernels_tables_are_pytorchs_weights(n, m, align_corners, dtype):
     assert float((ours - rule).abs().max()) <= 4 * eps * max(1, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("n,m", [(65, 513), (128, 512), (5, 17), (7, 7), (1, 9), (3, 1000)])
+def test_the_kernels_row_blend_is_pytorchs_with_its_larger_weight_factored(n, m, align_corners,
+                                                                            dtype):
+    # The kernels blend an output row as f (x[ia] + rho x[ib]): one multiply-add per class, f
+    # riding on the z-score's factor per pixel. Its rows are PyTorch's two, the larger weight
+    # f = max(1 - l, l) in [1/2, 1] comes first and rho <= 1 is the other over it, so that in
+    # the accumulation dtype it reproduces (1 - l) x[i0] + l x[i1] to a few roundings.
+    from lad_triton.kernels.upsample import _axis, _factored
+
+    wide = dtype == torch.float64
+    i0, i1, lam = _axis(n, m, align_corners, wide)
+    ia, ib, rho, f = _factored(i0, i1, lam, wide)
+    assert all(sorted(pair) == [a, b] for pair, a, b in zip(zip(ia, ib), i0, i1))
+    one_less = [float(torch.tensor(1 - l, dtype=dtype)) for l in lam]  # rounded as PyTorch's
+    assert all(0.5 <= v <= 1 and v == max(h, l) for v, h, l in zip(f, one_less, lam))
+    assert all(0 <= r <= 1 for r in rho)
+    assert any(a != b and a == j for a, b, j in zip(ia, ib, i1)) or m <= n or n == 1  # swaps
+    x = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(n * m))
+    lam_, rho_, f_ = (torch.tensor(v, dtype=dtype) for v in (lam, rho, f))
+    ours = f_ * (x[ia] + rho_ * x[ib])
+    theirs = (1 - lam_) * x[i0] + lam_ * x[i1]
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(ours, theirs, rtol=0, atol=4 * eps * float(x.abs().max()))
+
+
+def test_the_backward_bands_hold_about_16_output_rows():
+    # The interpolating backward's grid: bands of about 16 output rows, what models fastest at
+    # both benchmark workloads (2 input rows at DeepLab-like 8x, 4 at SegFormer-like 4x),
+    # never empty nor past the input's rows. (Correctness holds at every band: the tests
+    # above set BAND to 1, 2, 3 and 7.)
+    from lad_triton.kernels.upsample import band_rows
+
+    assert band_rows(65, 513) == 2 and band_rows(128, 512) == 4
+    for h_in in range(1, 40):
+        for h in (h_in, 2 * h_in + 1, 4 * h_in, 16 * h_in, 64 * h_in):
+            band = band_rows(h_in, h)
+            assert 1 <= band <= h_in
+            if 1 < band < h_in:  # not held to a bound: the output rows nearest 16
+                assert abs(band * h / h_in - 16) <= h / h_in / 2 + 1e-9
+
+
+@pytest.mark.parametrize("power", [1.0, 3.0])
+def test_tiles_of_zero_costs_in_the_gradient_formed_in_the_forward(power):
+    # Without the z-score a label leading by far costs exactly 0: a forward tile of such
+    # centres has max L t = 0, whose share of the mean's gradient the interpolating backward
+    # takes as 2^((k - 1)(log2 t - log2 max L)): 0 for k > 1, and for k = 1 (0^0 = 1) a product
+    # 0 * -inf it must not form (a NaN would reach every pixel of the same class nearby).
+    gen = torch.Generator().manual_seed(int(power))
+    logits = torch.randn(1, 3, 4, 16, generator=gen, dtype=torch.float64)
+    logits[:, 0, :, :9] = 500.0  # class 0 far ahead on the left
+    target = torch.randint(0, 3, (1, 16, 64), generator=gen)
+    target[:, :, :32] = 0
+    options = dict(kernel_size=3, power=power, zscore=False, upsample="bilinear",
+                   align_corners=False)
+    low = logits.float().to(DEVICE).requires_grad_(True)
+    loss = locally_adaptive_loss(low, target.to(DEVICE), backend="triton", **options)
+    (grad,) = torch.autograd.grad(loss, low)
+
+    ref_low = logits.clone().requires_grad_(True)
+    high = interpolate_reference(ref_low, (16, 64), False)
+    ref = lad_reference(high.detach(), target, kernel_size=3, power=power, zscore=False)
+    (ref_grad,) = torch.autograd.grad(high, ref_low, ref.grad)
+    (grad_floor,) = torch.autograd.grad(interpolate_reference(ref_low, (16, 64), False), ref_low,
+                                        ref.grad_floor)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+    assert close(loss, ref.loss, ref.loss_floor, TOLERANCE[torch.float32][0])
+    assert close(grad, ref_grad, grad_floor, TOLERANCE[torch.float32][1])
+    # whole forward tiles cost 0: the centres of the first 30 columns (the first tile's 30 at
+    # K = 3, as many as 4 rows and their window reach) have class 0 far ahead
+    high32 = F.interpolate(logits, size=(16, 64), mode="bilinear")[0]
+    assert bool((high32[0, :, :31] - high32[1:, :, :31].amax(0) > 300).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("w_in, w_out", [(5, 37), (9, 9), (3, 64)])
@@ -620,13 +695,16 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     # 33 -> 64 here) and staged shares of
     # the low-resolution gradient (float32, per input row, column tile of 28, input column a
     # tile touches (at most 9 at both sizes: 28 output columns reach 7 input columns and a
-    # part of 2 more) and class, and again per band of two input rows: the band above's
-    # share), the float32 gradient G kept for the backward, and a little more
+    # part of 2 more) and class, and again per band of input rows: the band above's share),
+    # the float32 gradient G kept for the backward, and a little more
+    from lad_triton.kernels.upsample import band_rows
+
     images = math.ceil(2 / GRADIENT_PARTS)
     assert images == 1
     h_in, tiles = logits.shape[2], math.ceil(high[1] / 28)
     padded = images * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
-    staged = images * (h_in + math.ceil(h_in / 2)) * tiles * 9 * 21 * 4 / 2**20
+    bands = math.ceil(h_in / band_rows(h_in, high[0]))
+    staged = images * (h_in + bands) * tiles * 9 * 21 * 4 / 2**20
     columns = images * 21 * h_in * math.ceil(high[1] / 32) * 32 * 4 / 2**20  # blocks of 32
     expected = padded + columns + logits.numel() * 4 / 2**20 + staged
     assert expected <= ours <= 1.03 * expected and theirs >= 2.9 * full, (ours, expected, theirs)
