@@ -435,7 +435,10 @@ def _gather_row(G, t, y_img, P_img, s_ptr, s_img, grad, unit, power1, pdc, plane
     y_p = _labels(y_img + pdc * syd, tl.where(plane_ok, pi, -1), cols, ok, H, W, syh, syw)
     n = (pdc * H + pic) * W + pjc  # the centres' flat index in the image
     if MEAN:
-        t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
+        if UPSAMPLE:  # s_ptr: each lane's column of forward tiles (_gather)
+            t_max = tl.load(s_ptr + (pic // FROWS) * ftiles_w)
+        else:
+            t_max = tl.load(s_ptr + (tile_plane + pic // FROWS) * ftiles_w + pjc // TW)
         if UPSAMPLE:  # log2 t, and unit is (k - 1) log2 max L: one exp2 (k = 1: 0^0 = 1)
             s = grad * tl.where(power1 == 0, 1.0, tl.exp2(power1 * t_max - unit))
         else:
@@ -485,6 +488,8 @@ def _gather(y_img, P_img, s_ptr, s_img, grad, unit, power1, image, qd, row0, col
     (_halo_upsample_backward_kernel), and P's loads are unmasked."""
     G = tl.zeros([ROWS, CLASS_TILE, LANES], dtype=ACC)
     col_in = (cols >= 0) & (cols < W)
+    if UPSAMPLE and MEAN:  # each lane's column of the image's forward tiles, once (D = 1)
+        s_ptr += image * ftiles_h * ftiles_w + clamp(cols, W - 1) // (LANES - 2 * RADIUS)
     for dd in range(-radius_d, radius_d + 1):
         pd = qd - dd
         plane_ok = (pd >= 0) & (pd < D)
@@ -843,16 +848,17 @@ def _upsample_columns_kernel(
     cls = tl.arange(0, CLASS_TILE)
     m = (cls < C)[:, None] & jm[None, :]
     two = m & (t2 != t1)[None, :]
-    offs1 = (t1 * (C * SPAN) + k1)[None, :] + (cls * SPAN)[:, None]
-    offs2 = (t2 * (C * SPAN) + k2)[None, :] + (cls * SPAN)[:, None]
+    # one address per lane and share, the classes (SPAN apart) its loads' immediate offsets
+    lanes1 = t1 * (C * SPAN) + k1
+    lanes2 = t2 * (C * SPAN) + k2
     staged = stage_ptr + (image * H_in + row) * tiles * (C * SPAN)
-    total = (tl.load(staged + offs1, mask=m, other=0.0)
-             + tl.load(staged + offs2, mask=two, other=0.0))
+    total = (tl.load(_class_ptrs(staged, lanes1, cls * SPAN), mask=m, other=0.0)
+             + tl.load(_class_ptrs(staged, lanes2, cls * SPAN), mask=two, other=0.0))
     b = row // band
     if (row == b * band) & (row > 0):
         above = above_ptr + (image * bands + b) * tiles * (C * SPAN)
-        total += (tl.load(above + offs1, mask=m, other=0.0)
-                  + tl.load(above + offs2, mask=two, other=0.0))
+        total += (tl.load(_class_ptrs(above, lanes1, cls * SPAN), mask=m, other=0.0)
+                  + tl.load(_class_ptrs(above, lanes2, cls * SPAN), mask=two, other=0.0))
     out = dx_ptr + image * sdb + row * sdh
     tl.store(out + (cls.to(tl.int64) * sdc)[:, None] + (j.to(tl.int64) * sdw)[None, :],
              total.to(dx_ptr.dtype.element_ty), mask=m)
