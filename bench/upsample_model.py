@@ -46,9 +46,9 @@ class Upsampling:
     @property
     def columns(self):
         """The low-resolution logits interpolated along the columns, float32, in blocks of 32
-        columns (B, h, cdiv(W, 32), C, 32): the rows the fused kernels blend
-        (kernels/upsample.py's columns_interpolated)."""
-        return self.batch * self.classes * self.low[0] * -(-self.high[1] // 32) * 32 * 4
+        columns and a row of flags (B, h, cdiv(W, 32), C + 1, 32): the rows the fused kernels
+        blend (kernels/upsample.py's columns_interpolated)."""
+        return self.batch * (self.classes + 1) * self.low[0] * -(-self.high[1] // 32) * 32 * 4
 
     @property
     def span(self):

@@ -596,6 +596,13 @@ def interpolates(logits, size, mode, align_corners, *, kernel_size, stride, weig
     return not need_grad or plan_of(logits, size, align_corners, kernel_size).fits
 
 
+def small_power(power):
+    """k - 1 where the Minkowski exponent k is 2, 3 or 4 (the interpolating forward then takes
+    (L / t)^(k-1) as products), else 0."""
+    k = float(power)
+    return int(k) - 1 if k in (2.0, 3.0, 4.0) else 0
+
+
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
             weight_base, normalizer, zscore, need_grad, mean, plan=None, upsample="",
             align_corners=False, columns=None):
@@ -621,7 +628,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
     y_shape, sy = as_volume(target, 3)
     x_span = span((classes, depth, height, width), sx[1:])
-    if upsample:  # the kernel reads blocks of columns (B, H_in, blocks, C, 32): image and row
+    if upsample:  # the kernel reads blocks of columns (B, H_in, blocks, C + 1, 32): image, row
         height, width = size  # strides only
         sx = (x.stride(0), 0, 0, x.stride(1), 0)
         x_span = span(x.shape[1:], x.stride()[1:])
@@ -651,7 +658,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
             C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2,
             ROWS=cfg.forward_rows, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
             HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide,
-            UPSAMPLE=bool(upsample), **cfg.forward_launch)
+            UPSAMPLE=bool(upsample), POWER1=small_power(power) if upsample else 0,
+            **cfg.forward_launch)
         return L, partials, ticket, P
     assert not upsample, "the generic kernels do not interpolate (interpolates())"
     stats = (batch, depth, height, width) if zscore else (0,)

@@ -131,24 +131,28 @@ def _omega(du, DV: tl.constexpr, RADIUS: tl.constexpr, base, inv_base, ROWS: tl.
 @triton.jit
 def _interpolated(x_plane, cls, cmask, qi, cols, H, W, sxh, idx_ptr, lam_ptr,
                   ACC: tl.constexpr, C: tl.constexpr):
-    """(v [CLASS_TILE, 32], f: a scalar): the logits of output row qi at the lanes' columns,
-    bilinearly interpolated, are f * v. The plane holds the low-resolution rows already
-    interpolated along the columns (W wide, in blocks of 32 columns:
-    upsample.columns_interpolated, rows sxh apart), so two loads per class from L1/L2, each class
-    at a compile-time offset from the lane's address, and one multiply-add: v = x[ia] + rho x[ib]
-    (kernels/upsample.py's _factored, PyTorch's (1 - l) x[i0] + l x[i1] to a rounding). The
-    addresses are clamped into the image, so the loads need no mask (a masked load zeroes its
-    registers first: an instruction per class); the caller zeroes or discards what lies outside."""
+    """(v [CLASS_TILE, 32], f: a scalar, flag [32]): the logits of output row qi at the lanes'
+    columns, bilinearly interpolated, are f * v where flag is 0 and not finite where it is NaN (v
+    is finite: the column pass stores a non-finite pixel as zeros and a NaN flag). The plane holds
+    the low-resolution rows already interpolated along the columns (W wide, in blocks of 32
+    columns: upsample.columns_interpolated, rows sxh apart), so two loads per class from L1/L2,
+    each class at a compile-time offset from the lane's address, and one multiply-add: v = x[ia]
+    + rho x[ib] (kernels/upsample.py's _factored, PyTorch's (1 - l) x[i0] + l x[i1] to a
+    rounding); the flags blend alike, so that a NaN spreads as PyTorch's blend spreads it (with a
+    weight of 0 too). The addresses are clamped into the image, so the loads need no mask (a
+    masked load zeroes its registers first: an instruction per class); the caller weights what
+    lies outside by 0."""
     qic = clamp(qi, H - 1)
     q = clamp(cols, W - 1)
-    lanes = (q >> 5) * (C * LANES) + (q & (LANES - 1))
+    lanes = (q >> 5) * ((C + 1) * LANES) + (q & (LANES - 1))
     m = cmask[:, None]
     rho = tl.load(lam_ptr + H + W + qic).to(ACC)
-    xa = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + qic).to(cols.dtype) * sxh, lanes,
-                             cls * LANES), mask=m)
-    xb = tl.load(_class_ptrs(x_plane + tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh, lanes,
-                             cls * LANES), mask=m)
-    return xa.to(ACC) + rho * xb.to(ACC), tl.load(lam_ptr + 2 * H + W + qic).to(ACC)
+    ra = x_plane + tl.load(idx_ptr + qic).to(cols.dtype) * sxh
+    rb = x_plane + tl.load(idx_ptr + H + qic).to(cols.dtype) * sxh
+    xa = tl.load(_class_ptrs(ra, lanes, cls * LANES), mask=m)
+    xb = tl.load(_class_ptrs(rb, lanes, cls * LANES), mask=m)
+    flag = tl.load(ra + lanes + C * LANES) + rho * tl.load(rb + lanes + C * LANES)
+    return xa + rho * xb, tl.load(lam_ptr + 2 * H + W + qic).to(ACC), flag
 
 
 @triton.jit
@@ -159,43 +163,42 @@ def _row_logits(x_plane, cls, cmask, qi, cols, H, W, sxc, sxh, sxw, eps, idx_ptr
     image [32], nan: 1 where the pixel is finite, NaN where not, scale: the factor of z in each
     coefficient [32]). z is 0 where the pixel is outside the image or not finite, so that a
     pixel that takes part nowhere contributes exact zeros and one that takes part carries its
-    NaN through its coefficient. UPSAMPLE: the pixels are interpolated from low-resolution
-    logits (_interpolated) whose classes the column pass centred, so the mean is 0 already; z is
-    the deviation and scale 1 / std (NaN where nan is): one multiply per pixel and window column
-    instead of one per class, and the interpolation's factor f (_interpolated): f * nan without
-    the z-score. Elsewhere scale is nan."""
+    NaN through its coefficient; elsewhere scale is nan. UPSAMPLE: the pixels are interpolated
+    from low-resolution logits (_interpolated: f * x, and a flag, NaN where not finite) whose
+    classes the column pass centred, so the mean is 0 already, and which are finite (a
+    non-finite pixel is zeros and its flag), so z = x needs no select: outside the image (rows
+    and columns clamped into it) and beside a centre of another class its coefficient is 0, and
+    the flag rides on the coefficient: scale is f / std + flag (f + flag without the z-score),
+    one multiply per pixel and window column instead of one per class."""
     ok = also((cols >= 0) & (cols < W), (qi >= 0) & (qi < H))
     if UPSAMPLE:
-        x, f = _interpolated(x_plane, cls, cmask, qi, cols, H, W, sxh, idx_ptr, lam_ptr, ACC, C)
-    else:
-        qic = clamp(qi, H - 1)
-        qjc = clamp(cols, W - 1)
-        x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
-                    mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+        x, f, flag = _interpolated(x_plane, cls, cmask, qi, cols, H, W, sxh, idx_ptr, lam_ptr,
+                                   ACC, C)
+        scale = f + flag
+        if ZSCORE:
+            # sums over the padded classes add -0.0, which folds away at compile time (+0.0
+            # does not: x + 0.0 is not x for x = -0.0)
+            x = tl.where(cmask[:, None], x, 0.0)
+            var = tl.sum(tl.where(cmask[:, None], x * x, -0.0), axis=0) / C * (f * f)
+            scale = f * (1.0 / tl.sqrt(var + eps)) + flag
+        return x, ok, 1.0 + flag, scale
+    qic = clamp(qi, H - 1)
+    qjc = clamp(cols, W - 1)
+    x = tl.load(x_plane + _outer(cls * sxc, qic * sxh + qjc * sxw),
+                mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
     if ZSCORE:
-        # sums over the padded classes add -0.0, which folds away at compile time (+0.0 does
-        # not: x + 0.0 is not x for x = -0.0)
-        if UPSAMPLE:
-            dev = tl.where(cmask[:, None], x, 0.0)
-        else:
-            m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
-            dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
-        var = tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C
-        if UPSAMPLE:  # the logits are f * x
-            var = var * (f * f)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        # (the padded classes' -0.0: see above)
+        m = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0) / C
+        dev = tl.where(cmask[:, None], x - m[None, :], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], dev * dev, -0.0), axis=0) / C + eps)
         finite = rstd == rstd  # a NaN or infinite logit makes the pixel's variance NaN
-        z = dev if UPSAMPLE else dev * rstd[None, :]
+        z = dev * rstd[None, :]
     else:
         total = tl.sum(tl.where(cmask[:, None], x, -0.0), axis=0)
         finite = (total - total) == 0
         z = x
     z = tl.where((finite & ok)[None, :], z, 0.0)
     nan = tl.where(finite, 1.0, float("nan"))
-    if UPSAMPLE and ZSCORE:
-        return z, ok, nan, tl.where(finite, f * rstd, float("nan"))
-    if UPSAMPLE:
-        return z, ok, nan, f * nan
     return z, ok, nan, nan
 
 
@@ -289,7 +292,7 @@ def _window_rows(acc, xi, count, pd, dd, far, D, x_img, y_img, sxd, syd, row0, c
 @triton.jit(do_not_specialize=["D", "H", "W", "tiles_h", "tiles_w", "radius_d", "ignore_index"])
 def _halo_forward_kernel(
     x_ptr,        # logits (B, C, D, H, W), any strides; UPSAMPLE: the low-resolution logits
-                  # interpolated along the columns (B, H_in, cdiv(W, 32), C, 32)
+                  # interpolated along the columns (B, H_in, cdiv(W, 32), C + 1, 32)
     y_ptr,        # target (B, D, H, W), any integer dtype, any strides
     weight_ptr,   # (C,) ACC: class weights (read only if HAS_WEIGHT)
     P_ptr,        # out (B, blocks, C, 32), logits dtype: P (scaled for MEAN), tiling.block_lanes
@@ -306,6 +309,7 @@ def _halo_forward_kernel(
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, ROWS: tl.constexpr,
     ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
+    POWER1: tl.constexpr = 0,  # k - 1 where a small integer (1, 2, 3; UPSAMPLE only), else 0
 ):
     """The costs of a tile of ROWS x (32 - 2r) centres; P and the partials as
     forward._forward_kernel writes them (MEAN: P scaled by w_p (L_p / t)^(k-1), t the tile's max
@@ -375,7 +379,14 @@ def _halo_forward_kernel(
     l_max = tl.max(tl.max(L, axis=1), axis=0)
     l_max = tl.where(has_nan > 0, float("nan"), l_max)
     unit = 1.0 / tl.where(l_max > 0, l_max, 1.0)
-    r = minkowski_share(L, unit, power - 1.0)
+    if POWER1 == 0:
+        r = minkowski_share(L, unit, power - 1.0)
+    else:  # (L / t)^(k-1) as products: no log and exp per centre
+        r = L * unit
+        if POWER1 >= 2:
+            r = r * (L * unit)
+        if POWER1 >= 3:
+            r = r * (L * unit)
     tile = tl.program_id(0).to(tl.int64)
     if tile == 0:  # the combine's ticket, zeroed here: it runs after this kernel on the stream
         tl.store(ticket_ptr, 0)
@@ -602,7 +613,7 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dst, acc, cmask, own, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
+def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
            STEPS: tl.constexpr, TAIL: tl.constexpr):
     """Stage a finished low-resolution row of the gradient at ``dst`` (its tile's input columns,
     [CLASS_TILE, SPAN] in the accumulation dtype, for _upsample_columns_kernel): acc ([1,
@@ -615,8 +626,7 @@ def _flush(dst, acc, cmask, own, key, wa, wb, nxt, store, k, tail, SPAN: tl.cons
     order) leave a column's total at its run's first lane: its own run's first sum plus the run
     before's last (``store`` lanes, at column ``k`` of the tile's). The last run's second sum, owed
     to the column after it, is stored by the lane after it, or with TAIL (no lane after: K = 1) by
-    the ``tail`` lane itself. Only the ``own`` lanes' (the output lanes') acc counts: elsewhere it
-    may hold a NaN of a pixel outside the tile, which a product with a weight of 0 would keep."""
+    the ``tail`` lane itself."""
     lane = tl.arange(0, LANES)
     cls = tl.arange(0, acc.shape[1])
     # wheres, not products with 0: a NaN stays in its stencil's columns, as PyTorch's; and on
@@ -632,7 +642,7 @@ def _flush(dst, acc, cmask, own, key, wa, wb, nxt, store, k, tail, SPAN: tl.cons
         tl.store(_class_ptrs3(dst, k[None, :] + 1, cls * SPAN), last,
                  mask=real & tail[None, None, :])
     lead = (lane > 0) & (_shift(key, -1) != key)
-    total = tl.where(real & own[None, None, :], acc * wa[None, None, :], 0.0)
+    total = tl.where(real, acc * wa[None, None, :], 0.0)
     total = tl.where(real & lead[None, None, :], total + _shift3(last, -1), total)
     for s in tl.static_range(STEPS):
         ahead = (lane + (1 << s) < LANES) & (_shift(key, 1 << s) == key)
@@ -646,7 +656,7 @@ def _flush(dst, acc, cmask, own, key, wa, wb, nxt, store, k, tail, SPAN: tl.cons
                                "ftiles_w"])
 def _halo_upsample_backward_kernel(
     x_ptr,       # low-resolution logits interpolated along the columns, blocks of 32 columns
-                 # (B, H_in, cdiv(W, 32), C, 32) (upsample.columns_interpolated)
+                 # (B, H_in, cdiv(W, 32), C + 1, 32) (upsample.columns_interpolated)
     y_ptr,       # target (B, H, W), any integer dtype, any strides
     P_ptr,       # (B, blocks, C, 32) over the target's pixels, as _halo_backward_kernel's
     s_ptr,       # as _halo_backward_kernel's (the forward's tiles and centres: the target's),
@@ -745,7 +755,7 @@ def _halo_upsample_backward_kernel(
         # or none, not an if: so bench/kernel_report.py can count it by how often it runs.)
         h0 = tl.minimum(tl.load(idx_ptr + q0), tl.load(idx_ptr + H + q0))
         for _ in range(a, h0):
-            _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN,
+            _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN,
                    STEPS, RADIUS == 0)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
@@ -768,7 +778,7 @@ def _halo_upsample_backward_kernel(
             lh = tl.load(lam_ptr + qr).to(ACC)
             if r > 0:
                 for _ in range(a, h0):
-                    _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k,
+                    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k,
                            tail, SPAN, STEPS, RADIUS == 0)
                     A = B
                     B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
@@ -779,21 +789,22 @@ def _halo_upsample_backward_kernel(
             # The row's gradient at the interpolated logits f * v (_interpolated) is rstd * u,
             # u = G - v * c: the z-score's Jacobian without its - mean_c G, which is 0 up to P's
             # rounding (P sums to 0 over the classes at every centre, the softmax's gradient, so
-            # G does at every pixel). rstd and the row's weights ride on one factor per lane and
-            # accumulator, 0 off the output lanes and rows (where u may be NaN from a pixel
-            # outside: _flush drops those lanes' sums).
+            # G does at every pixel). rstd (and the pixel's NaN flag) and the row's weights ride
+            # on one factor per lane and accumulator, 0 off the output lanes and rows, where u is
+            # finite (v is; G too, unless a NaN cost makes every gradient element NaN).
             keep = out_lane & (q0 + r <= q_stop)
             u = Gr
             wgt = tl.full([LANES], 1.0, ACC)
             if ZSCORE:
-                v, f = _interpolated(x_plane, cls, cmask, qr, cols, H, W, sxh, idx_ptr, lam_ptr,
-                                     ACC, C)
+                v, f, flag = _interpolated(x_plane, cls, cmask, qr, cols, H, W, sxh, idx_ptr,
+                                           lam_ptr, ACC, C)
                 v = tl.where(cmask[:, None], v, 0.0)
                 f2 = f * f
                 wgt = 1.0 / tl.sqrt(tl.sum(tl.where(cmask[:, None], v * v, -0.0), axis=0)
                                     * (f2 / C) + eps)
                 c = tl.sum(tl.where(cmask[:, None], Gr * v, -0.0), axis=0) * (wgt * wgt * (f2 / C))
                 u = Gr - v * c[None, :]
+                wgt += flag  # NaN where the pixel is not finite (v is finite: _interpolated)
             # wheres on the classes: the class tile's padding stays a constant 0 that the
             # compiler drops (a product with 0 it must keep), instead of registers and sums
             # nobody stores
@@ -805,15 +816,15 @@ def _halo_upsample_backward_kernel(
     # only ever a stencil's second row (align_corners=True, whose scale can round below
     # (n - 1) / (m - 1)): then B's row is the band's last (the loop's one trip). A band with no
     # output rows (such a last row alone) stores zeros.
-    _flush(stage + a * step, A, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
            RADIUS == 0)
     for _ in range(a + 1, i_end):
         a += 1
-        _flush(stage + a * step, B, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+        _flush(stage + a * step, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
                RADIUS == 0)
         B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
     if i_end < H_in:  # the next band's first row: this band's share (zeros if it owes none)
-        _flush(below, B, cmask, out_lane, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+        _flush(below, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
                RADIUS == 0)
 
 

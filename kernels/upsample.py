@@ -168,9 +168,11 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
                         C: tl.constexpr, SAME: tl.constexpr):
     """32 output columns of one input row, class by class: PyTorch's linear blend of the two input
     columns of each stencil (SAME: the widths are equal, and the row is copied, as F.interpolate
-    copies it) less the pixel's mean over the classes, stored as a block of C x 32 values. One
-    value per lane and class: no padded classes to load, and no layout for Triton to convert
-    between the loads and the store."""
+    copies it) less the pixel's mean over the classes, stored as a block of (C + 1) x 32 values:
+    a pixel with a non-finite class stores zeros and NaN in the last row, the flag (0 where
+    finite), which the kernels blend like a class so that the NaN spreads as F.interpolate
+    spreads it while the values they pool stay finite. One value per lane and class: no padded
+    classes to load, and no layout for Triton to convert between the loads and the store."""
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     rest = pid // blocks  # image * H_in + row
@@ -181,7 +183,7 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
     p0 = row + tl.load(idx_ptr + 2 * H + jc).to(tl.int64) * sxw  # any stride: 64-bit
     p1 = row + tl.load(idx_ptr + 2 * H + W + jc).to(tl.int64) * sxw
     lw = tl.load(lam_ptr + H + jc).to(ACC)
-    out = out_ptr + pid * (C * LANES) + tl.arange(0, LANES)
+    out = out_ptr + pid * ((C + 1) * LANES) + tl.arange(0, LANES)
     # The classes' mean of the blended values first, then each value less it (a second read,
     # from L1): the rows' blend keeps the mean 0, so the kernels' z-score needs none, and the
     # loss and its gradient are unchanged (a pixel's logits count only through differences
@@ -193,10 +195,13 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
         q0 += sxc
         q1 += sxc
     mean = total / C
+    finite = (total - total) == 0  # a NaN or infinite class makes the sum NaN or infinite
     for c in tl.static_range(C):
-        tl.store(out + c * LANES, _blend(p0, p1, lw, ok, ACC, SAME) - mean, mask=ok)
+        tl.store(out + c * LANES, tl.where(finite, _blend(p0, p1, lw, ok, ACC, SAME) - mean, 0.0),
+                 mask=ok)
         p0 += sxc
         p1 += sxc
+    tl.store(out + C * LANES, tl.where(finite, 0.0, float("nan")), mask=ok)
 
 
 def columns_interpolated(logits, size, align_corners, kernel_size):
@@ -204,16 +209,18 @@ def columns_interpolated(logits, size, align_corners, kernel_size):
     accumulation dtype, F.interpolate's column weights (one rounding, as PyTorch's bilinear
     kernels blend a row) less each pixel's mean over the classes (which the loss and its
     gradient do not depend on; the kernels' z-score then takes the mean for 0), laid out in
-    blocks of 32 columns: (B, H_in, cdiv(W, 32), C, 32), so that the kernels reach every class
-    of a lane's column at a compile-time offset from one address (the last block's columns past
-    W are never written nor read). The forward then blends two of these rows per output row:
-    half the loads and a third of the arithmetic of blending four low-resolution pixels per
-    class and pixel, for a buffer 1 / (H / H_in) the target's size."""
+    blocks of 32 columns: (B, H_in, cdiv(W, 32), C + 1, 32), so that the kernels reach every
+    class of a lane's column at a compile-time offset from one address (the last block's
+    columns past W are never written nor read); the last row of a block is each column's flag, 0
+    or NaN where a class is not finite (its classes are then 0: _column_pass_kernel). The
+    forward then blends two of these rows per output row: half the loads and a third of the
+    arithmetic of blending four low-resolution pixels per class and pixel, for a buffer
+    (C + 1) / C / (H / H_in) the target's size."""
     batch, classes, h_in, w_in = logits.shape
     height, width = size
     _, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
     blocks = cdiv(width, TILE_W)
-    out = logits.new_empty((batch, h_in, blocks, classes, TILE_W),
+    out = logits.new_empty((batch, h_in, blocks, classes + 1, TILE_W),
                            dtype=accumulation_dtype(logits.dtype))
     _column_pass_kernel[(batch * h_in * blocks,)](
         logits, index, weight, out, height, h_in, width, blocks, *logits.stride(),

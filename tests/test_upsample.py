@@ -581,6 +581,19 @@ def test_the_backward_bands_hold_about_16_output_rows():
                 assert abs(band * h / h_in - 16) <= h / h_in / 2 + 1e-9
 
 
+@pytest.mark.parametrize("power", [2.0, 2.5, 4.0])
+def test_every_minkowski_exponent_in_registers(power, interpolations):
+    # The interpolating forward takes a centre's (L / t)^(k-1) as products for k = 2, 3 and 4
+    # (a compile-time specialisation: kernels.forward.small_power) and by a log and an exp
+    # otherwise; the problems above draw k = 1 and 3.
+    from lad_triton.kernels.forward import small_power
+
+    assert small_power(power) == (int(power) - 1 if power in (2.0, 4.0) else 0)
+    in_kernels((2, 5, 4, 6), (13, 17), dict(kernel_size=5, power=power, align_corners=False,
+                                            reduction="mean"), int(10 * power), torch.float32,
+               interpolations)
+
+
 @pytest.mark.parametrize("power", [1.0, 3.0])
 def test_tiles_of_zero_costs_in_the_gradient_formed_in_the_forward(power):
     # Without the z-score a label leading by far costs exactly 0: a forward tile of such
@@ -619,20 +632,38 @@ def test_tiles_of_zero_costs_in_the_gradient_formed_in_the_forward(power):
 def test_the_column_pass_buffer_is_the_column_blend_less_its_class_mean(w_in, w_out,
                                                                           align_corners, dtype):
     # The kernels read the logits blended along the columns (PyTorch's column weights) with each
-    # pixel's class mean taken out, in blocks of 32 columns: (B, h, cdiv(W, 32), C, 32). The loss
-    # itself cannot see the mean (it counts only differences between classes); the kernels'
-    # z-score takes it for 0, so a buffer that kept it fails the loss tests too, and this test
-    # pins the buffer itself.
+    # pixel's class mean taken out, in blocks of 32 columns: (B, h, cdiv(W, 32), C + 1, 32), the
+    # last row a flag: 0 where the pixel is finite, NaN where not, and then its classes 0. The
+    # loss itself cannot see the mean (it counts only differences between classes); the
+    # kernels' z-score takes it for 0, so a buffer that kept it fails the loss tests too, and
+    # this test pins the buffer itself.
     from lad_triton.kernels.upsample import columns_interpolated
 
     batch, classes, h = 2, 7, 3
     logits = make_logits((batch, classes, h, w_in), dtype=dtype, seed=w_in + w_out)
+    bad = logits.clone()
+    bad[0, 2, 1, w_in // 2] = float("nan")
+    bad[1, 0, 2, 0] = float("inf")
     with torch.no_grad():
-        got = columns_interpolated(logits.to(DEVICE), (2 * h, w_out), align_corners, 5).cpu()
+        got, got_bad = (columns_interpolated(x.to(DEVICE), (2 * h, w_out), align_corners, 5).cpu()
+                        for x in (logits, bad))
     blocks = -(-w_out // 32)
-    assert got.shape == (batch, h, blocks, classes, 32)
+    assert got.shape == (batch, h, blocks, classes + 1, 32)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    got = got.permute(0, 1, 2, 4, 3).reshape(batch, h, blocks * 32, classes)[:, :, :w_out]
+    got, got_bad = (x.permute(0, 1, 2, 4, 3).reshape(batch, h, blocks * 32, classes + 1)
+                    [:, :, :w_out] for x in (got, got_bad))
+    # the flags: NaN exactly where F.interpolate's column blend of the bad logits, row by row,
+    # is not finite (a weight of 0 spreads a NaN too; a width it keeps, it copies)
+    rows = bad.double().permute(0, 2, 1, 3).reshape(batch * h, classes, 1, w_in)
+    blend_bad = F.interpolate(rows, size=(1, w_out), mode="bilinear", align_corners=align_corners)
+    not_finite = ~torch.isfinite(blend_bad).all(dim=1).reshape(batch, h, w_out)
+    assert not_finite.any() and not not_finite.all()
+    assert torch.equal(torch.isnan(got_bad[..., -1]), not_finite)
+    assert bool((got_bad[..., -1][~not_finite] == 0).all())
+    assert bool((got_bad[..., :-1][not_finite] == 0).all())
+    assert torch.equal(got_bad[..., :-1][~not_finite], got[..., :-1][~not_finite])
+    assert bool((got[..., -1] == 0).all())
+    got = got[..., :-1]
     blend = interpolate_reference(logits.double(), (h, w_out), align_corners)
     expected = (blend - blend.mean(dim=1, keepdim=True)).permute(0, 2, 3, 1)
     assert torch.isfinite(got).all()
@@ -705,7 +736,7 @@ def test_peak_memory_is_half_a_P_not_the_full_resolution_logits_and_gradient():
     padded = images * 21 * math.ceil(high[0] * high[1] / 32) * 32 * size
     bands = math.ceil(h_in / band_rows(h_in, high[0]))
     staged = images * (h_in + bands) * tiles * 9 * 21 * 4 / 2**20
-    columns = images * 21 * h_in * math.ceil(high[1] / 32) * 32 * 4 / 2**20  # blocks of 32
+    columns = images * 22 * h_in * math.ceil(high[1] / 32) * 32 * 4 / 2**20  # blocks, flags
     expected = padded + columns + logits.numel() * 4 / 2**20 + staged
     assert expected <= ours <= 1.03 * expected and theirs >= 2.9 * full, (ours, expected, theirs)
     assert ours <= theirs / 3
