@@ -102,13 +102,13 @@ def traffic(w):
         # low-resolution logits and writes them interpolated along the columns; the forward
         # kernel reads those and the labels and writes the part's P (the label's size, the
         # logits' dtype); the backward's kernel reads P, the columns and the labels and writes
-        # its tiles' float32 shares of the low-resolution gradient (staged), which the column
-        # sums read to write G (float32). The autograd backward reads G and writes the logits'
-        # gradient. Alive at the peak: one part's columns, P and staged shares, and G.
+        # its tiles' float32 shares of the low-resolution gradient (staged, kept for the
+        # backward). The autograd backward's column sums read them and write the logits'
+        # gradient. Alive at the peak: one part's columns and P, and the batch's staged shares.
         "fused upsampling": (
             (low + w.columns) + (w.columns + y + high)
-            + (high + w.columns + y + 2 * (w.stage + w.above) + low) + 2 * low,
-            (w.columns + high + w.stage + w.above) * part // w.batch + low),
+            + (high + w.columns + y + 2 * (w.stage + w.above) + low),
+            (w.columns + high) * part // w.batch + w.stage + w.above),
     }
 
 
@@ -189,12 +189,6 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                     lines.append(f"| {w.name} | {way} | {launch['name']} | "
                                  f"{launch['registers']} | {launch['programs']} | "
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
-                if low:  # at its DRAM floor, as F.interpolate: the autograd backward reads G
-                    # and writes the logits' gradient
-                    op_us = 2 * w.logits(w.low) / bandwidth * 1e6
-                    total += op_us
-                    lines.append(f"| {w.name} | {way} | G scaled by each part's factor "
-                                 f"(PyTorch), DRAM floor | - | - | {op_us:.0f} | DRAM |")
                 sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high

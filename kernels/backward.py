@@ -38,7 +38,7 @@ from .config import (TILE_W, accumulation_dtype, cdiv, launch_config, needs_wide
                      split_scalar, target_of, tile_grid)
 from .geometry import as_volume, centre_shape
 from .stats import pixel_logits, pixel_stats
-from .upsample import BAND, band_rows, columns_interpolated, upsample_tables
+from .upsample import BAND, band_rows, columns_interpolated, plan_of, upsample_tables
 from .tiling import (also, block_lanes, clamp, class_range, finite_centres, image_of_P,
                      lane_offsets, minkowski_share, omega_at, omega_of, scalar,
                      tile_coordinates, tile_scale_factors)
@@ -370,7 +370,7 @@ def _tile_scales_kernel(
 
 def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zscore, plan,
              weighted=False, grad=None, scalars=None, power=1.0, upsample="",
-             align_corners=False, out=None, columns=None):
+             align_corners=False, out=None, columns=None, staging=None):
     """Launch the backward: d output / d logits in the logits' dtype and memory format. With
     ``grad`` (d output / d loss, 0-dim) ``s`` is each forward tile's max L, ``scalars`` the
     combine's float64 (loss, max L, a), ``power`` the Minkowski exponent and P the forward's
@@ -380,12 +380,15 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     it). ``upsample="bilinear"``: the forward's (low-resolution logits); the gradient is theirs,
     formed without the target-sized gradient (halo._halo_upsample_backward_kernel), into ``out``
     where given (any floating dtype, the logits' shape), from the forward's ``columns``
-    (upsample.columns_interpolated's) where given."""
+    (upsample.columns_interpolated's) where given; with ``staging`` (upsample_staging's buffers,
+    or views of them for part of the batch) the shares are staged there and left to
+    upsample_gradient (nothing is returned)."""
     if upsample:
         return _upsample_backward(s, logits, target, P, kernel_size=kernel_size, eps=eps,
                                   weight_base=weight_base, zscore=zscore, plan=plan,
                                   weighted=weighted, grad=grad, scalars=scalars, power=power,
-                                  align_corners=align_corners, out=out, columns=columns)
+                                  align_corners=align_corners, out=out, columns=columns,
+                                  staging=staging)
     volume = logits.dim() == 5
     dx = torch.empty_like(logits)
     (batch, classes, depth, height, width), sx = as_volume(logits, 4)
@@ -433,12 +436,39 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     return dx
 
 
+def _upsample_geometry(logits, size, align_corners, kernel_size):
+    """(plan, int32 tables, weight tables, input rows per band, bands, tiles) of the
+    interpolating backward."""
+    up, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
+    h_in = logits.shape[-2]
+    band = min(BAND, h_in) if BAND else band_rows(h_in, size[0])
+    return up, index, weight, band, cdiv(h_in, band), cdiv(size[1], TILE_W - (kernel_size - 1))
+
+
+def upsample_staging(logits, size, align_corners, kernel_size):
+    """The interpolating backward's staging buffers for ``logits`` (the whole batch): every
+    input row at each tile's columns, and each band's first row as the band above owes it,
+    shares in the accumulation dtype that _upsample_columns_kernel sums in a fixed order. Plain
+    Python on the sizes (no tables), so that fake tensors get them too."""
+    up = plan_of(logits, size, align_corners, kernel_size)
+    h_in = logits.shape[-2]
+    band = min(BAND, h_in) if BAND else band_rows(h_in, size[0])
+    bands, tiles = cdiv(h_in, band), cdiv(size[1], TILE_W - (kernel_size - 1))
+    acc = accumulation_dtype(logits.dtype)
+    batch, classes = logits.shape[:2]
+    stage = logits.new_empty((batch, h_in, tiles, classes, up.span), dtype=acc)
+    above = logits.new_empty((batch, bands, tiles, classes, up.span) if bands > 1 else (0,),
+                             dtype=acc)
+    return stage, above
+
+
 def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, zscore, plan,
-                       weighted, grad, scalars, power, align_corners, out, columns):
-    dx = torch.empty_like(logits) if out is None else out
+                       weighted, grad, scalars, power, align_corners, out, columns,
+                       staging=None):
     batch, classes, h_in, w_in = logits.shape
     height, width = target.shape[-2:]
-    up, index, weight = upsample_tables(logits, (height, width), align_corners, kernel_size)
+    up, index, weight, band, bands, tiles = _upsample_geometry(logits, (height, width),
+                                                               align_corners, kernel_size)
     if columns is None:  # the Jacobian blends two rows of these per output row, as the forward
         # (without the z-score the kernel reads none: any tensor stands in)
         columns = (columns_interpolated(logits, (height, width), align_corners, kernel_size)
@@ -453,17 +483,11 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     s = s.log2() if mean else s.to(acc).contiguous()
     sy = as_volume(target, 3)[1]
     wide = needs_wide_index(span(columns.shape[1:], columns.stride()[1:]),
-                            span(dx.shape[1:], dx.stride()[1:]),
+                            math.prod(logits.shape[1:]),
                             span((height, width), sy[2:]), math.prod(P.shape[1:]),
                             height * width)
-    tiles = cdiv(width, TILE_W - (kernel_size - 1))
-    band = min(BAND, h_in) if BAND else band_rows(h_in, height)
-    bands = cdiv(h_in, band)
-    # every input row at each tile's columns, and each band's first row as the band above owes
-    # it: shares in the accumulation dtype that _upsample_columns_kernel sums in a fixed order
-    stage = logits.new_empty((batch, h_in, tiles, classes, up.span), dtype=acc)
-    above = logits.new_empty((batch, bands, tiles, classes, up.span) if bands > 1 else (0,),
-                             dtype=acc)
+    stage, above = (staging if staging is not None
+                    else upsample_staging(logits, (height, width), align_corners, kernel_size))
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
         columns, target, P, s, grad if mean else s, scalars if mean else s, stage, above, index,
         weight, height, width, h_in, bands, tiles, cdiv(height, forward_rows),
@@ -473,8 +497,27 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
         ZSCORE=zscore, MEAN=mean, WIDE=wide, ROWS=cfg.backward_rows, STEPS=up.steps,
         SPAN=up.span,
         **cfg.backward_launch)
+    if staging is not None:
+        return None
+    return upsample_gradient(stage, above, logits, (height, width), align_corners, kernel_size,
+                             out=out)
+
+
+def upsample_gradient(stage, above, logits, size, align_corners, kernel_size, out=None,
+                      scale=None):
+    """The low-resolution logits' gradient from the interpolating backward's staged shares
+    (upsample_staging's, filled), into ``out`` where given (any floating dtype, the logits'
+    shape), else in the logits' dtype; ``scale`` (B,) in the accumulation dtype, where given,
+    multiplies each image's gradient before its one rounding."""
+    dx = torch.empty_like(logits) if out is None else out
+    batch, classes, h_in, w_in = logits.shape
+    up, index, _, band, bands, tiles = _upsample_geometry(logits, size, align_corners,
+                                                          kernel_size)
+    acc = accumulation_dtype(logits.dtype)
+    class_tile = launch_config(classes, 1, kernel_size, acc, False, upsample=True,
+                               **target_of(logits)).class_tile
     halo._upsample_columns_kernel[(batch * h_in * cdiv(w_in, TILE_W),)](
-        stage, above, index, dx, height, width, h_in, w_in, bands, tiles, band, *dx.stride(),
-        C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, SPAN=up.span,
-        num_warps=1)
+        stage, above, index, dx, stage if scale is None else scale, *size, h_in, w_in, bands,
+        tiles, band, *dx.stride(), C=classes, CLASS_TILE=class_tile, RADIUS=kernel_size // 2,
+        SPAN=up.span, SCALE=scale is not None, num_warps=1)
     return dx

@@ -833,15 +833,18 @@ def _upsample_columns_kernel(
     stage_ptr,   # (B, H_in, tiles, C, SPAN) ACC, _halo_upsample_backward_kernel's
     above_ptr,   # (B, bands, tiles, C, SPAN) ACC, its band-above shares
     idx_ptr,     # int32 tables of kernels/upsample.py
-    dx_ptr,      # out (B, C, H_in, W_in), logits dtype, strides sdb/sdc/sdh/sdw
+    dx_ptr,      # out (B, C, H_in, W_in), any floating dtype, strides sdb/sdc/sdh/sdw
+    scale_ptr,   # (B,) ACC: each image's factor (read only if SCALE)
     H, W, H_in, W_in, bands, tiles, band,
     sdb, sdc, sdh, sdw,
     C: tl.constexpr, CLASS_TILE: tl.constexpr, RADIUS: tl.constexpr, SPAN: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     """32 input columns of one input row of the gradient from what the backward staged: the
     share of the tile whose output columns start the column's stencils, then, where the column
     is shared, the next tile's; in the first row of a band after the first, then the band
-    above's shares, in the same order. Every column is summed in that fixed order."""
+    above's shares, in the same order. Every column is summed in that fixed order, then (SCALE)
+    multiplied by the image's factor and rounded once to the gradient's dtype."""
     TW: tl.constexpr = LANES - 2 * RADIUS
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(W_in, LANES)
@@ -870,6 +873,8 @@ def _upsample_columns_kernel(
         above = above_ptr + (image * bands + b) * tiles * (C * SPAN)
         total += (tl.load(_class_ptrs(above, lanes1, cls * SPAN), mask=m, other=0.0)
                   + tl.load(_class_ptrs(above, lanes2, cls * SPAN), mask=two, other=0.0))
+    if SCALE:
+        total = total * tl.load(scale_ptr + image)
     out = dx_ptr + image * sdb + row * sdh
     tl.store(out + (cls.to(tl.int64) * sdc)[:, None] + (j.to(tl.int64) * sdw)[None, :],
              total.to(dx_ptr.dtype.element_ty), mask=m)

@@ -15,8 +15,9 @@ the autograd wiring of the fused Minkowski mean.
   gradient is materialised for non-differentiable outputs, and neither pass syncs with the host.
 - ``FusedGradientMean`` is reduction="mean" on low-resolution logits the kernels interpolate:
   ``lad_triton::fused_mean_gradient`` runs the forward and the backward's kernels part by part
-  of the batch in the forward, so that P exists for one part at a time, and the backward scales
-  the low-resolution gradient it kept.
+  of the batch in the forward, so that P exists for one part at a time, and keeps their staged
+  shares of the low-resolution gradient, which ``lad_triton::fused_upsample_gradient`` sums into
+  the gradient, scaled, in the backward.
 
 In eager mode the mean calls the operators' implementations directly (``_eager``): an
 operator's Python dispatch costs tens of microseconds of host time per call, which a training
@@ -210,19 +211,21 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                          kernel_size: int, stride: int, ignore_index: int, eps: float,
                          weight_base: float, normalizer: str, zscore: bool, plan: str,
                          upsample: str, align_corners: bool,
-                         parts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(partials, ticket, G, scalars) of the Minkowski mean: the forward's partials and ticket as
-    ``fused_costs`` gives them for the whole batch, and d loss / d logits up to one factor per
-    part of the batch, formed right after each part's forward from its P, which then goes.
-    The batch runs in ``parts`` parts of cdiv(B, parts) images. G: the logits' shape in the
-    accumulation dtype (one rounding to the logits' dtype, in the backward); part i's G is the
+                         parts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(partials, ticket, stage, above, scalars) of the Minkowski mean: the forward's partials
+    and ticket as ``fused_costs`` gives them for the whole batch, and d loss / d logits staged
+    (the interpolating backward's shares, kernels/backward.py's upsample_staging) up to one
+    factor per part of the batch, formed right after each part's forward from its P, which then
+    goes. The batch runs in ``parts`` parts of cdiv(B, parts) images. Part i's shares are the
     backward's with grad = 1 and part i's own ``scalars[i]`` = (1, max L, a = 1): its tiles'
     d loss / d L relative to the part's max L (kernels/backward.py), since the batch's is not
-    known until every part has run."""
+    known until every part has run; ``fused_upsample_gradient`` sums them into the gradient
+    with each part's factor."""
     batch = logits.shape[0]
     size = cdiv(batch, parts)
     acc = accumulation_dtype(logits.dtype)
-    G = torch.empty_like(logits, dtype=acc)
+    stage, above = kernels_backward.upsample_staging(logits, tuple(target.shape[-2:]),
+                                                     align_corners, kernel_size)
     scalars = logits.new_ones((cdiv(batch, size), 3), dtype=torch.float64)
     one = logits.new_ones((), dtype=acc)
     partials, ticket = [], None
@@ -246,11 +249,11 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                                       weight_base=weight_base, zscore=zscore, plan=plan,
                                       weighted=weight is not None, grad=one,
                                       scalars=scalars[i], power=power, upsample=upsample,
-                                      align_corners=align_corners, out=G[part],
-                                      columns=columns)
+                                      align_corners=align_corners, columns=columns,
+                                      staging=(stage[part], above[part]))
             partials.append(part_partials)
             del P, columns
-    return torch.cat(partials), ticket, G, scalars
+    return torch.cat(partials), ticket, stage, above, scalars
 
 
 fused_mean_gradient = _operator("lad_triton::fused_mean_gradient", _fused_mean_gradient)
@@ -264,8 +267,27 @@ def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, wei
         size=tuple(target.shape[-2:]))
     batch = logits.shape[0]
     return (partials, ticket,
-            torch.empty_like(logits, dtype=accumulation_dtype(logits.dtype)),
+            *kernels_backward.upsample_staging(logits, tuple(target.shape[-2:]), align_corners,
+                                               kernel_size),
             logits.new_empty((cdiv(batch, cdiv(batch, parts)), 3), dtype=torch.float64))
+
+
+def _fused_upsample_gradient(stage: Tensor, above: Tensor, logits: Tensor, scale: Tensor,
+                             size: list[int], align_corners: bool, kernel_size: int) -> Tensor:
+    """d loss / d logits (their dtype) from ``fused_mean_gradient``'s staged shares, each
+    image's multiplied by ``scale`` (B,), in the accumulation dtype, before its one rounding."""
+    with _on_device(logits):
+        return kernels_backward.upsample_gradient(stage, above, logits, tuple(size),
+                                                  align_corners, kernel_size, scale=scale)
+
+
+fused_upsample_gradient = _operator("lad_triton::fused_upsample_gradient",
+                                    _fused_upsample_gradient)
+
+
+@fused_upsample_gradient.register_fake
+def _(stage, above, logits, scale, size, align_corners, kernel_size):
+    return torch.empty_like(logits)
 
 
 def plan_of(logits, kernel_size, stride, weight=None, upsample=None):
@@ -345,33 +367,33 @@ class FusedGradientMean(torch.autograd.Function):
     """reduction="mean" on low-resolution logits the kernels interpolate: the gradient is formed
     in the forward, part by part of the batch (``fused_mean_gradient``), so that P, the size of
     the full-resolution logits, exists for one part at a time and nothing of the target's size
-    is kept for the backward, which only scales the low-resolution G (Liger-Kernel's move for
-    an LLM's logits). The cost: the backward's work is done even where no backward follows."""
+    is kept for the backward, which sums the staged shares of the low-resolution gradient with
+    each part's factor in one launch (Liger-Kernel's move for an LLM's logits). The cost: the backward's work is done even where no backward follows."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, options, power, group, upsample):
         plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
-        partials, ticket, G, part_scalars = _eager(fused_mean_gradient)(
+        partials, ticket, stage, above, part_scalars = _eager(fused_mean_gradient)(
             logits, target, weight, float(power), options.kernel_size, options.stride,
             options.ignore_index, float(options.eps), float(options.weight_base),
             options.normalizer, options.zscore, plan, *_upsample_args(upsample), GRADIENT_PARTS)
         loss, scalars, _ = _reduce(partials, ticket, power, group, logits.dtype)
-        # Part i's G took its tiles' d loss / d L as (t / M_i)^(k-1) for its own max L M_i; the
-        # batch's is a * (t / M)^(k-1): the part's factor a * (M_i / M)^(k-1), 0^0 = 1 as the
-        # kernels' power_of (k = 1).
+        # Part i's shares took its tiles' d loss / d L as (t / M_i)^(k-1) for its own max L M_i;
+        # the batch's is a * (t / M)^(k-1): the part's factor a * (M_i / M)^(k-1), 0^0 = 1 as
+        # the kernels' power_of (k = 1).
         top = scalars[1]
         share = scalars[2] * (part_scalars[:, 1] / torch.where(top > 0, top, 1.0)) ** (power - 1)
-        ctx.save_for_backward(G, share, logits)
-        ctx.batch, ctx.dtype = logits.shape[0], logits.dtype
-        ctx.part = cdiv(ctx.batch, share.shape[0])  # images per part
+        ctx.save_for_backward(stage, above, share, logits)
+        ctx.part = cdiv(logits.shape[0], share.shape[0])  # images per part
+        ctx.upsample = (list(target.shape[-2:]), bool(upsample[1]), options.kernel_size)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        G, share, logits = ctx.saved_tensors
-        scale = (grad.to(share.dtype) * share).to(G.dtype)
-        per_image = scale.repeat_interleave(ctx.part)[:ctx.batch]
-        dx = (G * per_image.view((-1,) + (1,) * (G.dim() - 1))).to(ctx.dtype)
+        stage, above, share, logits = ctx.saved_tensors
+        scale = (grad.to(share.dtype) * share).to(stage.dtype)
+        per_image = scale.repeat_interleave(ctx.part)[:logits.shape[0]]
+        dx = _eager(fused_upsample_gradient)(stage, above, logits, per_image, *ctx.upsample)
         if torch.is_grad_enabled():  # create_graph: dx's graph must reach the logits, and raise
             dx = _NoSecondDerivative.apply(dx, logits)
         return dx, None, None, None, None, None, None

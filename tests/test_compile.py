@@ -188,6 +188,18 @@ def test_opcheck_fused_mean_gradient():
             + (3.0, 3, 1, 255, 1e-5, 2.0, "count", True) + args[-3:] + (2,))
 
 
+def test_opcheck_fused_upsample_gradient():
+    from lad_triton.fused import fused_mean_gradient, fused_upsample_gradient
+
+    args = fused_cases()[6]
+    logits, target = args[0].detach(), args[1]
+    _, _, stage, above, _ = fused_mean_gradient(
+        logits, target, args[2], 3.0, 3, 1, 255, 1e-5, 2.0, "count", True, *args[-3:], 2)
+    scale = torch.rand(logits.shape[0], device=DEVICE)
+    opcheck(fused_upsample_gradient, (stage, above, logits, scale, list(target.shape[-2:]),
+                                      args[-1], 3))
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("pixel_weighted", [False, True])
 def test_opcheck_check_labels(weighted, pixel_weighted):
