@@ -45,6 +45,8 @@ and L (4 B, reduction="none" only). bench/kernel_report.py counts it per launch 
 performance model.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -603,6 +605,20 @@ def small_power(power):
     return int(k) - 1 if k in (2.0, 3.0, 4.0) else 0
 
 
+def label_pivot(classes, kernel_size, weight_base, zscore):
+    """Whether the softmax may take the label's pooled value as its reference instead of the
+    largest (the interpolating forward then needs no max over the classes, and the label's
+    exponential is 1 exactly): with the z-score each pixel's |z| <= sqrt(C), so a pooled value
+    is at most omega's largest times that (the count normaliser divides a sum of omega-weighted
+    z by the count of terms; the weight normaliser takes a weighted mean), and no exponential
+    of a difference of two, nor their sum over C classes, can overflow float32."""
+    if not zscore:
+        return False
+    radius = kernel_size // 2
+    omega = max(float(weight_base) ** (1 - d) for d in range(radius + 1))
+    return 2 * omega * math.sqrt(classes) * math.log2(math.e) + math.log2(classes) <= 100
+
+
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
             weight_base, normalizer, zscore, need_grad, mean, plan=None, upsample="",
             align_corners=False, columns=None):
@@ -659,6 +675,7 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
             ROWS=cfg.forward_rows, ZSCORE=zscore, WEIGHT_NORM=normalizer == "weight",
             HAS_WEIGHT=weight is not None, NEED_P=need_grad, MEAN=mean, WIDE=wide,
             UPSAMPLE=bool(upsample), POWER1=small_power(power) if upsample else 0,
+            PIVOT=bool(upsample) and label_pivot(classes, kernel_size, weight_base, zscore),
             **cfg.forward_launch)
         return L, partials, ticket, P
     assert not upsample, "the generic kernels do not interpolate (interpolates())"

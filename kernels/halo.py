@@ -310,6 +310,8 @@ def _halo_forward_kernel(
     ZSCORE: tl.constexpr, WEIGHT_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     NEED_P: tl.constexpr, MEAN: tl.constexpr, WIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
     POWER1: tl.constexpr = 0,  # k - 1 where a small integer (1, 2, 3; UPSAMPLE only), else 0
+    PIVOT: tl.constexpr = False,  # the label's value as the softmax's reference (UPSAMPLE only,
+                                  # where forward.label_pivot holds)
 ):
     """The costs of a tile of ROWS x (32 - 2r) centres; P and the partials as
     forward._forward_kernel writes them (MEAN: P scaled by w_p (L_p / t)^(k-1), t the tile's max
@@ -359,14 +361,29 @@ def _halo_forward_kernel(
     # L = logsumexp(f) - f[y] with f = acc / xi, differences taken in acc's units before the
     # scaling, so that L is exactly 0 where y's value dominates.
     k = LOG2E / tl.where(xi > 0, xi, 1.0)
-    top = tl.max(tl.where(cmask[None, :, None], acc, float("-inf")), axis=1)
-    # padded classes: -0.0, which a sum drops at compile time (+0.0 it would have to add)
-    e = tl.where(cmask[None, :, None], tl.exp2((acc - top[:, None, :]) * k[:, None, :]), -0.0)
+    if PIVOT:
+        # The label's value as the reference, no max over the classes: each exponent is one
+        # multiply-add, acc k - (acc_y k) (the label's own, the product's rounding error: its
+        # exponential is 1 to a rounding, taken as 1 below). The bound keeps every other
+        # exponential above 0, so L > 0 but for roundings.
+        acc_y = tl.sum(tl.where(cls[None, :, None] == y_cls[:, None, :], acc, -0.0), axis=1)
+        top = acc_y * k
+        e = tl.where(cmask[None, :, None],
+                     tl.exp2(acc * k[:, None, :] - top[:, None, :]), -0.0)
+    else:
+        top = tl.max(tl.where(cmask[None, :, None], acc, float("-inf")), axis=1)
+        # padded classes: -0.0, which a sum drops at compile time (+0.0 it would have to add)
+        e = tl.where(cmask[None, :, None], tl.exp2((acc - top[:, None, :]) * k[:, None, :]),
+                     -0.0)
     total = tl.sum(e, axis=1)
-    acc_y = tl.sum(tl.where(cls[None, :, None] == y_cls[:, None, :], acc, -0.0), axis=1)
-    L = (top - acc_y) / tl.where(xi > 0, xi, 1.0) \
-        + tl.log2(tl.where(total == 0, 1.0, total)) * LN2
-    L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
+    if PIVOT:
+        L = tl.log2(total) * LN2
+        L = tl.where(L < 0, 0.0, L)  # rounding only; NaN stays NaN
+    else:
+        acc_y = tl.sum(tl.where(cls[None, :, None] == y_cls[:, None, :], acc, -0.0), axis=1)
+        L = (top - acc_y) / tl.where(xi > 0, xi, 1.0) \
+            + tl.log2(tl.where(total == 0, 1.0, total)) * LN2
+        L = tl.where(L < 0, 0.0, L)  # rounding only (L >= 0 exactly); NaN stays NaN
     L = tl.where(valid, L, 0.0)
 
     # Minkowski partials scaled by the tile's max L: L^k never overflows or underflows.
@@ -411,7 +428,10 @@ def _halo_forward_kernel(
         # across the exponentials, packed into registers bit by bit
         if UPSAMPLE:  # share and scale are 0 at invalid centres, whose e is finite
             P = e * share[:, None, :]
-            P_y = tl.exp2((acc_y - top) * k) * share - scale
+            if PIVOT:  # e_y = 1 (to a rounding)
+                P_y = share - scale
+            else:
+                P_y = tl.exp2((acc_y - top) * k) * share - scale
         else:
             # (a NaN at invalid centres out)
             P = tl.where(valid[:, None, :], e * share[:, None, :], 0.0)
