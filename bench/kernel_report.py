@@ -348,13 +348,16 @@ def loop_trips(name, values):
         # In program order: the band's output rows, ROWS per step; in each step the input rows
         # finished before its first row and between its rows (band - 1 a band, shared by the
         # step's rows: loops of one trip or none), and the window rows that reach both; after,
-        # a row that ends a band early (align_corners=True rounding: none as a rule).
+        # a row that ends a band early (align_corners=True rounding: none as a rule). In each
+        # flush, its two sums' extra steps (the image's first tile only: a loop each).
         band = min(values["band"], values["H_in"])
         step = values["ROWS"]
         steps = values["H"] * band / values["H_in"] / step
         flushes = (band - 1) / step / steps
         window = 2 * values["RADIUS"] + 1 - min(step - 1, 2 * values["RADIUS"] + 1)
-        return [steps, flushes, window] + [flushes] * (step - 1) + [0]
+        extra = [values["extra"] / values["tiles"]] * 2
+        return ([steps, flushes] + extra + [window] + ([flushes] + extra) * (step - 1)
+                + extra + [0] + extra + extra)
     if name in ("_upsample_columns_kernel", "_column_pass_kernel"):  # no loops
         return []
     if name in ("_halo_forward_kernel", "_halo_backward_kernel"):

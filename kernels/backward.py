@@ -491,7 +491,7 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
         columns, target, P, s, grad if mean else s, scalars if mean else s, stage, above, index,
         weight, height, width, h_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), band, columns.stride(0), columns.stride(1), sy[0], *sy[2:],
+        cdiv(width, forward_cols), band, up.extra, columns.stride(0), columns.stride(1), sy[0], *sy[2:],
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, ROWS=cfg.backward_rows, STEPS=up.steps,

@@ -633,7 +633,7 @@ def _halo_backward_kernel(
 
 
 @triton.jit
-def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr,
+def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, first, SPAN: tl.constexpr,
            STEPS: tl.constexpr, TAIL: tl.constexpr):
     """Stage a finished low-resolution row of the gradient at ``dst`` (its tile's input columns,
     [CLASS_TILE, SPAN] in the accumulation dtype, for _upsample_columns_kernel): acc ([1,
@@ -646,7 +646,9 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
     order) leave a column's total at its run's first lane: its own run's first sum plus the run
     before's last (``store`` lanes, at column ``k`` of the tile's). The last run's second sum, owed
     to the column after it, is stored by the lane after it, or with TAIL (no lane after: K = 1) by
-    the ``tail`` lane itself."""
+    the ``tail`` lane itself. The image's first run can be longer (align_corners=False clamps
+    the first output columns' sources to column 0): ``first`` more steps (a run-time loop, none
+    but in the image's first tile)."""
     lane = tl.arange(0, LANES)
     cls = tl.arange(0, acc.shape[1])
     # wheres, not products with 0: a NaN stays in its stencil's columns, as PyTorch's; and on
@@ -658,6 +660,12 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
     for s in tl.static_range(STEPS):
         behind = (lane >= (1 << s)) & (_shift(key, -(1 << s)) == key)
         last = tl.where(real & behind[None, None, :], last + _shift3(last, -(1 << s)), last)
+    for s in range(STEPS, STEPS + first):
+        src = tl.maximum(lane - (1 << s), 0)
+        behind = (lane >= (1 << s)) & (tl.gather(key, src, 0) == key)
+        last = tl.where(real & behind[None, None, :],
+                        last + tl.gather(last, tl.broadcast_to(src[None, None, :], last.shape), 2),
+                        last)
     if TAIL:
         tl.store(_class_ptrs3(dst, k[None, :] + 1, cls * SPAN), last,
                  mask=real & tail[None, None, :])
@@ -667,13 +675,20 @@ def _flush(dst, acc, cmask, key, wa, wb, nxt, store, k, tail, SPAN: tl.constexpr
     for s in tl.static_range(STEPS):
         ahead = (lane + (1 << s) < LANES) & (_shift(key, 1 << s) == key)
         total = tl.where(real & ahead[None, None, :], total + _shift3(total, 1 << s), total)
+    for s in range(STEPS, STEPS + first):
+        src = tl.minimum(lane + (1 << s), LANES - 1)
+        ahead = (lane + (1 << s) < LANES) & (tl.gather(key, src, 0) == key)
+        total = tl.where(real & ahead[None, None, :],
+                         total + tl.gather(total, tl.broadcast_to(src[None, None, :],
+                                                                  total.shape), 2),
+                         total)
     # the class offsets (SPAN apart) are immediates of one address per lane
     tl.store(_class_ptrs3(dst, k[None, :], cls * SPAN), total,
              mask=real & store[None, None, :])
 
 
 @triton.jit(do_not_specialize=["H", "W", "H_in", "bands", "tiles", "band", "ftiles_h",
-                               "ftiles_w"])
+                               "ftiles_w", "extra"])
 def _halo_upsample_backward_kernel(
     x_ptr,       # low-resolution logits interpolated along the columns, blocks of 32 columns
                  # (B, H_in, cdiv(W, 32), C + 1, 32) (upsample.columns_interpolated)
@@ -690,6 +705,7 @@ def _halo_upsample_backward_kernel(
     lam_ptr,
     H, W, H_in, bands, tiles, ftiles_h, ftiles_w,
     band,        # input rows per program (kernels/upsample.py's band_rows)
+    extra,       # more shuffle-adds for the image's first column (kernels/upsample.py's Plan)
     sxb, sxh,    # the columns' image and row strides
     syb, syh, syw,
     eps_hi, eps_lo, base_hi, base_lo, power_hi, power_lo,  # as split_scalar()
@@ -756,6 +772,9 @@ def _halo_upsample_backward_kernel(
     if RADIUS > 0:
         store = store | (_shift(tail.to(tl.int32), -1) > 0)
         k = tl.where(out_lane, k, _shift(k, -1) + 1)
+    # the image's first tile: its first run may take more steps (a run-time count, so that the
+    # loops stay loops that the other tiles skip)
+    first = tl.where(tile == 0, extra, 0)
     cls, cmask = class_range(0, CLASS_TILE, C, WIDE)
     y_img = y_ptr + image * syb
     P_img, plane = image_of_P(P_ptr, image, tl.full([], 1, tl.int32), H, W, C, LANES, WIDE)
@@ -775,8 +794,8 @@ def _halo_upsample_backward_kernel(
         # or none, not an if: so bench/kernel_report.py can count it by how often it runs.)
         h0 = tl.minimum(tl.load(idx_ptr + q0), tl.load(idx_ptr + H + q0))
         for _ in range(a, h0):
-            _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN,
-                   STEPS, RADIUS == 0)
+            _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, first,
+                   SPAN, STEPS, RADIUS == 0)
             A = B
             B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
             a += 1
@@ -799,7 +818,7 @@ def _halo_upsample_backward_kernel(
             if r > 0:
                 for _ in range(a, h0):
                     _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k,
-                           tail, SPAN, STEPS, RADIUS == 0)
+                           tail, first, SPAN, STEPS, RADIUS == 0)
                     A = B
                     B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
                     a += 1
@@ -836,15 +855,15 @@ def _halo_upsample_backward_kernel(
     # only ever a stencil's second row (align_corners=True, whose scale can round below
     # (n - 1) / (m - 1)): then B's row is the band's last (the loop's one trip). A band with no
     # output rows (such a last row alone) stores zeros.
-    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+    _flush(stage + a * step, A, cmask, key, wa, wb, nxt, store, k, tail, first, SPAN, STEPS,
            RADIUS == 0)
     for _ in range(a + 1, i_end):
         a += 1
-        _flush(stage + a * step, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+        _flush(stage + a * step, B, cmask, key, wa, wb, nxt, store, k, tail, first, SPAN, STEPS,
                RADIUS == 0)
         B = tl.zeros([1, CLASS_TILE, LANES], dtype=ACC)
     if i_end < H_in:  # the next band's first row: this band's share (zeros if it owes none)
-        _flush(below, B, cmask, key, wa, wb, nxt, store, k, tail, SPAN, STEPS,
+        _flush(below, B, cmask, key, wa, wb, nxt, store, k, tail, first, SPAN, STEPS,
                RADIUS == 0)
 
 

@@ -86,7 +86,10 @@ class Plan:
     column's stencils span at most a warp's output lanes, so that at most two of the backward's
     column tiles share a column; ``span``: the most input columns one tile's output columns
     touch; ``steps``: log2 of the most output columns whose stencils start at one input column
-    (rounded up), the backward's shuffle-adds per column sum."""
+    but the first (rounded up), the backward's shuffle-adds per column sum; ``extra``: the more
+    the first column needs (align_corners=False clamps the first output columns' sources to
+    it: 6 output columns at 4x where the others have 4), which only the image's first tile
+    takes."""
 
     def __init__(self, size_in, size_out, align_corners, wide, lanes):
         (h_in, w_in), (h, w) = size_in, size_out
@@ -98,7 +101,10 @@ class Plan:
         self.fits = max(b - a + 1 for a, b in zip(first, last)) <= lanes
         i0, i1 = self.cols[:2]
         self.span = max(i1[min(c + lanes, w) - 1] - i0[c] + 1 for c in range(0, w, lanes))
-        self.steps = (max(collections.Counter(i0).values()) - 1).bit_length()
+        runs = collections.Counter(i0)
+        first, runs[0] = runs[0], 1
+        self.steps = (max(runs.values()) - 1).bit_length()
+        self.extra = max(0, (first - 1).bit_length() - self.steps)
 
 
 @functools.lru_cache(maxsize=64)

@@ -401,6 +401,37 @@ def test_k_1_whose_last_lane_stores_the_column_after_it(interpolations):
                torch.float32, interpolations)
 
 
+@pytest.mark.parametrize("w_in, w_out", [(16, 64), (8, 64), (6, 41)])
+def test_the_first_columns_longer_run_in_registers(w_in, w_out, interpolations):
+    # align_corners=False clamps the first output columns' sources to input column 0, so more
+    # output columns start their stencil there than at any other column (6 against 4 at 4x, 12
+    # against 8 at 8x): the image's first tile alone takes the shuffle-adds that run needs
+    # beyond the others' (Plan.extra). Without them column 0's gradient misses the run's last
+    # output columns.
+    from lad_triton.kernels.upsample import Plan
+
+    assert Plan((3, w_in), (9, w_out), False, False, 28).extra == 1
+    in_kernels((2, 3, 3, w_in), (9, w_out), dict(kernel_size=5, align_corners=False,
+                                                 reduction="none"), 4, torch.float32,
+               interpolations)
+
+
+@pytest.mark.parametrize("base", [2.0, 7.0, 100.0])
+def test_the_label_as_the_softmax_reference_where_nothing_can_overflow(base, interpolations):
+    # With the z-score every pooled value is bounded (|z| <= sqrt(C), times omega's largest),
+    # and the interpolating forward takes the label's value as the softmax's reference instead
+    # of the max where no exponential of a difference can overflow (forward.label_pivot): base
+    # 2 and 7 do (7 near the bound: omega's largest is 7), 100 keeps the max. Both against the
+    # oracle, the label rarely the largest class (C = 6, random labels).
+    from lad_triton.kernels.forward import label_pivot
+
+    assert label_pivot(6, 5, base, True) == (base < 100) and not label_pivot(6, 5, base, False)
+    assert label_pivot(21, 5, 7.0, True) and not label_pivot(21, 5, 8.0, True)
+    in_kernels((2, 6, 4, 5), (13, 17), dict(kernel_size=5, weight_base=base,
+                                            align_corners=False), 9, torch.float32,
+               interpolations)
+
+
 def test_rows_wider_than_one_column_program_in_registers(interpolations):
     # 90 -> 1000 columns: 34 column tiles of 30, 33 boundaries, three programs of the column
     # sums per input row (32 input columns each).
