@@ -81,6 +81,7 @@ def traffic(w):
     """{way: (DRAM bytes of forward + backward, peak bytes beyond the inputs)}."""
     low, high, y = w.logits(w.low), w.logits(w.high), w.labels
     part = -(-w.batch // w.parts)  # images per part
+    head = low * (w.batch - part) // w.batch  # G of the parts before the last
     return {
         # upsample writes the logits; log_softmax reads them and writes its output, which it
         # keeps for the backward; nll reads the labels. Backward: nll writes the gradient of
@@ -102,13 +103,15 @@ def traffic(w):
         # low-resolution logits and writes them interpolated along the columns; the forward
         # kernel reads those and the labels and writes the part's P (the label's size, the
         # logits' dtype); the backward's kernel reads P, the columns and the labels and writes
-        # its tiles' float32 shares of the low-resolution gradient (staged, kept for the
-        # backward). The autograd backward's column sums read them and write the logits'
-        # gradient. Alive at the peak: one part's columns and P, and the batch's staged shares.
+        # its tiles' float32 shares of the low-resolution gradient (staged), which the column
+        # sums read to write G (float32), but the last part's, kept for the backward. The
+        # autograd backward reads G and writes its part of the logits' gradient, and the last
+        # part's column sums write the rest. Alive at the peak: one part's columns, P and
+        # staged shares, and the first parts' G.
         "fused upsampling": (
             (low + w.columns) + (w.columns + y + high)
-            + (high + w.columns + y + 2 * (w.stage + w.above) + low),
-            (w.columns + high) * part // w.batch + w.stage + w.above),
+            + (high + w.columns + y + 2 * (w.stage + w.above) + low) + 2 * head,
+            (w.columns + high + w.stage + w.above) * part // w.batch + head),
     }
 
 
@@ -189,6 +192,13 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                     lines.append(f"| {w.name} | {way} | {launch['name']} | "
                                  f"{launch['registers']} | {launch['programs']} | "
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
+                if low:  # at its DRAM floor, as F.interpolate: the autograd backward reads G
+                    # of the parts before the last and writes their gradient
+                    head = w.logits(w.low) * (w.batch - w.batch // w.parts) // w.batch
+                    op_us = 2 * head / bandwidth * 1e6
+                    total += op_us
+                    lines.append(f"| {w.name} | {way} | G of the first half scaled "
+                                 f"(PyTorch), DRAM floor | - | - | {op_us:.0f} | DRAM |")
                 sums.append(total)
             key, scale = CROSS_ENTROPY_AT[w.name]
             interp = (w.logits(w.low) + w.logits(w.high)  # forward: read low, write high

@@ -621,7 +621,7 @@ def label_pivot(classes, kernel_size, weight_base, zscore):
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,
             weight_base, normalizer, zscore, need_grad, mean, plan=None, upsample="",
-            align_corners=False, columns=None):
+            align_corners=False, columns=None, P=None):
     """Launch the forward on (B, C, H, W) or (B, C, D, H, W) logits. Returns (L, partials, ticket,
     P): the costs on the centre grid (B, *centres) (empty for the mean), the (n_tiles, 3)
     Minkowski partials, the combine's ticket (zeroed), and P for the backward (empty when
@@ -631,7 +631,8 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     the logits are at a lower resolution than the target and the window-row kernels interpolate
     them in registers (``interpolates`` must hold), from ``columns`` (their rows interpolated
     along the columns, upsample.columns_interpolated) where the caller has them; everything else
-    is at the target's size."""
+    is at the target's size. ``P``: a buffer for P (allocate's shape) where the caller reuses
+    one."""
     volume = logits.dim() == 5
     x = logits
     size = None
@@ -656,8 +657,10 @@ def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index,
     if plan is not None and plan != planned:  # the traced graph's shapes would not match
         raise RuntimeError(f"lad_triton: the forward's tiles are {planned}, the caller traced "
                            f"{plan}")
-    L, partials, ticket, P = allocate(logits, kernel_size=kernel_size, stride=stride,
-                                      need_grad=need_grad, mean=mean, plan=planned, size=size)
+    L, partials, ticket, new_P = allocate(logits, kernel_size=kernel_size, stride=stride,
+                                          need_grad=need_grad and P is None, mean=mean,
+                                          plan=planned, size=size)
+    P = new_P if P is None else P
     d_c, h_c, w_c = centre_shape((depth, height, width), stride)
     wide = needs_wide_index(x_span, span(y_shape[1:], sy[1:]),
                             classes * cdiv(d_c * h_c * w_c, cfg.tile_w) * cfg.tile_w,

@@ -210,7 +210,7 @@ def _column_pass_kernel(x_ptr, idx_ptr, lam_ptr, out_ptr, H, H_in, W, blocks, sx
     tl.store(out + C * LANES, tl.where(finite, 0.0, float("nan")), mask=ok)
 
 
-def columns_interpolated(logits, size, align_corners, kernel_size):
+def columns_interpolated(logits, size, align_corners, kernel_size, out=None):
     """The logits' rows interpolated along the columns to the target's width ``size[1]``, in the
     accumulation dtype, F.interpolate's column weights (one rounding, as PyTorch's bilinear
     kernels blend a row) less each pixel's mean over the classes (which the loss and its
@@ -221,13 +221,15 @@ def columns_interpolated(logits, size, align_corners, kernel_size):
     or NaN where a class is not finite (its classes are then 0: _column_pass_kernel). The
     forward then blends two of these rows per output row: half the loads and a third of the
     arithmetic of blending four low-resolution pixels per class and pixel, for a buffer
-    (C + 1) / C / (H / H_in) the target's size."""
+    (C + 1) / C / (H / H_in) the target's size. ``out``: a buffer of that shape to write, where
+    the caller reuses one."""
     batch, classes, h_in, w_in = logits.shape
     height, width = size
     _, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
     blocks = cdiv(width, TILE_W)
-    out = logits.new_empty((batch, h_in, blocks, classes + 1, TILE_W),
-                           dtype=accumulation_dtype(logits.dtype))
+    if out is None:
+        out = logits.new_empty((batch, h_in, blocks, classes + 1, TILE_W),
+                               dtype=accumulation_dtype(logits.dtype))
     _column_pass_kernel[(batch * h_in * blocks,)](
         logits, index, weight, out, height, h_in, width, blocks, *logits.stride(),
         C=classes, SAME=w_in == width, num_warps=1)

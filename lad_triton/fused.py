@@ -15,9 +15,9 @@ the autograd wiring of the fused Minkowski mean.
   gradient is materialised for non-differentiable outputs, and neither pass syncs with the host.
 - ``FusedGradientMean`` is reduction="mean" on low-resolution logits the kernels interpolate:
   ``lad_triton::fused_mean_gradient`` runs the forward and the backward's kernels part by part
-  of the batch in the forward, so that P exists for one part at a time, and keeps their staged
-  shares of the low-resolution gradient, which ``lad_triton::fused_upsample_gradient`` sums into
-  the gradient, scaled, in the backward.
+  of the batch in the forward, so that P exists for one part at a time, and keeps the
+  low-resolution gradient of the first parts and the staged shares of the last, which
+  ``lad_triton::fused_upsample_gradient`` turns into the gradient, scaled, in the backward.
 
 In eager mode the mean calls the operators' implementations directly (``_eager``): an
 operator's Python dispatch costs tens of microseconds of host time per call, which a training
@@ -211,49 +211,62 @@ def _fused_mean_gradient(logits: Tensor, target: Tensor, weight: Optional[Tensor
                          kernel_size: int, stride: int, ignore_index: int, eps: float,
                          weight_base: float, normalizer: str, zscore: bool, plan: str,
                          upsample: str, align_corners: bool,
-                         parts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(partials, ticket, stage, above, scalars) of the Minkowski mean: the forward's partials
-    and ticket as ``fused_costs`` gives them for the whole batch, and d loss / d logits staged
-    (the interpolating backward's shares, kernels/backward.py's upsample_staging) up to one
+                         parts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(partials, ticket, G, stage, above, scalars) of the Minkowski mean: the forward's partials
+    and ticket as ``fused_costs`` gives them for the whole batch, and d loss / d logits up to one
     factor per part of the batch, formed right after each part's forward from its P, which then
-    goes. The batch runs in ``parts`` parts of cdiv(B, parts) images. Part i's shares are the
+    goes. The batch runs in ``parts`` parts of cdiv(B, parts) images. Part i's gradient is the
     backward's with grad = 1 and part i's own ``scalars[i]`` = (1, max L, a = 1): its tiles'
     d loss / d L relative to the part's max L (kernels/backward.py), since the batch's is not
-    known until every part has run; ``fused_upsample_gradient`` sums them into the gradient
-    with each part's factor."""
+    known until every part has run. The parts before the last keep it as G (the logits' shape
+    in the accumulation dtype); the last keeps its staged shares (kernels/backward.py's
+    upsample_staging), which ``fused_upsample_gradient`` sums into the gradient in the backward,
+    scaled, where it scales G: the last part's column sums and its scaling are one pass."""
     batch = logits.shape[0]
     size = cdiv(batch, parts)
+    head = (cdiv(batch, size) - 1) * size  # the images before the last part
     acc = accumulation_dtype(logits.dtype)
-    stage, above = kernels_backward.upsample_staging(logits, tuple(target.shape[-2:]),
-                                                     align_corners, kernel_size)
+    G = logits.new_empty((head,) + tuple(logits.shape[1:]), dtype=acc)
     scalars = logits.new_ones((cdiv(batch, size), 3), dtype=torch.float64)
     one = logits.new_ones((), dtype=acc)
     partials, ticket = [], None
+    # the first part's column buffer and P serve every part (the first is the largest): the
+    # kernels of a part run after the previous part's on the stream
+    columns_buffer = P_buffer = None
     with _on_device(logits):
         for i, b in enumerate(range(0, batch, size)):
             part = slice(b, b + size)
-            columns = columns_interpolated(logits[part], tuple(target.shape[-2:]), align_corners,
-                                           kernel_size)
+            n = logits[part].shape[0]
+            columns = columns_interpolated(
+                logits[part], tuple(target.shape[-2:]), align_corners, kernel_size,
+                out=None if columns_buffer is None else columns_buffer[:n])
             _, part_partials, ticket, P = kernels_forward.forward(
                 logits[part], target[part], weight, kernel_size=kernel_size, power=power,
                 stride=stride, ignore_index=ignore_index, eps=eps, weight_base=weight_base,
                 normalizer=normalizer, zscore=zscore, need_grad=True, mean=True, plan=plan,
-                upsample=upsample, align_corners=align_corners, columns=columns)
+                upsample=upsample, align_corners=align_corners, columns=columns,
+                P=None if P_buffer is None else P_buffer[:n])
+            if columns_buffer is None:
+                columns_buffer, P_buffer = columns, P
             if not zscore:  # the backward reads them only for the z-score's Jacobian
                 columns = None
             tile_max = part_partials[:, 0]
             # the combine's max L: NaN tiles left out (their NaN reaches the loss and a)
             scalars[i, 1] = tile_max.nan_to_num(0.0, math.inf).amax()
+            last = b >= head
+            if last:  # allocated after the other parts' (theirs go with their column sums)
+                stage, above = kernels_backward.upsample_staging(
+                    logits[part], tuple(target.shape[-2:]), align_corners, kernel_size)
             kernels_backward.backward(tile_max, logits[part], target[part], P,
                                       kernel_size=kernel_size, stride=stride, eps=eps,
                                       weight_base=weight_base, zscore=zscore, plan=plan,
                                       weighted=weight is not None, grad=one,
                                       scalars=scalars[i], power=power, upsample=upsample,
                                       align_corners=align_corners, columns=columns,
-                                      staging=(stage[part], above[part]))
+                                      out=None if last else G[part],
+                                      staging=(stage, above) if last else None)
             partials.append(part_partials)
-            del P, columns
-    return torch.cat(partials), ticket, stage, above, scalars
+    return torch.cat(partials), ticket, G, stage, above, scalars
 
 
 fused_mean_gradient = _operator("lad_triton::fused_mean_gradient", _fused_mean_gradient)
@@ -266,19 +279,31 @@ def _(logits, target, weight, power, kernel_size, stride, ignore_index, eps, wei
         logits, kernel_size=kernel_size, stride=stride, need_grad=False, mean=True, plan=plan,
         size=tuple(target.shape[-2:]))
     batch = logits.shape[0]
+    size = cdiv(batch, parts)
+    head = (cdiv(batch, size) - 1) * size
     return (partials, ticket,
-            *kernels_backward.upsample_staging(logits, tuple(target.shape[-2:]), align_corners,
-                                               kernel_size),
-            logits.new_empty((cdiv(batch, cdiv(batch, parts)), 3), dtype=torch.float64))
+            logits.new_empty((head,) + tuple(logits.shape[1:]),
+                             dtype=accumulation_dtype(logits.dtype)),
+            *kernels_backward.upsample_staging(logits[head:], tuple(target.shape[-2:]),
+                                               align_corners, kernel_size),
+            logits.new_empty((cdiv(batch, size), 3), dtype=torch.float64))
 
 
-def _fused_upsample_gradient(stage: Tensor, above: Tensor, logits: Tensor, scale: Tensor,
-                             size: list[int], align_corners: bool, kernel_size: int) -> Tensor:
-    """d loss / d logits (their dtype) from ``fused_mean_gradient``'s staged shares, each
-    image's multiplied by ``scale`` (B,), in the accumulation dtype, before its one rounding."""
+def _fused_upsample_gradient(G: Tensor, stage: Tensor, above: Tensor, logits: Tensor,
+                             scale: Tensor, size: list[int], align_corners: bool,
+                             kernel_size: int) -> Tensor:
+    """d loss / d logits (their dtype) from ``fused_mean_gradient``'s G of the first images and
+    staged shares of the rest, each image's multiplied by ``scale`` (B,), in the accumulation
+    dtype, before its one rounding."""
+    dx = torch.empty_like(logits)
+    head = G.shape[0]
+    if head:
+        dx[:head] = G * scale[:head].view((-1,) + (1,) * (G.dim() - 1))
     with _on_device(logits):
-        return kernels_backward.upsample_gradient(stage, above, logits, tuple(size),
-                                                  align_corners, kernel_size, scale=scale)
+        kernels_backward.upsample_gradient(stage, above, logits[head:], tuple(size),
+                                           align_corners, kernel_size, out=dx[head:],
+                                           scale=scale[head:])
+    return dx
 
 
 fused_upsample_gradient = _operator("lad_triton::fused_upsample_gradient",
@@ -286,7 +311,7 @@ fused_upsample_gradient = _operator("lad_triton::fused_upsample_gradient",
 
 
 @fused_upsample_gradient.register_fake
-def _(stage, above, logits, scale, size, align_corners, kernel_size):
+def _(G, stage, above, logits, scale, size, align_corners, kernel_size):
     return torch.empty_like(logits)
 
 
@@ -367,13 +392,14 @@ class FusedGradientMean(torch.autograd.Function):
     """reduction="mean" on low-resolution logits the kernels interpolate: the gradient is formed
     in the forward, part by part of the batch (``fused_mean_gradient``), so that P, the size of
     the full-resolution logits, exists for one part at a time and nothing of the target's size
-    is kept for the backward, which sums the staged shares of the low-resolution gradient with
-    each part's factor in one launch (Liger-Kernel's move for an LLM's logits). The cost: the backward's work is done even where no backward follows."""
+    is kept for the backward, which scales the low-resolution gradient of the first parts and
+    sums the last part's staged shares, scaled, in one launch (Liger-Kernel's move for an LLM's
+    logits). The cost: the backward's work is done even where no backward follows."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, options, power, group, upsample):
         plan = plan_of(logits, options.kernel_size, options.stride, weight, upsample)
-        partials, ticket, stage, above, part_scalars = _eager(fused_mean_gradient)(
+        partials, ticket, G, stage, above, part_scalars = _eager(fused_mean_gradient)(
             logits, target, weight, float(power), options.kernel_size, options.stride,
             options.ignore_index, float(options.eps), float(options.weight_base),
             options.normalizer, options.zscore, plan, *_upsample_args(upsample), GRADIENT_PARTS)
@@ -383,17 +409,17 @@ class FusedGradientMean(torch.autograd.Function):
         # the kernels' power_of (k = 1).
         top = scalars[1]
         share = scalars[2] * (part_scalars[:, 1] / torch.where(top > 0, top, 1.0)) ** (power - 1)
-        ctx.save_for_backward(stage, above, share, logits)
+        ctx.save_for_backward(G, stage, above, share, logits)
         ctx.part = cdiv(logits.shape[0], share.shape[0])  # images per part
         ctx.upsample = (list(target.shape[-2:]), bool(upsample[1]), options.kernel_size)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        stage, above, share, logits = ctx.saved_tensors
+        G, stage, above, share, logits = ctx.saved_tensors
         scale = (grad.to(share.dtype) * share).to(stage.dtype)
         per_image = scale.repeat_interleave(ctx.part)[:logits.shape[0]]
-        dx = _eager(fused_upsample_gradient)(stage, above, logits, per_image, *ctx.upsample)
+        dx = _eager(fused_upsample_gradient)(G, stage, above, logits, per_image, *ctx.upsample)
         if torch.is_grad_enabled():  # create_graph: dx's graph must reach the logits, and raise
             dx = _NoSecondDerivative.apply(dx, logits)
         return dx, None, None, None, None, None, None

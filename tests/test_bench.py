@@ -210,7 +210,7 @@ def test_upsample_model_orders_the_three_ways():
     # batch's columns (the logits interpolated along the columns, in blocks of 32 columns), P
     # (the label's size) and staged shares of the low-resolution gradient (float32, per input
     # row, tile of 28 output columns, input column the tile touches and class, and the band
-    # above's share of every band's first row), and the low-resolution gradient.
+    # above's share of every band's first row), and the first half's low-resolution gradient.
     import upsample_model as model
 
     from lad_triton.fused import GRADIENT_PARTS
@@ -222,13 +222,13 @@ def test_upsample_model_orders_the_three_ways():
         ce, lad, fused = (ways[k] for k in ("interpolate + cross-entropy", "interpolate + LAD",
                                             "fused upsampling"))
         high = w.batch * w.classes * w.high[0] * w.high[1] * 4
-        low = w.batch * w.classes * w.low[0] * w.low[1] * 4
         assert fused[0] < lad[0] < ce[0] and ce[0] - lad[0] == high
         span = math.ceil(28 * w.low[1] / w.high[1]) + 2  # the most input columns a tile's reach
         stage = int(w.batch * w.low[0] * math.ceil(w.high[1] / 28) * span * w.classes * 4)
         above = stage * math.ceil(w.low[0] / band_rows(w.low[0], w.high[0])) // w.low[0]
         columns = w.batch * (w.classes + 1) * w.low[0] * math.ceil(w.high[1] / 32) * 32 * 4
-        assert fused[1] == (columns + high + stage + above) // 2 + low
+        low = w.batch * w.classes * w.low[0] * w.low[1] * 4
+        assert fused[1] == (columns + high + stage + above) // 2 + low // 2
         assert lad[1] == ce[1] == 3 * high
         assert fused[1] < ce[1] / 3
     # docs/performance.md quotes the table as the command prints it.

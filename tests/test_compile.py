@@ -193,10 +193,10 @@ def test_opcheck_fused_upsample_gradient():
 
     args = fused_cases()[6]
     logits, target = args[0].detach(), args[1]
-    _, _, stage, above, _ = fused_mean_gradient(
+    _, _, G, stage, above, _ = fused_mean_gradient(
         logits, target, args[2], 3.0, 3, 1, 255, 1e-5, 2.0, "count", True, *args[-3:], 2)
     scale = torch.rand(logits.shape[0], device=DEVICE)
-    opcheck(fused_upsample_gradient, (stage, above, logits, scale, list(target.shape[-2:]),
+    opcheck(fused_upsample_gradient, (G, stage, above, logits, scale, list(target.shape[-2:]),
                                       args[-1], 3))
 
 
