@@ -226,7 +226,8 @@ def describe(name, args, kwargs):
 def configs(quick, all_classes=False):
     """(label, C, dtype, K, option overrides, is a dispatcher default). The defaults take the
     edges of config.ROW_PLANS (C = 21, 24, 28, 32); ``all_classes``: every C from 2 to 32 (ptxas
-    is not monotonic in C), also interpolating (config.HALO_UPSAMPLE_PLANS) at two sizes."""
+    is not monotonic in C), also interpolating (config.HALO_UPSAMPLE_PLANS) at two sizes, in
+    float32 and bfloat16, and with a non-integer Minkowski exponent."""
     classes = (21, 150) if quick else (19, 21, 24, 28, 32, 150, 1024)
     sizes = (5,) if quick else (3, 5, 7)
     for c in range(2, 33) if all_classes else classes:
@@ -236,12 +237,18 @@ def configs(quick, all_classes=False):
     if all_classes:
         for c in range(2, 33):
             for k in sizes:
-                yield (f"C={c} fp32 K={k} (16, 16) -> (64, 64)", c, torch.float32, k,
-                       dict(low=(16, 16), shape=(2, 64, 64), align_corners=False), False)
+                for dtype in (torch.float32, torch.bfloat16):
+                    yield (f"C={c} {TYPE_CODES[dtype]} K={k} (16, 16) -> (64, 64)", c, dtype, k,
+                           dict(low=(16, 16), shape=(2, 64, 64), align_corners=False), False)
                 # another binary: 8x (the backward's STEPS and SPAN), odd strides, int64 labels
                 yield (f"C={c} fp32 K={k} (65, 65) -> (513, 513) i64", c, torch.float32, k,
                        dict(low=(65, 65), shape=(2, 513, 513), align_corners=True,
                             labels=torch.int64), False)
+                # a non-integer Minkowski exponent: the forward's log and exp, another binary
+                # (bfloat16 has spilled where float32 did not)
+                yield (f"C={c} bf16 K={k} (16, 16) -> (64, 64) power 2.5", c, torch.bfloat16, k,
+                       dict(low=(16, 16), shape=(2, 64, 64), align_corners=False, power=2.5),
+                       False)
         return
     for c, low, shape, corners in ((21, (65, 65), (8, 513, 513), True),
                                    (19, (128, 256), (8, 512, 1024), False),

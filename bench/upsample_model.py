@@ -36,6 +36,12 @@ class Upsampling:
     label: int = 8    # int64 labels, as the benchmarks pass them
     parts: int = 2    # lad_triton.fused.GRADIENT_PARTS: the batch's parts, P formed for one
 
+    @property
+    def head(self):
+        """Images before the last part (lad_triton.fused's _fused_mean_gradient)."""
+        part = -(-self.batch // self.parts)
+        return (-(-self.batch // part) - 1) * part
+
     def logits(self, size):
         return self.batch * self.classes * size[0] * size[1] * self.element
 
@@ -81,7 +87,7 @@ def traffic(w):
     """{way: (DRAM bytes of forward + backward, peak bytes beyond the inputs)}."""
     low, high, y = w.logits(w.low), w.logits(w.high), w.labels
     part = -(-w.batch // w.parts)  # images per part
-    head = low * (w.batch - part) // w.batch  # G of the parts before the last
+    head = low * w.head // w.batch  # G of the parts before the last
     return {
         # upsample writes the logits; log_softmax reads them and writes its output, which it
         # keeps for the backward; nll reads the labels. Backward: nll writes the gradient of
@@ -194,7 +200,7 @@ def calibrated(bandwidth=H200_COPY_BYTES_PER_S):
                                  f"{t.time_s * 1e6:.0f} | {t.bound} |")
                 if low:  # at its DRAM floor, as F.interpolate: the autograd backward reads G
                     # of the parts before the last and writes their gradient
-                    head = w.logits(w.low) * (w.batch - w.batch // w.parts) // w.batch
+                    head = w.logits(w.low) * w.head // w.batch
                     op_us = 2 * head / bandwidth * 1e6
                     total += op_us
                     lines.append(f"| {w.name} | {way} | G of the first half scaled "

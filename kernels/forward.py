@@ -610,13 +610,15 @@ def label_pivot(classes, kernel_size, weight_base, zscore):
     largest (the interpolating forward then needs no max over the classes, and the label's
     exponential is 1 exactly): with the z-score each pixel's |z| <= sqrt(C), so a pooled value
     is at most omega's largest times that (the count normaliser divides a sum of omega-weighted
-    z by the count of terms; the weight normaliser takes a weighted mean), and no exponential
-    of a difference of two, nor their sum over C classes, can overflow float32."""
+    z by the count of terms; the weight normaliser takes a weighted mean). The bound keeps every
+    exponential of a difference of two, and their sum over C classes, below 2^64, so that
+    dividing by the sum leaves P's smallest factors far from float32's subnormals."""
     if not zscore:
         return False
-    radius = kernel_size // 2
-    omega = max(float(weight_base) ** (1 - d) for d in range(radius + 1))
-    return 2 * omega * math.sqrt(classes) * math.log2(math.e) + math.log2(classes) <= 100
+    log_omega = max((1 - d) * math.log2(float(weight_base)) for d in range(kernel_size // 2 + 1))
+    if log_omega > 8:
+        return False
+    return 2 * 2**log_omega * math.sqrt(classes) * math.log2(math.e) + math.log2(classes) <= 64
 
 
 def forward(logits, target, weight, *, kernel_size, power, stride, ignore_index, eps,

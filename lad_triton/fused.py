@@ -296,6 +296,7 @@ def _fused_upsample_gradient(G: Tensor, stage: Tensor, above: Tensor, logits: Te
     staged shares of the rest, each image's multiplied by ``scale`` (B,), in the accumulation
     dtype, before its one rounding."""
     dx = torch.empty_like(logits)
+    scale = scale.to(accumulation_dtype(logits.dtype)).contiguous()
     head = G.shape[0]
     if head:
         dx[:head] = G * scale[:head].view((-1,) + (1,) * (G.dim() - 1))

@@ -192,12 +192,18 @@ def test_opcheck_fused_upsample_gradient():
     from lad_triton.fused import fused_mean_gradient, fused_upsample_gradient
 
     args = fused_cases()[6]
-    logits, target = args[0].detach(), args[1]
-    _, _, G, stage, above, _ = fused_mean_gradient(
-        logits, target, args[2], 3.0, 3, 1, 255, 1e-5, 2.0, "count", True, *args[-3:], 2)
-    scale = torch.rand(logits.shape[0], device=DEVICE)
-    opcheck(fused_upsample_gradient, (G, stage, above, logits, scale, list(target.shape[-2:]),
-                                      args[-1], 3))
+    # batches of 1 (no G: one part), 2 and 3 (two parts of 2 and 1 images)
+    for batch in (1, 2, 3):
+        logits = args[0].detach().repeat(2, 1, 1, 1)[:batch]
+        target = args[1].repeat(2, 1, 1)[:batch]
+        _, _, G, stage, above, _ = fused_mean_gradient(
+            logits, target, args[2], 3.0, 3, 1, 255, 1e-5, 2.0, "count", True, *args[-3:], 2)
+        assert G.shape[0] == (0, 1, 2)[batch - 1] and stage.shape[0] == batch - G.shape[0]
+        scale = torch.rand(batch, device=DEVICE)
+        opcheck(fused_upsample_gradient, (G, stage, above, logits, scale,
+                                          list(target.shape[-2:]), args[-1], 3))
+        opcheck(fused_mean_gradient, (logits, target, args[2], 3.0, 3, 1, 255, 1e-5, 2.0,
+                                      "count", True) + args[-3:] + (2,))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

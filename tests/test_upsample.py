@@ -416,20 +416,47 @@ def test_the_first_columns_longer_run_in_registers(w_in, w_out, interpolations):
                interpolations)
 
 
-@pytest.mark.parametrize("base", [2.0, 7.0, 100.0])
+@pytest.mark.parametrize("base", [2.0, 4.0, 100.0])
 def test_the_label_as_the_softmax_reference_where_nothing_can_overflow(base, interpolations):
     # With the z-score every pooled value is bounded (|z| <= sqrt(C), times omega's largest),
     # and the interpolating forward takes the label's value as the softmax's reference instead
-    # of the max where no exponential of a difference can overflow (forward.label_pivot): base
-    # 2 and 7 do (7 near the bound: omega's largest is 7), 100 keeps the max. Both against the
-    # oracle, the label rarely the largest class (C = 6, random labels).
+    # of the max where no exponential of a difference can pass 2^64 (forward.label_pivot): base
+    # 2 and 4 do (4 near the bound at C = 21), 100 keeps the max. Against the oracle, with every
+    # pixel's class 0 far above the others and its label's class far below them (class 1, or
+    # random): exponents of up to about 30 at base 4.
     from lad_triton.kernels.forward import label_pivot
 
-    assert label_pivot(6, 5, base, True) == (base < 100) and not label_pivot(6, 5, base, False)
-    assert label_pivot(21, 5, 7.0, True) and not label_pivot(21, 5, 8.0, True)
-    in_kernels((2, 6, 4, 5), (13, 17), dict(kernel_size=5, weight_base=base,
-                                            align_corners=False), 9, torch.float32,
-               interpolations)
+    assert label_pivot(21, 5, base, True) == (base < 100) and not label_pivot(21, 5, base, False)
+    assert label_pivot(21, 5, 4.0, True) and not label_pivot(21, 5, 5.0, True)
+    assert not label_pivot(21, 7, 1e-200, True)  # omega's largest past float64: no overflow
+    logits = make_logits((2, 21, 4, 5), seed=9)
+    logits[:, 0] += 40.0
+    logits[:, 1] -= 40.0
+    target = make_labels(2, [13, 17], 21, dtype=torch.uint8, ignore_frac=0.1, seed=9)
+    target[(target != 255) & (target % 3 == 0)] = 1
+    adversarial(logits, target, dict(kernel_size=5, weight_base=base,
+                                                  align_corners=False), interpolations)
+
+
+def adversarial(logits, target, options, interpolations):
+    """The fused loss and its gradient on these logits and labels against the float64 oracle
+    (the contract's float32 tolerance), interpolated in the kernels."""
+    low = logits.to(DEVICE).requires_grad_(True)
+    loss = locally_adaptive_loss(low, target.to(DEVICE), backend="triton", upsample="bilinear",
+                                 **options)
+    (grad,) = torch.autograd.grad(loss, low)
+    assert interpolations == []
+    ref_low = logits.double().requires_grad_(True)
+    high = interpolate_reference(ref_low, tuple(target.shape[-2:]), options["align_corners"])
+    plain = {k: v for k, v in options.items() if k != "align_corners"}
+    ref = lad_reference(high.detach(), target, **plain)
+    (ref_grad,) = torch.autograd.grad(high, ref_low, ref.grad)
+    (grad_floor,) = torch.autograd.grad(interpolate_reference(
+        ref_low, tuple(target.shape[-2:]), options["align_corners"]), ref_low, ref.grad_floor)
+    loss_tol, grad_tol = TOLERANCE[torch.float32]
+    assert close(loss, ref.loss, ref.loss_floor, loss_tol), (loss, ref.loss)
+    assert close(grad, ref_grad, grad_floor, grad_tol)
+    return loss, grad
 
 
 def test_rows_wider_than_one_column_program_in_registers(interpolations):
