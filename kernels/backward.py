@@ -436,13 +436,17 @@ def backward(s, logits, target, P, *, kernel_size, stride, eps, weight_base, zsc
     return dx
 
 
+def _bands(h_in, size, kernel_size):
+    """(input rows per band, bands, column tiles) of the interpolating backward."""
+    band = min(BAND, h_in) if BAND else band_rows(h_in, size[0])
+    return band, cdiv(h_in, band), cdiv(size[1], TILE_W - (kernel_size - 1))
+
+
 def _upsample_geometry(logits, size, align_corners, kernel_size):
     """(plan, int32 tables, weight tables, input rows per band, bands, tiles) of the
     interpolating backward."""
     up, index, weight = upsample_tables(logits, size, align_corners, kernel_size)
-    h_in = logits.shape[-2]
-    band = min(BAND, h_in) if BAND else band_rows(h_in, size[0])
-    return up, index, weight, band, cdiv(h_in, band), cdiv(size[1], TILE_W - (kernel_size - 1))
+    return (up, index, weight) + _bands(logits.shape[-2], size, kernel_size)
 
 
 def upsample_staging(logits, size, align_corners, kernel_size):
@@ -451,11 +455,9 @@ def upsample_staging(logits, size, align_corners, kernel_size):
     shares in the accumulation dtype that _upsample_columns_kernel sums in a fixed order. Plain
     Python on the sizes (no tables), so that fake tensors get them too."""
     up = plan_of(logits, size, align_corners, kernel_size)
-    h_in = logits.shape[-2]
-    band = min(BAND, h_in) if BAND else band_rows(h_in, size[0])
-    bands, tiles = cdiv(h_in, band), cdiv(size[1], TILE_W - (kernel_size - 1))
+    batch, classes, h_in = logits.shape[:3]
+    _, bands, tiles = _bands(h_in, size, kernel_size)
     acc = accumulation_dtype(logits.dtype)
-    batch, classes = logits.shape[:2]
     stage = logits.new_empty((batch, h_in, tiles, classes, up.span), dtype=acc)
     above = logits.new_empty((batch, bands, tiles, classes, up.span) if bands > 1 else (0,),
                              dtype=acc)
@@ -491,7 +493,8 @@ def _upsample_backward(s, logits, target, P, *, kernel_size, eps, weight_base, z
     halo._halo_upsample_backward_kernel[(batch * bands * tiles,)](
         columns, target, P, s, grad if mean else s, scalars if mean else s, stage, above, index,
         weight, height, width, h_in, bands, tiles, cdiv(height, forward_rows),
-        cdiv(width, forward_cols), band, up.extra, columns.stride(0), columns.stride(1), sy[0], *sy[2:],
+        cdiv(width, forward_cols), band, up.extra, columns.stride(0), columns.stride(1), sy[0],
+        *sy[2:],
         *split_scalar(eps), *split_scalar(weight_base), *split_scalar(power),
         C=classes, CLASS_TILE=cfg.class_tile, RADIUS=kernel_size // 2, FROWS=forward_rows,
         ZSCORE=zscore, MEAN=mean, WIDE=wide, ROWS=cfg.backward_rows, STEPS=up.steps,
